@@ -1,0 +1,93 @@
+"""Shared by every benchmark: the machine's physical limits measured in the same run, timing,
+and writing one section of benchmarks/results.md (each script owns its section)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results.md")
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over repeats (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 1024, device: str = "cpu") -> float:
+    """Measured FLOP/s of an n x n x n matrix product on random data."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = median_time(lambda: a @ b, repeats=7, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def copy_bandwidth(mbytes: int = 256, device: str = "cpu") -> float:
+    """Measured bytes/s of a large tensor copy, counting bytes read plus bytes written."""
+    src = torch.randn(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), repeats=7, warmup=2)
+    return 2 * src.numel() * 4 / seconds
+
+
+def machine_limits(device: str = "cpu") -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_fp32_gflops": matmul_flops(torch.float32, device=device) / 1e9,
+        "matmul_bf16_gflops": matmul_flops(torch.bfloat16, device=device) / 1e9,
+        "copy_gbps": copy_bandwidth(device=device) / 1e9,
+    }
+
+
+def limits_line(limits: dict) -> str:
+    return (
+        f"Machine (measured in this run): {limits['threads']} threads, torch {limits['torch']}; "
+        f"matmul fp32 {limits['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {limits['matmul_bf16_gflops']:.0f} GFLOP/s; "
+        f"copy bandwidth {limits['copy_gbps']:.1f} GB/s."
+    )
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str, command: str) -> None:
+    """Replace (or append) this benchmark's section of results.md."""
+    section = (
+        f"<!-- begin {name} -->\n## {title}\n\nCommand: `{command}`  \n"
+        f"Run: {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n{body.strip()}\n<!-- end {name} -->"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# attnkit benchmark results\n\n"
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote section {name!r} of {RESULTS}")
