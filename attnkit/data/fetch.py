@@ -85,6 +85,7 @@ def fetch_package(registry: str, spec: str, sha256: str) -> Path:
     """
     if registry not in REGISTRIES:
         raise AttnkitError(f"unknown package registry {registry!r}; use one of {', '.join(REGISTRIES)}.")
+    _name_version(registry, spec)  # refuse an unpinned spec before any work
     packages = cache_dir() / "packages"
     found = _cached(packages, registry, spec, sha256)
     if found is not None:
