@@ -126,6 +126,8 @@ def attention(
         return out, (weights if need_weights else None)
     if backend != "sdpa":
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if causal and q.shape[2] == 1:  # one new query sees every cached key
+        causal = False
     if causal and q.shape[2] != k.shape[2]:  # SDPA's is_causal is top-left aligned
         causal_m = causal_mask(q.shape[2], k.shape[2], q.device)
         mask = causal_m if mask is None else _combine(mask, causal_m)

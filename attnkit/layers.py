@@ -72,6 +72,7 @@ class KVCache:
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
         self.length = 0  # tokens written so far
+        self.unpadded = True  # no padding written yet: attention may skip the mask
         self._write = slice(0, 0)
 
     def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,15 +123,18 @@ class PositionScheme(nn.Module):
     ) -> AttentionFrame:
         """positions (B, T) long; valid (B, T) bool or None (all real)."""
         window = self.cfg.window if self.cfg.attention == "sliding" else None
+        rope = self.rotary(positions, dtype) if self.rotary is not None else None
+        unpadded = valid is None and (cache is None or cache.unpadded)
         if cache is not None:
+            cache.unpadded = unpadded
             if valid is None:
                 valid = torch.ones_like(positions, dtype=torch.bool)
             k_pos, k_valid = cache.reserve(positions, valid)
         else:
             k_pos, k_valid = positions, valid
-        rope = self.rotary(positions, dtype) if self.rotary is not None else None
-        if cache is None and valid is None and self.slopes is None and window is None:
-            return AttentionFrame(mask=None, causal=self.causal, rope=rope)  # the fused fast path
+        if unpadded and self.slopes is None and window is None:
+            # the fused fast path: no mask tensor; `attention` aligns causal queries with the last keys
+            return AttentionFrame(mask=None, causal=self.causal, rope=rope)
         mask = position_mask(positions, k_pos, k_valid, causal=self.causal, window=window)
         if self.slopes is not None:
             mask = (alibi_bias(self.slopes, positions, k_pos) + bool_to_additive(mask, torch.float32)).to(dtype)

@@ -1,0 +1,6 @@
+"""Model families: one small file each, composing attnkit.layers. ``FAMILIES`` maps
+``ModelConfig.family`` to the class that builds it."""
+
+from attnkit.models.decoder import DecoderLM
+
+FAMILIES = {"decoder": DecoderLM}

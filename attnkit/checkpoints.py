@@ -1,0 +1,147 @@
+"""Checkpoint I/O, once: directories of config.json + model.safetensors + tokenizer.json.
+
+attnkit writes its own config (``"format": "attnkit"``); it also reads Hugging Face GPT-2 and
+Llama directories directly and exports back to them. The weight-name mapping is one explicit
+table per family. Writes are atomic: a new directory replaces the old only when complete.
+Weights are only ever read from safetensors (pickle files can run code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from attnkit.config import ModelConfig
+from attnkit.errors import AttnkitError
+from attnkit.tokenizers import Tokenizer, load_tokenizer
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise AttnkitError(f"cannot write to {path.parent} ({e.strerror}); choose a writable output folder") from e
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_model(cfg: ModelConfig):
+    from attnkit.models import FAMILIES
+
+    if cfg.family not in FAMILIES:
+        raise AttnkitError(f"unknown model family {cfg.family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[cfg.family](cfg)
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_json: dict | None = None) -> Path:
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        config = {"format": "attnkit", "version": 1, "model": model.cfg.to_dict(), **(extra_json or {})}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
+
+
+def read_config(directory) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AttnkitError(f"checkpoint directory {directory} does not exist; pass the folder that holds config.json")
+    if not (directory / CONFIG).is_file():
+        raise AttnkitError(
+            f"{directory} is not a checkpoint (no config.json); point at a folder written by "
+            "`attnkit train` or a Hugging Face GPT-2 / Llama folder"
+        )
+    try:
+        return json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise AttnkitError(f"{directory / CONFIG} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from e
+
+
+def read_weights(directory) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return load_file(str(directory / WEIGHTS))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(directory / f)).items()}
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise AttnkitError(
+            f"{directory} has only pickle weights (*.bin / *.pt), which attnkit does not load because they can run "
+            "code; convert them to model.safetensors"
+        )
+    raise AttnkitError(f"{directory} has no model.safetensors; the checkpoint is incomplete")
+
+
+def load_state(model, state: dict[str, torch.Tensor], source) -> None:
+    """Load weights strictly, naming what is missing, unexpected or the wrong shape."""
+    expected = _unique_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes {'; '.join(wrong[:5])}")
+    if problems:
+        raise AttnkitError(f"the weights in {source} do not fit the model config: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)  # tied duplicates are absent on purpose
+
+
+def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
+    """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None)."""
+    from attnkit import hf
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if config.get("format") == "attnkit":
+        cfg = ModelConfig.from_dict(config["model"])
+        state = read_weights(directory)
+    else:
+        cfg, state = hf.from_hf(config, read_weights(directory), directory)
+    model = build_model(cfg)
+    load_state(model, state, directory)
+    tokenizer = load_tokenizer(directory) if (directory / TOKENIZER).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise AttnkitError(
+            f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
+            "the tokenizer.json belongs to another model"
+        )
+    return model.to(device=device, dtype=dtype).eval(), tokenizer

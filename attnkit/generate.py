@@ -1,0 +1,216 @@
+"""Autoregressive generation: one sampler, one decoding loop, text and streaming on top.
+
+The loop prefills the (left-padded) prompts once into a KV cache preallocated for the whole
+generation, then feeds one token per step; it never re-runs the prompt or reallocates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from attnkit.errors import AttnkitError
+from attnkit.tokenizers import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Sampling:
+    """temperature 0 is greedy; top_k / top_p None are off; repetition_penalty 1 is off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> "Sampling":
+        if self.temperature < 0:
+            raise AttnkitError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise AttnkitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise AttnkitError(f"top_k must be a positive number of tokens, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise AttnkitError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        return self
+
+
+def sample_next(
+    logits: Tensor, sampling: Sampling, seen: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """logits (B, V) -> next token ids (B,). ``seen`` (B, V) bool marks tokens to penalise.
+
+    Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, then sample.
+    """
+    logits = logits.float()
+    if seen is not None and sampling.repetition_penalty != 1.0:
+        p = sampling.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    cfg = model.cfg
+    if max_new_tokens < 0:
+        raise AttnkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise AttnkitError("a prompt is empty; give at least one token of text")
+    longest = max(len(p) for p in prompts)
+    if cfg.attention != "sliding":
+        if longest > cfg.context_length:
+            raise AttnkitError(
+                f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
+            )
+        if cfg.positional == "learned" and longest + max_new_tokens > cfg.context_length:
+            raise AttnkitError(
+                f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the context length "
+                f"{cfg.context_length}; use --max-new-tokens {cfg.context_length - longest} or less"
+            )
+    if any(t < 0 or t >= cfg.vocab_size for p in prompts for t in p):
+        raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {cfg.vocab_size}")
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 100,
+    sampling: Sampling | None = None,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yields (next_ids (B,), finished (B,) bool) once per step, for prompts of any lengths.
+
+    Prompts are left-padded into one batch; a row that emits a stop id is finished and its
+    later tokens are ``pad_id``. Stops early when every row is finished.
+    """
+    sampling = (sampling or Sampling()).validate()
+    _check_prompts(model, prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        valid[row, T - len(prompt):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from 0
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.cfg.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, valid)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    cache = model.make_cache(B, T + max_new_tokens)
+    logits = model(ids, positions=positions, attention_mask=valid if not valid.all() else None,
+                   cache=cache, last_only=True)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    for step in range(max_new_tokens):
+        token = sample_next(logits[:, -1], sampling, seen, generator)  # (B,)
+        token = token.masked_fill(finished, pad_id)
+        if len(stop):
+            finished = finished | torch.isin(token, stop)
+        yield token, finished
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = model(token[:, None], positions=next_pos, cache=cache)
+        next_pos = next_pos + 1
+
+
+def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    return ([bos_id] if bos_id is not None and not ids else []) + ids
+
+
+def generate_text(
+    model,
+    tokenizer: Tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 100,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> str | list[str]:
+    """The continuations (without the prompts) of one prompt or a batch."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    outputs = ["".join(stream_text(model, tokenizer, p, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   stop=stop, seed=seed)) for p in batch] if stop else None
+    if outputs is None:
+        encoded = [_encode_prompt(tokenizer, p, model.cfg.bos_id) for p in batch]
+        stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        rows: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for token, finished in generate_tokens(model, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+                                               stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0):
+            for r, t in enumerate(token.tolist()):
+                if not done[r] and t not in stop_ids:
+                    rows[r].append(t)
+            done = finished.tolist()
+        outputs = [tokenizer.decode(r) for r in rows]
+    return outputs[0] if single else outputs
+
+
+def stream_text(
+    model,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yields the continuation of one prompt piece by piece as it is produced.
+
+    Text that could be the start of a stop string is held back until it is known not to be;
+    generation ends at the first stop string (not included) or the tokenizer's end token.
+    """
+    stop = [s for s in stop if s]
+    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    decoder, pending = StreamDecoder(tokenizer), ""
+    ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
+    for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0):
+        t = int(token[0])
+        if t in stop_ids:
+            break
+        pending += decoder.push(t)
+        hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+        if hit >= 0:
+            if pending[:hit]:
+                yield pending[:hit]
+            return
+        hold = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if len(pending) > hold:
+            yield pending[: len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    pending += decoder.flush()
+    for s in stop:
+        if s in pending:
+            pending = pending[: pending.find(s)]
+    if pending:
+        yield pending

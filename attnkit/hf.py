@@ -1,0 +1,167 @@
+"""Hugging Face layouts: config translation and one weight-name table per family.
+
+A table row is (attnkit name, [HF names], how): "copy", "T" (GPT-2's Conv1D stores weights
+transposed) or "cat" (several HF tensors are one fused attnkit tensor: q/k/v -> qkv,
+gate/up -> up). ``{i}`` is the layer index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from attnkit.config import ModelConfig
+from attnkit.errors import AttnkitError
+
+GPT2_TABLE = [
+    ("tok_emb.weight", ["transformer.wte.weight"], "copy"),
+    ("pos_emb.weight", ["transformer.wpe.weight"], "copy"),
+    ("blocks.{i}.norm1.weight", ["transformer.h.{i}.ln_1.weight"], "copy"),
+    ("blocks.{i}.norm1.bias", ["transformer.h.{i}.ln_1.bias"], "copy"),
+    ("blocks.{i}.attn.qkv.weight", ["transformer.h.{i}.attn.c_attn.weight"], "T"),
+    ("blocks.{i}.attn.qkv.bias", ["transformer.h.{i}.attn.c_attn.bias"], "copy"),
+    ("blocks.{i}.attn.out.weight", ["transformer.h.{i}.attn.c_proj.weight"], "T"),
+    ("blocks.{i}.attn.out.bias", ["transformer.h.{i}.attn.c_proj.bias"], "copy"),
+    ("blocks.{i}.norm2.weight", ["transformer.h.{i}.ln_2.weight"], "copy"),
+    ("blocks.{i}.norm2.bias", ["transformer.h.{i}.ln_2.bias"], "copy"),
+    ("blocks.{i}.mlp.up.weight", ["transformer.h.{i}.mlp.c_fc.weight"], "T"),
+    ("blocks.{i}.mlp.up.bias", ["transformer.h.{i}.mlp.c_fc.bias"], "copy"),
+    ("blocks.{i}.mlp.down.weight", ["transformer.h.{i}.mlp.c_proj.weight"], "T"),
+    ("blocks.{i}.mlp.down.bias", ["transformer.h.{i}.mlp.c_proj.bias"], "copy"),
+    ("norm_f.weight", ["transformer.ln_f.weight"], "copy"),
+    ("norm_f.bias", ["transformer.ln_f.bias"], "copy"),
+    ("lm_head.weight", ["lm_head.weight"], "copy"),
+]
+
+LLAMA_TABLE = [
+    ("tok_emb.weight", ["model.embed_tokens.weight"], "copy"),
+    ("blocks.{i}.norm1.weight", ["model.layers.{i}.input_layernorm.weight"], "copy"),
+    ("blocks.{i}.attn.qkv.weight", ["model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+                                    "model.layers.{i}.self_attn.v_proj.weight"], "cat"),
+    ("blocks.{i}.attn.out.weight", ["model.layers.{i}.self_attn.o_proj.weight"], "copy"),
+    ("blocks.{i}.norm2.weight", ["model.layers.{i}.post_attention_layernorm.weight"], "copy"),
+    ("blocks.{i}.mlp.up.weight", ["model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"], "cat"),
+    ("blocks.{i}.mlp.down.weight", ["model.layers.{i}.mlp.down_proj.weight"], "copy"),
+    ("norm_f.weight", ["model.norm.weight"], "copy"),
+    ("lm_head.weight", ["lm_head.weight"], "copy"),
+]
+
+TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE}
+
+
+def _split_sizes(cfg: ModelConfig, name: str) -> list[int]:
+    if name.endswith("attn.qkv.weight"):
+        return [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+    return [cfg.ff_dim, cfg.ff_dim]  # gate, up
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
+        return ModelConfig(
+            norm="layernorm", mlp="gelu", positional="learned", bias=True,
+            vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+            n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
+            bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
+        ).validate()
+    if kind == "llama":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise AttnkitError(f"Llama rope scaling {rope.get('rope_type')!r} is not supported yet; only default RoPE is")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise AttnkitError("Llama checkpoints with attention or MLP biases are not supported")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise AttnkitError("Llama checkpoints whose head_dim x heads differs from hidden_size are not supported")
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            norm="rmsnorm", mlp="swiglu", positional="rope", bias=False,
+            vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads"), d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
+            eos_id=eos[0] if isinstance(eos, list) else eos,
+        ).validate()
+    raise AttnkitError(
+        f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2 and llama checkpoints"
+    )
+
+
+def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple[ModelConfig, dict]:
+    """HF config.json + weights -> attnkit config + state dict (names mapped, tensors fused)."""
+    cfg = config_from_hf(hf_config)
+    state = {}
+    for ours, theirs, how in TABLES[hf_config["model_type"]]:
+        for i in range(cfg.n_layer) if "{i}" in ours else [None]:
+            names = [t.format(i=i) for t in theirs]
+            if ours == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            missing = [n for n in names if n not in hf_state]
+            if missing:
+                raise AttnkitError(f"{source} is missing weight {missing[0]}; the checkpoint is incomplete or not {hf_config['model_type']}")
+            tensors = [hf_state[n] for n in names]
+            state[ours.format(i=i)] = (tensors[0].t() if how == "T" else torch.cat(tensors) if how == "cat" else tensors[0]).contiguous()
+    return cfg, state
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    gpt2 = dict(norm="layernorm", mlp="gelu", positional="learned", bias=True, norm_position="pre")
+    llama = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, norm_position="pre")
+    fields = cfg.to_dict()
+    if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in gpt2.items()):
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+        }
+    if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in llama.items()):
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.context_length, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.ff_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+            "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+        }
+    raise AttnkitError(
+        "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders export); "
+        "keep the attnkit checkpoint"
+    )
+
+
+def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    hf_config = config_to_hf(cfg)
+    out = {}
+    for ours, theirs, how in TABLES[hf_config["model_type"]]:
+        for i in range(cfg.n_layer) if "{i}" in ours else [None]:
+            name = ours.format(i=i)
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            tensor = state[name]
+            names = [t.format(i=i) for t in theirs]
+            parts = tensor.split(_split_sizes(cfg, name)) if how == "cat" else [tensor.t() if how == "T" else tensor]
+            out.update({n: p.contiguous() for n, p in zip(names, parts)})
+    return hf_config, out
+
+
+def export_hf(model, tokenizer, directory) -> Path:
+    """Write a directory that `transformers` loads with from_pretrained."""
+    from safetensors.torch import save_file
+
+    from attnkit.checkpoints import CONFIG, WEIGHTS, _unique_state, atomic_directory
+
+    hf_config, state = to_hf(model.cfg, {k: v.float() for k, v in _unique_state(model).items()})
+    with atomic_directory(directory) as tmp:
+        (Path(tmp) / CONFIG).write_text(json.dumps(hf_config, indent=2))
+        save_file(state, str(Path(tmp) / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(directory)
