@@ -7,15 +7,26 @@
 Masks are boolean (True = may attend) or additive floats, broadcastable to (B, H, Tq, Tk).
 Every model builds its masks from *positions* (see ``position_mask``), so one rule covers
 causal decoding, left padding, a KV cache that started mid-sequence and sliding windows.
+
+Two sparse kernels compute exactly what dense attention computes under their explicit masks
+(``sliding_window_mask``, ``bigbird_mask``) without ever building an n x n matrix:
+
+- ``sliding_window_attention``: each block of queries attends to the keys of its window only,
+  O(n * window) time and memory; optional Longformer global tokens (encoders).
+- ``block_sparse_attention``: BigBird (window + global + random key blocks), O(n * block) per
+  query block, for encoders.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attnkit.errors import AttnkitError
 
 BACKENDS = ("sdpa", "math")
 
@@ -144,3 +155,270 @@ def _combine(mask: Tensor, allowed: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask + bool_to_additive(allowed, mask.dtype)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse attention: same numbers as dense attention under the explicit mask, linear memory.
+# ---------------------------------------------------------------------------------------------
+
+SLIDING_QUERY_BLOCK = 128  # query rows per block: each computes block + window - 1 scores, so small wastes little
+SLIDING_CHUNK_ROWS = 8192  # query rows per kernel call: bounds the temporary key windows
+
+
+def sliding_window_mask(seq_len: int, window: int, *, causal: bool = True, device=None) -> Tensor:
+    """(T, T) bool: query i sees key j when i - window < j <= i (causal) or |i - j| < window."""
+    i = torch.arange(seq_len, device=device)
+    distance = i[:, None] - i[None, :]
+    allowed = (distance < window) & (distance > -window)
+    return allowed & (distance >= 0) if causal else allowed
+
+
+def _alibi_scores(slopes: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+    """-slope * |i - j| for index tensors (..., Tq), (..., Tk) -> (..., H, Tq, Tk) float32."""
+    distance = (q_idx[..., :, None] - k_idx[..., None, :]).abs().float()
+    return -slopes.to(distance.device).view(-1, 1, 1) * distance.unsqueeze(-3)
+
+
+def _masked_attention(q, k, v, allowed, bias, backend, dropout_p, scale) -> Tensor:
+    """attention() under a bool mask plus an optional float bias; a row with no visible key
+    (a padding query) is opened to all its keys so that it stays finite, as ``position_mask`` does."""
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    if bias is None:
+        mask = bool_to_additive(allowed, q.dtype)
+    else:
+        mask = (bias + bool_to_additive(allowed, torch.float32)).to(q.dtype)
+    return attention(q, k, v, mask, backend=backend, dropout_p=dropout_p, scale=scale)[0]
+
+
+def _check_sparse_inputs(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise AttnkitError(
+            f"sparse attention is self-attention over (B, H, T, D) tensors, got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}; use attention() with an explicit mask for cross-attention or caches"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise AttnkitError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads; "
+                           "choose n_head divisible by n_kv_head")
+    if key_valid is not None and tuple(key_valid.shape) != (q.shape[0], q.shape[2]):
+        raise AttnkitError(f"key_valid has shape {tuple(key_valid.shape)} but must be (batch, seq) = "
+                           f"{(q.shape[0], q.shape[2])}; pass one bool per key")
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    *,
+    causal: bool = True,
+    key_valid: Tensor | None = None,
+    global_tokens: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    backend: str = "sdpa",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    query_block: int = SLIDING_QUERY_BLOCK,
+) -> Tensor:
+    """Attention where query i sees keys i - window < j <= i (causal) or |i - j| < window.
+
+    q (B, H, T, D); k, v (B, Hkv, T, D), H % Hkv == 0. Queries go in blocks of ``query_block``
+    rows; a block [s, s + b) attends to keys [s - window + 1, s + b) (+ window - 1 on the right
+    when not causal) under a small (b, b + window - 1) mask, so time and memory are O(T * window).
+    key_valid (B, T) bool masks padding keys. ``alibi_slopes`` (H,) adds -slope * |i - j|.
+    global_tokens (G,) long, non-causal only (Longformer): those tokens attend to every key and
+    every query attends to them. Windows are by index: with left padding, real tokens' positions
+    differ from their indices by a constant, which leaves distances unchanged.
+    Equals ``attention(q, k, v, sliding_window_mask(T, window, causal) & key_valid)`` on every
+    query row that sees at least one key. Returns (B, H, T, D).
+    """
+    _check_sparse_inputs(q, k, v, key_valid)
+    if not isinstance(window, int) or window <= 0:
+        raise AttnkitError(f"the attention window must be a positive number of tokens, got {window!r}")
+    if global_tokens is not None and causal:
+        raise AttnkitError("global tokens attend to the future, so they need causal=False; "
+                           "use them with encoders only")
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    b = max(1, min(query_block, T))
+    nb = -(-T // b)  # query blocks
+    left = min(window - 1, T - 1)  # keys before a block's first query
+    right = 0 if causal else left
+    span = left + b + right
+    pad = (left, nb * b - T + right)  # the keys every block can reach, as one padded sequence
+    q_blocks = F.pad(q, (0, 0, 0, nb * b - T)).view(B, H, nb, b, D)
+    k_pad, v_pad = F.pad(k, (0, 0) + pad), F.pad(v, (0, 0) + pad)  # (B, Hkv, left + nb*b + right, D)
+    k_idx_pad = torch.arange(-left, nb * b + right, device=q.device)
+    valid_pad = None if key_valid is None else F.pad(key_valid.bool(), pad)  # (B, T_pad)
+    if global_tokens is not None:
+        g = global_tokens.to(q.device).long().flatten()
+        is_global = torch.zeros(T, dtype=torch.bool, device=q.device).index_fill_(0, g, True)
+        global_pad = F.pad(is_global, pad)
+        k_glob, v_glob = k[:, :, g], v[:, :, g]  # (B, Hkv, G, D)
+        valid_glob = key_valid[:, g].bool() if key_valid is not None else None
+
+    outs = []
+    chunk = max(1, SLIDING_CHUNK_ROWS // b)
+    for c0 in range(0, nb, chunk):  # a loop over chunks of blocks only bounds the temporaries
+        c1 = min(nb, c0 + chunk)
+        n = c1 - c0
+        keys = slice(c0 * b, c1 * b - b + span)
+
+        def windows(x: Tensor) -> Tensor:  # (B, Hx, keys, D) -> (B*n, Hx, span, D)
+            w = x[:, :, keys].unfold(2, span, b)  # (B, Hx, n, D, span)
+            return w.permute(0, 2, 1, 4, 3).reshape(B * n, x.shape[1], span, D)
+
+        qc = q_blocks[:, :, c0:c1].transpose(1, 2).reshape(B * n, H, b, D)
+        kc, vc = windows(k_pad), windows(v_pad)
+        q_idx = torch.arange(c0 * b, c1 * b, device=q.device).view(n, b)
+        k_idx = k_idx_pad[keys].unfold(0, span, b)  # (n, span)
+        distance = q_idx[:, :, None] - k_idx[:, None, :]  # (n, b, span)
+        allowed = (distance < window) & (distance > -window) & (k_idx >= 0)[:, None] & (k_idx < T)[:, None]
+        if causal:
+            allowed &= distance >= 0
+        allowed = allowed[None]  # (1, n, b, span)
+        if valid_pad is not None:
+            allowed = allowed & valid_pad[:, keys].unfold(1, span, b)[:, :, None, :]
+        if global_tokens is not None:
+            allowed = allowed & ~global_pad[keys].unfold(0, span, b)[None, :, None, :]  # seen via the global copy
+            G = g.numel()
+            kc = torch.cat([kc, k_glob[:, None].expand(B, n, Hkv, G, D).reshape(B * n, Hkv, G, D)], dim=2)
+            vc = torch.cat([vc, v_glob[:, None].expand(B, n, Hkv, G, D).reshape(B * n, Hkv, G, D)], dim=2)
+            glob_allowed = torch.ones(1, n, b, G, dtype=torch.bool, device=q.device)
+            if valid_glob is not None:
+                glob_allowed = glob_allowed & valid_glob[:, None, None, :]
+            rows = max(allowed.shape[0], glob_allowed.shape[0])  # 1 or B
+            allowed = torch.cat([allowed.expand(rows, n, b, span), glob_allowed.expand(rows, n, b, G)], dim=-1)
+            k_idx = torch.cat([k_idx, g.expand(n, G)], dim=-1)
+        S = allowed.shape[-1]
+        allowed = allowed.expand(B, n, b, S).reshape(B * n, 1, b, S)
+        bias = None
+        if alibi_slopes is not None:
+            bias = _alibi_scores(alibi_slopes, q_idx, k_idx)  # (n, H, b, S)
+            bias = bias[None].expand(B, n, H, b, S).reshape(B * n, H, b, S)
+        out = _masked_attention(qc, kc, vc, allowed, bias, backend, dropout_p, scale)  # (B*n, H, b, D)
+        outs.append(out.view(B, n, H, b, D))
+    out = torch.cat(outs, dim=1).transpose(1, 2).reshape(B, H, nb * b, D)[:, :, :T]
+
+    if global_tokens is not None:  # the global rows see every key: dense over T, only G rows
+        allowed = torch.ones(1, 1, 1, T, dtype=torch.bool, device=q.device)
+        if key_valid is not None:
+            allowed = key_valid.bool()[:, None, None, :]
+        bias = None
+        if alibi_slopes is not None:
+            bias = _alibi_scores(alibi_slopes, g, torch.arange(T, device=q.device))[None]  # (1, H, G, T)
+        out_glob = _masked_attention(q[:, :, g], k, v, allowed, bias, backend, dropout_p, scale)
+        out = out.index_copy(2, g, out_glob)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _bigbird_pattern(n_blocks: int, n_global: int, n_random: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n_blocks):
+        if i < n_global:
+            rows.append(tuple(range(n_blocks)))
+            continue
+        keys = list(range(n_global)) + [j for j in (i - 1, i, i + 1) if n_global <= j < n_blocks]
+        others = [j for j in range(n_blocks) if j not in keys]
+        picks = torch.randperm(len(others), generator=gen)[:n_random].tolist()
+        rows.append(tuple(keys + sorted(others[p] for p in picks)))
+    return tuple(rows)
+
+
+def bigbird_block_pattern(n_blocks: int, n_global_blocks: int, n_random_blocks: int, seed: int = 0) -> list[list[int]]:
+    """The key blocks each query block attends to (BigBird, ITC): the first ``n_global_blocks``
+    blocks are global (they see every block, every block sees them); every other block sees its
+    neighbours i-1, i, i+1 and ``n_random_blocks`` further blocks drawn once from ``seed``."""
+    if n_global_blocks < 0 or n_random_blocks < 0:
+        raise AttnkitError("BigBird needs n_global_blocks >= 0 and n_random_blocks >= 0; fix the config")
+    return [list(r) for r in _bigbird_pattern(n_blocks, min(n_global_blocks, n_blocks), n_random_blocks, seed)]
+
+
+def bigbird_mask(
+    seq_len: int, block_size: int, n_global_blocks: int = 1, n_random_blocks: int = 1, seed: int = 0, device=None
+) -> Tensor:
+    """(T, T) bool: the explicit mask of ``block_sparse_attention``. A length that block_size does
+    not divide is padded to whole blocks (the last block is partly empty), then cropped to T."""
+    _check_block_size(block_size)
+    n_blocks = -(-seq_len // block_size)
+    blocks = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for i, row in enumerate(bigbird_block_pattern(n_blocks, n_global_blocks, n_random_blocks, seed)):
+        blocks[i, row] = True
+    full = blocks.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    return full[:seq_len, :seq_len].to(device)
+
+
+def _check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise AttnkitError(f"the BigBird block size must be a positive number of tokens, got {block_size!r}")
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_size: int,
+    n_global_blocks: int = 1,
+    n_random_blocks: int = 1,
+    seed: int = 0,
+    key_valid: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    backend: str = "sdpa",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """BigBird attention for encoders (non-causal), computed block-sparsely.
+
+    q (B, H, T, D); k, v (B, Hkv, T, D). Each non-global query block gathers only its key blocks
+    (``bigbird_block_pattern``), so the cost is O(T * block_size * (3 + globals + randoms)); the
+    global query blocks attend densely to all T keys. T need not be a multiple of block_size:
+    the sequence is padded internally with masked keys and the output cropped back to T.
+    Equals ``attention(q, k, v, bigbird_mask(T, ...) & key_valid)`` on every row that sees a key.
+    """
+    _check_sparse_inputs(q, k, v, key_valid)
+    _check_block_size(block_size)
+    B, H, T, D = q.shape
+    Hkv, bs = k.shape[1], block_size
+    nb = -(-T // bs)
+    Tp = nb * bs
+    if Tp != T:  # pad to whole blocks; the padded keys are masked, the padded queries dropped
+        q, k, v = (F.pad(x, (0, 0, 0, Tp - T)) for x in (q, k, v))
+        key_valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid.bool()
+        key_valid = F.pad(key_valid, (0, Tp - T))
+    g = min(n_global_blocks, nb)
+    pattern = bigbird_block_pattern(nb, g, n_random_blocks, seed)
+    outs = []
+    if g > 0:  # global query blocks: dense over every key
+        allowed = torch.ones(1, 1, 1, Tp, dtype=torch.bool, device=q.device)
+        if key_valid is not None:
+            allowed = key_valid.bool()[:, None, None, :]
+        bias = None
+        if alibi_slopes is not None:
+            idx = torch.arange(Tp, device=q.device)
+            bias = _alibi_scores(alibi_slopes, idx[: g * bs], idx)[None]
+        outs.append(_masked_attention(q[:, :, : g * bs], k, v, allowed, bias, backend, dropout_p, scale))
+    if nb > g:  # every other query block: gather its key blocks
+        K = max(len(r) for r in pattern[g:])
+        rows = torch.tensor([r + [-1] * (K - len(r)) for r in pattern[g:]], device=q.device)  # (n, K)
+        n, S = nb - g, K * bs
+        idx = rows.clamp(min=0)
+
+        def gather(x: Tensor) -> Tensor:  # (B, Hkv, Tp, D) -> (B*n, Hkv, K*bs, D)
+            return x.view(B, Hkv, nb, bs, D)[:, :, idx].permute(0, 2, 1, 3, 4, 5).reshape(B * n, Hkv, S, D)
+
+        qs = q[:, :, g * bs:].reshape(B, H, n, bs, D).transpose(1, 2).reshape(B * n, H, bs, D)
+        allowed = (rows >= 0).repeat_interleave(bs, dim=1)[None]  # (1, n, S)
+        if key_valid is not None:
+            allowed = allowed & key_valid.bool().view(B, nb, bs)[:, idx].reshape(B, n, S)
+        allowed = allowed.expand(B, n, S).reshape(B * n, 1, 1, S)
+        bias = None
+        if alibi_slopes is not None:
+            q_idx = torch.arange(g * bs, Tp, device=q.device).view(n, bs)
+            k_idx = (idx[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(n, S)
+            bias = _alibi_scores(alibi_slopes, q_idx, k_idx)[None].expand(B, n, H, bs, S).reshape(B * n, H, bs, S)
+        out = _masked_attention(qs, gather(k), gather(v), allowed, bias, backend, dropout_p, scale)
+        outs.append(out.view(B, n, H, bs, D).transpose(1, 2).reshape(B, H, n * bs, D))
+    return torch.cat(outs, dim=2)[:, :, :T]
