@@ -1,0 +1,185 @@
+"""Sampling, the decoding loop, streaming, and the errors a user can cause."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnkit.checkpoints import load_checkpoint, save_checkpoint
+from attnkit.cli import main
+from attnkit.config import ModelConfig
+from attnkit.errors import AttnkitError
+from attnkit.generate import Sampling, generate_text, generate_tokens, sample_next, stream_text
+from attnkit.models.decoder import DecoderLM
+from attnkit.tokenizers import CharTokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?\n"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(ALPHABET) + 1, context_length=48, n_layer=2, n_head=2, d_model=32)
+    return DecoderLM(cfg).eval(), CharTokenizer(list(ALPHABET))
+
+
+def test_greedy_is_argmax_and_temperature_zero_ignores_the_seed():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert sample_next(logits, Sampling(temperature=0)).tolist() == [1, 0]
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, Sampling(top_k=2), generator=g).tolist()) == {0, 1}
+    # top_p 0.7: 0.5 < 0.7, 0.5 + 0.3 crosses it -> {0, 1}; top_p 0.85 adds token 2
+    assert set(sample_next(logits, Sampling(top_p=0.7), generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, Sampling(top_p=0.85), generator=g).tolist()) == {0, 1, 2}
+    freq = torch.bincount(sample_next(logits, Sampling(), generator=g), minlength=4).float() / 2000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.1]])
+    seen = torch.tensor([[True, False, True, False]])
+    assert sample_next(logits, Sampling(temperature=0, repetition_penalty=2.0), seen).tolist() == [1]
+    logits = torch.tensor([[-1.0, -1.9]])  # the seen -1.0 becomes -2.0, below -1.9
+    assert sample_next(logits, Sampling(temperature=0, repetition_penalty=2.0), torch.tensor([[True, False]])).tolist() == [1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_sampling_settings_are_refused(bad, message):
+    with pytest.raises(AttnkitError, match=message):
+        Sampling(**bad).validate()
+
+
+def test_seeded_sampling_repeats_and_differs_across_seeds(lm):
+    model, tok = lm
+    a = generate_text(model, tok, "to be", max_new_tokens=30, seed=1)
+    assert a == generate_text(model, tok, "to be", max_new_tokens=30, seed=1)
+    assert a != generate_text(model, tok, "to be", max_new_tokens=30, seed=2)
+    assert len(a) == 30
+
+
+def test_batched_prompts_of_different_lengths_match_one_at_a_time(lm):
+    model, tok = lm
+    prompts = ["a", "the quick brown fox", "hello, world"]
+    batch = generate_text(model, tok, prompts, max_new_tokens=20, sampling=Sampling(temperature=0))
+    assert batch == [generate_text(model, tok, p, max_new_tokens=20, sampling=Sampling(temperature=0)) for p in prompts]
+
+
+def test_streaming_yields_the_same_text_in_pieces(lm):
+    model, tok = lm
+    pieces = list(stream_text(model, tok, "abc", max_new_tokens=25, seed=4))
+    assert len(pieces) > 1
+    assert "".join(pieces) == generate_text(model, tok, "abc", max_new_tokens=25, seed=4)
+
+
+def test_stop_string_ends_generation_before_it(lm):
+    model, tok = lm
+    full = generate_text(model, tok, "abc", max_new_tokens=30, sampling=Sampling(temperature=0))
+    stop = full[5:7]
+    cut = "".join(stream_text(model, tok, "abc", max_new_tokens=30, sampling=Sampling(temperature=0), stop=[stop]))
+    assert cut == full[: full.find(stop)]
+
+
+def test_stop_id_finishes_a_row_and_pads_the_rest(lm):
+    model, _ = lm
+    steps = list(generate_tokens(model, [[1, 2, 3]], max_new_tokens=10, sampling=Sampling(temperature=0)))
+    first = int(steps[0][0][0])
+    steps = list(generate_tokens(model, [[1, 2, 3]], max_new_tokens=10, sampling=Sampling(temperature=0),
+                                 stop_ids=[first]))
+    assert len(steps) == 1 and bool(steps[0][1][0])
+
+
+def test_cache_is_preallocated_once_for_the_whole_generation(lm, monkeypatch):
+    model, _ = lm
+    calls = []
+    original = model.make_cache
+    monkeypatch.setattr(model, "make_cache", lambda b, n: calls.append((b, n)) or original(b, n))
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: forwards.append(args[0].shape[1]), with_kwargs=True)
+    list(generate_tokens(model, [[1, 2, 3, 4], [5]], max_new_tokens=6))
+    handle.remove()
+    assert calls == [(2, 10)]
+    assert forwards == [4, 1, 1, 1, 1, 1]  # the prompt runs once, then one token per step
+
+
+def test_prompt_longer_than_the_context_is_refused(lm):
+    model, tok = lm
+    with pytest.raises(AttnkitError, match="context"):
+        generate_text(model, tok, "a" * 49, max_new_tokens=1)
+    with pytest.raises(AttnkitError, match="max-new-tokens 38"):
+        generate_text(model, tok, "a" * 10, max_new_tokens=39)
+
+
+@pytest.fixture()
+def ckpt(lm, tmp_path):
+    model, tok = lm
+    return save_checkpoint(tmp_path / "ckpt", model, tok)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_cli_generate_streams_prompt_and_continuation(ckpt, lm):
+    model, tok = lm
+    result = run("generate", "--ckpt", str(ckpt), "-p", "ab", "--max-new-tokens", "12", "--seed", "3", "--device", "cpu")
+    assert result.exit_code == 0
+    assert result.output == "ab" + generate_text(model, tok, "ab", max_new_tokens=12, sampling=Sampling(0.8),
+                                                seed=3) + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--temperature", "-0.5"], "temperature must be >= 0"),
+    (["-p", "x" * 60], "context"),
+])
+def test_cli_bad_generation_input_is_one_sentence_and_exit_2(ckpt, args, message):
+    base = ["generate", "--ckpt", str(ckpt), "-p", "ab", "--device", "cpu"]
+    result = run(*(base + args))
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    result = run("generate", "--ckpt", str(tmp_path), "-p", "ab")
+    assert result.exit_code == 2 and "is not a checkpoint" in result.output
+
+
+def test_checkpoint_with_wrong_shapes_or_missing_keys_names_them(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["d_model"] = 64
+    (ckpt / "config.json").write_text(json.dumps(config))
+    result = run("generate", "--ckpt", str(ckpt), "-p", "ab")
+    assert result.exit_code == 2 and "wrong shapes" in result.output and "tok_emb.weight" in result.output
+    config["model"]["d_model"], config["model"]["n_layer"] = 32, 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    result = run("generate", "--ckpt", str(ckpt), "-p", "ab")
+    assert result.exit_code == 2 and "missing blocks.2." in result.output
+
+
+def test_info_prints_parameters_and_flops():
+    result = run("info", "--model", "gpt2", "--json")
+    facts = json.loads(result.output)
+    assert facts["parameters"] == 124_439_808
+    assert facts["forward_flops_per_token_at_full_context"] == 2 * (124_439_808 - 50257 * 768 - 1024 * 768 + 50257 * 768) + 4 * 12 * 1024 * 768
+    assert run("info", "--model", "nope").exit_code == 2
+
+
+def test_checkpoint_save_is_atomic_and_loads_back(lm, tmp_path):
+    model, tok = lm
+    path = save_checkpoint(tmp_path / "c", model, tok)
+    save_checkpoint(path, model, tok)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    loaded, tok2 = load_checkpoint(path)
+    x = torch.randint(0, 30, (1, 9))
+    torch.testing.assert_close(loaded(x), model(x))
+    assert tok2.encode("hi!") == tok.encode("hi!")
