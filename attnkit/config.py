@@ -41,6 +41,7 @@ class ModelConfig:
     block_size: int = 64  # BigBird block
     n_global_blocks: int = 1
     n_random_blocks: int = 1
+    sparse_seed: int = 0  # draws BigBird's random blocks, once
     backend: str = "sdpa"  # "math" for the readable reference path
     bos_id: int | None = None
     eos_id: int | None = None
@@ -77,6 +78,10 @@ class ModelConfig:
         if self.attention == "sliding":
             need(self.window is not None and 0 < self.window <= self.context_length,
                  f"window must be between 1 and the context length {self.context_length}, got {self.window}")
+        if self.attention == "bigbird":
+            need(self.block_size > 0, f"BigBird block_size must be positive, got {self.block_size}")
+            need(self.n_global_blocks >= 0 and self.n_random_blocks >= 0,
+                 "BigBird n_global_blocks and n_random_blocks must be >= 0")
         return self
 
     def to_dict(self) -> dict:

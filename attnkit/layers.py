@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.attention import attention, bool_to_additive, position_mask
+from attnkit.attention import (
+    attention,
+    bigbird_mask,
+    block_sparse_attention,
+    bool_to_additive,
+    position_mask,
+    sliding_window_attention,
+)
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.positional import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
@@ -96,6 +103,67 @@ class KVCache:
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
 
 
+class RollingKVCache:
+    """Sliding-window decoding: a ring of the last ``capacity`` tokens' keys and values.
+
+    Token number c (counting every token written, padding included) lives in slot c % capacity,
+    so memory stays constant however long generation runs. Masks come from ``key_pos``, so the
+    order of the slots does not matter; capacity must be at least the attention window. One new
+    token overwrites the oldest slot (already out of its window); a step of T > 1 tokens attends
+    over the old ring plus its own T keys (exact even when T > capacity), then keeps the last
+    ``capacity`` of them. Same interface as ``KVCache``.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device):
+        if capacity <= 0:
+            raise AttnkitError(f"a rolling KV cache needs a positive capacity, got {capacity}; pass the window size")
+        shape = (cfg.n_layer, batch, cfg.kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity = capacity
+        self.length = 0  # tokens written so far (keeps counting past the capacity)
+        self.unpadded = True
+        self._step: tuple = ()
+
+    def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
+        T, C = positions.shape[1], self.capacity
+        n_old = min(self.length, C)
+        if T == 1:  # in place: the slot it takes held a token `capacity` positions back
+            slot = self.length % C
+            self.key_pos[:, slot] = positions[:, 0]
+            self.key_valid[:, slot] = valid[:, 0]
+            self.length += 1
+            n = min(self.length, C)
+            self._step = (slot, n)
+            return self.key_pos[:, :n], self.key_valid[:, :n]
+        key_pos = torch.cat([self.key_pos[:, :n_old], positions], dim=1)  # (B, n_old + T)
+        key_valid = torch.cat([self.key_valid[:, :n_old], valid], dim=1)
+        keep = min(T, C)  # the newest tokens that stay in the ring
+        slots = torch.arange(self.length + T - keep, self.length + T, device=positions.device) % C
+        self.key_pos[:, slots] = positions[:, T - keep:]
+        self.key_valid[:, slots] = valid[:, T - keep:]
+        self.length += T
+        self._step = (n_old, slots, T - keep)
+        return key_pos, key_valid
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return the keys and values to attend over."""
+        if k.shape[2] == 1:
+            slot, n = self._step
+            self.k[layer, :, :, slot] = k[:, :, 0]
+            self.v[layer, :, :, slot] = v[:, :, 0]
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        n_old, slots, first_kept = self._step
+        k_all = torch.cat([self.k[layer, :, :, :n_old], k], dim=2)  # (B, Hkv, n_old + T, hd)
+        v_all = torch.cat([self.v[layer, :, :, :n_old], v], dim=2)
+        self.k[layer][:, :, slots] = k[:, :, first_kept:]
+        self.v[layer][:, :, slots] = v[:, :, first_kept:]
+        return k_all, v_all
+
+
 @dataclass
 class AttentionFrame:
     """What every attention layer of one forward pass shares."""
@@ -104,6 +172,21 @@ class AttentionFrame:
     causal: bool
     rope: tuple[Tensor, Tensor] | None  # cos, sin (B, 1, T, hd)
     window: int | None = None
+    kernel: str = "dense"  # "sliding" / "bigbird": the sparse kernels, which take the fields below, not a mask
+    key_valid: Tensor | None = None  # (B, T) bool, for the sparse kernels
+    alibi: Tensor | None = None  # (H,) ALiBi slopes, for the sparse kernels
+
+
+def _index_aligned(positions: Tensor, valid: Tensor | None) -> bool:
+    """True when every row's real tokens have position = index + a constant (no gaps), so the
+    sparse kernels, which work on indices, see the same distances as position masks do."""
+    offset = positions - torch.arange(positions.shape[1], device=positions.device)  # (B, T)
+    if valid is None:
+        return bool((offset == offset[:, :1]).all())
+    big = torch.iinfo(offset.dtype).max
+    lo = offset.masked_fill(~valid, big).amin(-1)
+    hi = offset.masked_fill(~valid, -big).amax(-1)
+    return bool(((lo == hi) | ~valid.any(-1)).all())
 
 
 class PositionScheme(nn.Module):
@@ -117,13 +200,32 @@ class PositionScheme(nn.Module):
             self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
         else:
             self.slopes = None
+        if cfg.attention == "bigbird" and causal:
+            raise AttnkitError("BigBird attention is for encoders (non-causal); use attention='sliding' "
+                               "for a causal model")
 
     def frame(
-        self, positions: Tensor, valid: Tensor | None, cache: KVCache | None, dtype: torch.dtype
+        self,
+        positions: Tensor,
+        valid: Tensor | None,
+        cache: KVCache | RollingKVCache | None,
+        dtype: torch.dtype,
+        *,
+        explicit: bool = False,
     ) -> AttentionFrame:
-        """positions (B, T) long; valid (B, T) bool or None (all real)."""
-        window = self.cfg.window if self.cfg.attention == "sliding" else None
+        """positions (B, T) long; valid (B, T) bool or None (all real).
+
+        Sliding-window and BigBird attention without a cache run the sparse kernels (O(T * window));
+        ``explicit`` forces the equivalent O(T^2) mask instead (attention maps, reference checks).
+        """
+        kind, T = self.cfg.attention, positions.shape[1]
+        window = self.cfg.window if kind == "sliding" else None
         rope = self.rotary(positions, dtype) if self.rotary is not None else None
+        if cache is None and kind != "dense" and not explicit and _index_aligned(positions, valid):
+            if kind == "bigbird" or T > window:
+                return AttentionFrame(mask=None, causal=self.causal, rope=rope, window=window, kernel=kind,
+                                      key_valid=valid, alibi=self.slopes)
+            window = None  # a window as long as the sequence masks nothing
         unpadded = valid is None and (cache is None or cache.unpadded)
         if cache is not None:
             cache.unpadded = unpadded
@@ -136,6 +238,11 @@ class PositionScheme(nn.Module):
             # the fused fast path: no mask tensor; `attention` aligns causal queries with the last keys
             return AttentionFrame(mask=None, causal=self.causal, rope=rope)
         mask = position_mask(positions, k_pos, k_valid, causal=self.causal, window=window)
+        if kind == "bigbird":  # the explicit BigBird pattern, over indices as the kernel defines it
+            cfg = self.cfg
+            mask = mask & bigbird_mask(T, cfg.block_size, cfg.n_global_blocks, cfg.n_random_blocks,
+                                       cfg.sparse_seed, device=mask.device)
+            mask |= ~mask.any(-1, keepdim=True)
         if self.slopes is not None:
             mask = (alibi_bias(self.slopes, positions, k_pos) + bool_to_additive(mask, torch.float32)).to(dtype)
         return AttentionFrame(mask=mask, causal=False, rope=rope, window=window)
@@ -148,6 +255,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.cross, self.backend, self.dropout = cross, cfg.backend, cfg.dropout
+        self.bigbird = dict(block_size=cfg.block_size, n_global_blocks=cfg.n_global_blocks,
+                            n_random_blocks=cfg.n_random_blocks, seed=cfg.sparse_seed)
         q_width, kv_width = self.n_head * self.head_dim, 2 * self.n_kv_head * self.head_dim
         if cross:
             self.q = nn.Linear(cfg.d_model, q_width, bias=cfg.bias)
@@ -179,10 +288,25 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rotary(q, *frame.rope), apply_rotary(k, *frame.rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, T_cache, hd)
-        y, weights = attention(
-            q, k, v, frame.mask, causal=frame.causal, backend=self.backend,
-            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if frame.kernel != "dense" and need_weights:
+            raise AttnkitError("attention maps of sparse attention need the explicit mask; "
+                               "build the frame with explicit=True")
+        if frame.kernel == "sliding":
+            y, weights = sliding_window_attention(
+                q, k, v, frame.window, causal=frame.causal, key_valid=frame.key_valid, alibi_slopes=frame.alibi,
+                backend=self.backend, dropout_p=dropout_p,
+            ), None
+        elif frame.kernel == "bigbird":
+            y, weights = block_sparse_attention(
+                q, k, v, **self.bigbird, key_valid=frame.key_valid, alibi_slopes=frame.alibi,
+                backend=self.backend, dropout_p=dropout_p,
+            ), None
+        else:
+            y, weights = attention(
+                q, k, v, frame.mask, causal=frame.causal, backend=self.backend,
+                dropout_p=dropout_p, need_weights=need_weights,
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, d)
         return self.out(y), weights
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.layers import Block, KVCache, PositionScheme, make_norm
+from attnkit.layers import Block, KVCache, PositionScheme, RollingKVCache, make_norm
 from attnkit.positional import LearnedPositions, sinusoidal_positions
 
 
@@ -42,8 +42,11 @@ class DecoderLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
+    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache | RollingKVCache:
+        """A cache for ``capacity`` tokens; sliding-window models keep only the last ``window``, however many."""
         p = self.tok_emb.weight
+        if self.cfg.attention == "sliding":
+            return RollingKVCache(self.cfg, batch, self.cfg.window, dtype or p.dtype, p.device)
         return KVCache(self.cfg, batch, capacity, dtype or p.dtype, p.device)
 
     def forward(
@@ -83,7 +86,7 @@ class DecoderLM(nn.Module):
             x = x + sinusoidal_positions(positions, self.cfg.d_model).to(x.dtype)
         x = self.drop(x)
 
-        frame = self.positions.frame(positions, valid, cache, x.dtype)
+        frame = self.positions.frame(positions, valid, cache, x.dtype, explicit=need_weights)
         maps = []
         for layer, block in enumerate(self.blocks):
             x, weights = block(x, frame, cache, layer, need_weights=need_weights)
