@@ -257,26 +257,32 @@ def sliding_window_attention(
         k_glob, v_glob = k[:, :, g], v[:, :, g]  # (B, Hkv, G, D)
         valid_glob = key_valid[:, g].bool() if key_valid is not None else None
 
-    outs = []
-    chunk = max(1, SLIDING_CHUNK_ROWS // b)
-    for c0 in range(0, nb, chunk):  # a loop over chunks of blocks only bounds the temporaries
-        c1 = min(nb, c0 + chunk)
+    # Blocks whose keys all lie inside [0, T) share one (b, span) band mask when nothing else
+    # (padding, globals) varies per block: no per-block mask is built for them.
+    shared_ok = valid_pad is None and global_tokens is None
+    first, last = -(-left // b), (T - right) // b  # interior blocks: [first, last)
+    cuts = sorted({0, nb, *(c for c in (first, last) if 0 < c < nb)})
+    step = max(1, SLIDING_CHUNK_ROWS // b)
+    chunks = [(c, min(c + step, hi)) for lo, hi in zip(cuts, cuts[1:]) for c in range(lo, hi, step)]
+    out = q.new_empty(B, H, nb, b, D)
+    for c0, c1 in chunks:  # a loop over chunks of blocks only bounds the temporaries
         n = c1 - c0
         keys = slice(c0 * b, c1 * b - b + span)
 
-        def windows(x: Tensor) -> Tensor:  # (B, Hx, keys, D) -> (B*n, Hx, span, D)
+        def windows(x: Tensor) -> Tensor:  # (B, Hx, keys, D) -> (B*n, Hx, span, D), a view when B == 1
             w = x[:, :, keys].unfold(2, span, b)  # (B, Hx, n, D, span)
             return w.permute(0, 2, 1, 4, 3).reshape(B * n, x.shape[1], span, D)
 
         qc = q_blocks[:, :, c0:c1].transpose(1, 2).reshape(B * n, H, b, D)
         kc, vc = windows(k_pad), windows(v_pad)
-        q_idx = torch.arange(c0 * b, c1 * b, device=q.device).view(n, b)
-        k_idx = k_idx_pad[keys].unfold(0, span, b)  # (n, span)
-        distance = q_idx[:, :, None] - k_idx[:, None, :]  # (n, b, span)
+        interior = shared_ok and first <= c0 and c1 <= last
+        q_idx = torch.arange(c0 * b, (c0 + 1 if interior else c1) * b, device=q.device).view(-1, b)
+        k_idx = k_idx_pad[keys].unfold(0, span, b)[: q_idx.shape[0]]  # (n or 1, span)
+        distance = q_idx[:, :, None] - k_idx[:, None, :]  # (n or 1, b, span)
         allowed = (distance < window) & (distance > -window) & (k_idx >= 0)[:, None] & (k_idx < T)[:, None]
         if causal:
             allowed &= distance >= 0
-        allowed = allowed[None]  # (1, n, b, span)
+        allowed = allowed[None]  # (1, n or 1, b, span)
         if valid_pad is not None:
             allowed = allowed & valid_pad[:, keys].unfold(1, span, b)[:, :, None, :]
         if global_tokens is not None:
@@ -291,14 +297,18 @@ def sliding_window_attention(
             allowed = torch.cat([allowed.expand(rows, n, b, span), glob_allowed.expand(rows, n, b, G)], dim=-1)
             k_idx = torch.cat([k_idx, g.expand(n, G)], dim=-1)
         S = allowed.shape[-1]
-        allowed = allowed.expand(B, n, b, S).reshape(B * n, 1, b, S)
         bias = None
         if alibi_slopes is not None:
-            bias = _alibi_scores(alibi_slopes, q_idx, k_idx)  # (n, H, b, S)
-            bias = bias[None].expand(B, n, H, b, S).reshape(B * n, H, b, S)
-        out = _masked_attention(qc, kc, vc, allowed, bias, backend, dropout_p, scale)  # (B*n, H, b, D)
-        outs.append(out.view(B, n, H, b, D))
-    out = torch.cat(outs, dim=1).transpose(1, 2).reshape(B, H, nb * b, D)[:, :, :T]
+            bias = _alibi_scores(alibi_slopes, q_idx, k_idx)  # (n or 1, H, b, S)
+        if interior:
+            allowed = allowed[0, :, None]  # (1, 1, b, span), broadcast over every block
+        else:
+            allowed = allowed.expand(B, n, b, S).reshape(B * n, 1, b, S)
+            if bias is not None:
+                bias = bias[None].expand(B, n, H, b, S).reshape(B * n, H, b, S)
+        y = _masked_attention(qc, kc, vc, allowed, bias, backend, dropout_p, scale)  # (B*n, H, b, D)
+        out[:, :, c0:c1] = y.view(B, n, H, b, D).transpose(1, 2)
+    out = out.view(B, H, nb * b, D)[:, :, :T]
 
     if global_tokens is not None:  # the global rows see every key: dense over T, only G rows
         allowed = torch.ones(1, 1, 1, T, dtype=torch.bool, device=q.device)
