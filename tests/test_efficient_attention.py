@@ -305,3 +305,24 @@ def test_bad_kernel_inputs_raise_clear_errors():
         sliding_window_attention(q, k, v, 4, key_valid=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(AttnkitError, match="self-attention"):
         block_sparse_attention(q, k[:, :, :10], v[:, :, :10], block_size=4)
+
+
+@pytest.mark.parametrize("kind", ["bigbird", "sliding"])
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_encoder_blocks_with_sparse_attention_equal_the_explicit_mask(kind, positional):
+    from attnkit.layers import Block
+
+    cfg = ModelConfig(vocab_size=10, context_length=64, n_layer=1, n_head=4, n_kv_head=2, d_model=32,
+                      positional=positional, attention=kind, window=5, block_size=4, n_global_blocks=1,
+                      n_random_blocks=2).validate()
+    torch.manual_seed(0)
+    scheme, block = PositionScheme(cfg, causal=False), Block(cfg).eval()
+    x = torch.randn(2, 37, 32)
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, 30:] = False  # right padding
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    sparse = scheme.frame(positions, valid, None, x.dtype)
+    explicit = scheme.frame(positions, valid, None, x.dtype, explicit=True)
+    assert sparse.kernel == kind and explicit.kernel == "dense" and explicit.mask is not None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, sparse)[0][valid], block(x, explicit)[0][valid], atol=1e-5, rtol=1e-5)
