@@ -147,3 +147,125 @@ def export(ckpt, out):
 
     model, tokenizer = load_checkpoint(ckpt)
     click.echo(f"wrote {export_hf(model, tokenizer, out)} ({model.cfg.to_dict()['n_layer']} layers)")
+
+
+# --- train, eval, attend ----------------------------------------------------------------------
+
+@main.command()
+@click.option("--recipe", default=None, help="A named recipe (attnkit/recipes/NAME.yaml), e.g. shakespeare-char.")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="A recipe-style YAML file.")
+@click.option("--data", default=None, help="Text recipe name or your own .txt/.jsonl file or folder.")
+@click.option("--model", "model_name", default=None, help="Model preset (see `attnkit info`), e.g. gpt2-char-tiny.")
+@click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "gpt2"]))
+@click.option("--vocab-size", default=None, type=int, help="BPE vocabulary size.")
+@click.option("--out", default=None, type=click.Path(), help="Run folder (default runs/<recipe or data name>).")
+@click.option("--max-steps", default=None, type=int)
+@click.option("--max-time", default=None, type=float, help="Seconds of training before stopping.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default=None, type=click.Choice(["fp32", "bf16"]), help="bf16 = autocast, fp32 weights.")
+@click.option("--attention", default=None, type=click.Choice(["dense", "sliding", "bigbird"]))
+@click.option("--window", default=None, type=int, help="Sliding-window size in tokens.")
+@click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
+@click.option("--seed", default=None, type=int)
+@click.option("--threads", default=None, type=int, help="CPU threads (torch.set_num_threads).")
+def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max_steps, max_time, resume, device,
+          precision, attention, window, positional, seed, threads):
+    """Train a language model from scratch, then print a sample.
+
+    \b
+    Examples:
+      attnkit train --recipe shakespeare-char
+      attnkit train --data my_corpus.txt --model gpt2-char-tiny --max-time 120 --out runs/mine
+      attnkit train --out runs/mine --resume --max-steps 4000
+      torchrun --nproc_per_node 2 -m attnkit train --recipe shakespeare-char
+    """
+    import torch
+
+    from attnkit.train import Trainer, resolve_config, sample_text
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data,
+                         model=model_name, tokenizer=tokenizer, vocab_size=vocab_size, max_steps=max_steps,
+                         max_time=max_time, device=device, precision=precision, seed=seed,
+                         model_overrides={"attention": attention, "window": window, "positional": positional})
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        result = trainer.fit()
+    finally:
+        if trainer.ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not trainer.main:
+        return
+    click.echo(f"step {result['step']} ({result['stopped_by']}, {result['elapsed_s']:.0f} s): "
+               f"val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, best {result['best_val_loss']:.4f}")
+    click.echo(f"checkpoints: {cfg.out_dir}/best, {cfg.out_dir}/last; loss curve: {result['loss_curve']}")
+    if cfg.sample_tokens > 0:
+        text = sample_text(trainer.raw_model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+        click.echo("--- sample ---")
+        click.echo(cfg.sample_prompt + text)
+
+
+@main.command(name="eval")
+@click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder (e.g. runs/x/best).")
+@click.option("--data", required=True, help="Your text file/folder, or a text recipe name (scores its val split).")
+@click.option("--split", default=None, type=click.Choice(["all", "train", "val"]),
+              help="Which part of the text to score (default: all of a file, val of a recipe).")
+@click.option("--max-tokens", default=None, type=int, help="Score only the first N tokens.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json):
+    """Print the next-token loss and perplexity of a checkpoint on a text.
+
+    \b
+    Examples:
+      attnkit eval --ckpt runs/shakespeare-char/best --data shakespeare
+      attnkit eval --ckpt runs/mine/best --data held_out.txt --json
+    """
+    import json
+
+    import torch
+
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.data.text import RECIPES, load_text, read_corpus
+    from attnkit.train import evaluate_tokens
+
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device))
+    if tokenizer is None:
+        raise AttnkitError(f"{ckpt} has no tokenizer.json; evaluate a checkpoint written by `attnkit train`")
+    split = split or ("val" if data in RECIPES else "all")
+    if split == "all":
+        text = read_corpus(data) if data not in RECIPES else "\n\n".join(load_text(data))
+    else:
+        text = load_text(data)[0 if split == "train" else 1]
+    tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    result = evaluate_tokens(model, tokens, batch_size=batch_size, precision=precision, max_tokens=max_tokens)
+    result = {"ckpt": str(ckpt), "data": str(data), "split": split, **result}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder.")
+@click.option("-p", "--prompt", required=True, help="Text whose attention to draw.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for layer_<i>.png.")
+def attend(ckpt, prompt, out):
+    """Draw the attention maps of a prompt: one PNG per layer, one heatmap per head.
+
+    \b
+    Example:
+      attnkit attend --ckpt runs/shakespeare-char/best -p "ROMEO: But soft" --out maps/
+    """
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.plots import plot_attention
+
+    model, tokenizer = load_checkpoint(ckpt)
+    if tokenizer is None:
+        raise AttnkitError(f"{ckpt} has no tokenizer.json; use a checkpoint written by `attnkit train`")
+    paths = plot_attention(model, tokenizer, prompt, out)
+    click.echo(f"wrote {len(paths)} files: {paths[0]} ... {paths[-1]}" if len(paths) > 1 else f"wrote {paths[0]}")

@@ -1,0 +1,99 @@
+"""Pictures: loss curves of a run and attention maps of a prompt (matplotlib, Agg, PNG)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from attnkit.errors import AttnkitError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write atomically so a reader never sees half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_curve(history: list[dict], path: Path, title: str = "") -> Path | None:
+    """Train loss (every logged step) and val loss (every eval) against step."""
+    train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("kind") == "eval"]
+    if not train and not val:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+    return Path(path)
+
+
+def token_label(text: str) -> str:
+    """Make whitespace visible on an axis."""
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+@torch.no_grad()
+def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96) -> list[Path]:
+    """One PNG per layer (``layer_<i>.png``): the heads as a grid of (query x key) heatmaps."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise AttnkitError("the prompt encodes to no tokens; give some text with -p")
+    if len(ids) > min(max_tokens, model.cfg.context_length):
+        raise AttnkitError(f"the prompt is {len(ids)} tokens; attention maps are drawn for at most "
+                           f"{min(max_tokens, model.cfg.context_length)}, so shorten the prompt")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AttnkitError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+    device = next(model.parameters()).device
+    _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
+    labels = [token_label(tokenizer.decode([i])) for i in ids]
+    plt = _pyplot()
+    H = maps[0].shape[1]
+    cols = math.ceil(math.sqrt(H))
+    rows = math.ceil(H / cols)
+    size = max(2.5, 0.12 * len(ids) + 1.0)
+    font = max(4, min(9, 300 // max(1, len(ids))))
+    paths = []
+    for layer, weights in enumerate(maps):
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), dpi=100, squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            if h >= H:
+                ax.axis("off")
+                continue
+            ax.imshow(weights[0, h].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"head {h}", fontsize=9)
+            ax.set_xticks(range(len(ids)), labels, fontsize=font, rotation=90)
+            ax.set_yticks(range(len(ids)), labels, fontsize=font)
+            ax.set_xlabel("key", fontsize=8)
+            ax.set_ylabel("query", fontsize=8)
+        fig.suptitle(f"layer {layer}: {prompt[:60]!r}", fontsize=10)
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"layer_{layer}.png"))
+        plt.close(fig)
+    return paths

@@ -1,0 +1,293 @@
+"""Training: exact resume, DDP == one process, the CLI path on the user's own text, bad input,
+NaN stops, the lr schedule and which parameters decay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnkit.cli import main
+from attnkit.train import (TrainConfig, Trainer, TrainingStopped, load_recipe, lr_at, param_groups,
+                           read_train_state)
+
+ROOT = Path(__file__).resolve().parents[1]
+LINES = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+    "And by opposing end them. To die: to sleep;",
+]
+TEXT = "\n".join(LINES[i % 5] + f" {i}" for i in range(400))  # ~20k characters
+TINY = {"context_length": 32, "n_layer": 2, "n_head": 2, "d_model": 32}
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    base = dict(name="tiny", data="unused", model="gpt2-char-tiny", model_overrides=dict(TINY), batch_size=4,
+                max_steps=20, lr_decay_steps=20, warmup_steps=3, eval_interval=5, eval_batches=2, log_interval=1,
+                precision="fp32", device="cpu", out_dir=str(out), seed=7)
+    return TrainConfig(**{**base, **changes})
+
+
+def split():
+    n = int(len(TEXT) * 0.9)
+    return TEXT[:n], TEXT[n:]
+
+
+def run(cfg, resume=False, stop_at=None) -> list[float]:
+    train_text, val_text = split()
+    return Trainer(cfg, resume=resume, train_text=train_text, val_text=val_text, quiet=True).fit(stop_at)["losses"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- exact resume and DDP --------------------------------------------------------------------------
+
+def test_resume_after_interruption_gives_identical_losses(tmp_path):
+    straight = run(tiny_config(tmp_path / "a"))
+    first = run(tiny_config(tmp_path / "b"), stop_at=10)
+    assert read_train_state(tmp_path / "b" / "last")["step"] == 10
+    rest = run(tiny_config(tmp_path / "b"), resume=True)
+    assert len(straight) == 20 and len(first) == 10 and len(rest) == 10
+    assert first + rest == straight  # bit-identical, not just close
+
+
+def test_resume_continues_with_a_larger_step_budget(tmp_path):
+    run(tiny_config(tmp_path, max_steps=6))
+    more = run(tiny_config(tmp_path, max_steps=9), resume=True)
+    assert len(more) == 3 and read_train_state(tmp_path / "last")["step"] == 9
+
+
+DDP_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny_config, split
+from attnkit.train import Trainer
+train_text, val_text = split()
+cfg = tiny_config({out!r}, batch_size=8, max_steps=6, grad_accum=2)
+result = Trainer(cfg, train_text=train_text, val_text=val_text, quiet=True).fit()
+if dist.get_rank() == 0:
+    print("LOSSES", json.dumps(result["losses"]))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("LOSSES"))
+    ddp = json.loads(line.split(" ", 1)[1])
+    single = run(tiny_config(tmp_path / "one", batch_size=8, max_steps=6, grad_accum=2))
+    assert len(ddp) == 6
+    assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4
+    assert read_train_state(tmp_path / "ddp" / "last")["step"] == 6  # rank 0 wrote the checkpoint
+
+
+# --- NaN, schedule, weight decay ------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path), train_text=train_text, val_text=val_text, quiet=True)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # the 7th training forward returns NaN logits
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                return output * float("nan")
+        return output
+
+    trainer.raw_model.register_forward_hook(poison)
+    with pytest.raises(TrainingStopped, match=r"became nan at step 7.*step 5\) is kept"):
+        trainer.fit()
+    state = read_train_state(tmp_path / "last")
+    assert state["step"] == 5
+    saved = json.loads((tmp_path / "last" / "config.json").read_text())["training"]
+    assert saved["step"] == 5 and math.isfinite(saved["val_loss"])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert lr_at(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+    assert lr_at(50, TrainConfig(lr=1e-3, warmup_steps=0, max_steps=100)) == pytest.approx(5.5e-4)  # min_lr = lr/10
+
+
+def test_the_optimizer_uses_the_scheduled_learning_rate_at_every_step(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=8, lr_decay_steps=8, warmup_steps=3)
+    train_text, val_text = split()
+    trainer = Trainer(cfg, train_text=train_text, val_text=val_text, quiet=True)
+    seen = []
+    for _ in range(8):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer._train_step()
+    assert seen == pytest.approx([lr_at(s, cfg) for s in range(8)])
+
+
+def test_norms_biases_and_embeddings_get_no_weight_decay():
+    from attnkit.config import preset
+    from attnkit.models.decoder import DecoderLM
+
+    model = DecoderLM(preset("gpt2-char-tiny", **TINY))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n}
+    assert {"tok_emb.weight", "pos_emb.weight", "norm_f.weight", "norm_f.bias", "blocks.0.norm1.weight",
+            "blocks.0.attn.qkv.bias", "blocks.1.mlp.up.bias"} <= undecayed
+    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.down.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
+
+
+def test_recipes_load_with_their_documented_settings():
+    gpu = load_recipe("shakespeare-char-gpu")
+    assert (gpu.model_overrides["n_layer"], gpu.model_overrides["n_head"], gpu.model_overrides["d_model"]) == (6, 6, 384)
+    assert gpu.model_overrides["context_length"] == 256 and gpu.model_overrides["dropout"] == 0.2
+    assert (gpu.batch_size, gpu.lr, gpu.max_steps, gpu.data, gpu.tokenizer) == (64, 1e-3, 5000, "shakespeare", "char")
+    cpu = load_recipe("shakespeare-char")
+    assert cpu.data == "shakespeare" and cpu.tokenizer == "char" and cpu.max_time == 600
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One small run on the user's own text file, through the CLI, with no recipe."""
+    folder = tmp_path_factory.mktemp("cli")
+    corpus = folder / "my_text.txt"
+    corpus.write_text(TEXT)
+    out = folder / "run"
+    args = ["train", "--data", str(corpus), "--model", "gpt2-char-tiny", "--max-steps", "4", "--out", str(out),
+            "--device", "cpu", "--threads", "1", "--seed", "3"]
+    result = CliRunner().invoke(main, args)
+    return folder, corpus, out, args, result
+
+
+def test_cli_trains_on_your_own_text_and_prints_a_sample(cli_run):
+    folder, corpus, out, args, result = cli_run
+    assert result.exit_code == 0, result.output
+    assert "step 4 (max_steps" in result.output and "--- sample ---" in result.output
+    sample = result.output.split("--- sample ---", 1)[1]
+    assert len(sample.strip()) > 50
+    for name in ("best", "last"):
+        assert {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"} <= {
+            p.name for p in (out / name).iterdir()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [4]  # log_interval 10 -> only the last step
+    assert rows[-1]["kind"] == "eval" and rows[-1]["val_loss"] < 5.0
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert any((out / "tb").iterdir())
+
+
+def test_cli_eval_prints_loss_and_perplexity(cli_run):
+    folder, corpus, out, args, result = cli_run
+    res = CliRunner().invoke(main, ["eval", "--ckpt", str(out / "best"), "--data", str(corpus), "--json",
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert metrics["tokens"] == len(TEXT) - 1  # every next-character target scored once
+    assert 0 < metrics["loss"] < 5 and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    text = CliRunner().invoke(main, ["eval", "--ckpt", str(out / "best"), "--data", str(corpus), "--device", "cpu"])
+    assert f"loss {metrics['loss']:.4f}" in text.output and "perplexity" in text.output
+
+
+def test_cli_resume_continues_the_run(cli_run, tmp_path):
+    folder, corpus, out, args, result = cli_run
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(out, copy)
+    res = CliRunner().invoke(main, ["train", "--out", str(copy), "--resume", "--max-steps", "6", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "step 6 (max_steps" in res.output
+    assert read_train_state(copy / "last")["step"] == 6
+
+
+def test_cli_attend_writes_one_png_per_layer(cli_run, tmp_path):
+    folder, corpus, out, args, result = cli_run
+    res = CliRunner().invoke(main, ["attend", "--ckpt", str(out / "best"), "-p", "To be, or not", "--out",
+                                    str(tmp_path / "maps")])
+    assert res.exit_code == 0, res.output
+    pngs = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert pngs == [f"layer_{i}.png" for i in range(4)]  # gpt2-char-tiny has 4 layers
+    assert all((tmp_path / "maps" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def bad_inputs(folder: Path, corpus: Path, out: Path) -> dict[str, tuple[list[str], str]]:
+    empty = folder / "empty.txt"
+    empty.write_text("  \n")
+    broken = folder / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    blocker = folder / "a_file"
+    blocker.write_text("x")
+    tiny = ["--model", "gpt2-char-tiny", "--max-steps", "1", "--threads", "1"]
+    return {
+        "missing corpus": (["train", "--data", str(folder / "nope.txt"), *tiny, "--out", str(folder / "x")],
+                           "neither a known text recipe"),
+        "empty corpus": (["train", "--data", str(empty), *tiny, "--out", str(folder / "x")], "is empty"),
+        "invalid yaml": (["train", "--config", str(broken), "--out", str(folder / "x")], "not valid YAML"),
+        "unknown recipe": (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+        "unknown preset": (["train", "--data", str(corpus), "--model", "gpt9", "--out", str(folder / "x")],
+                           "unknown model preset 'gpt9'"),
+        "unwritable output": (["train", "--data", str(corpus), *tiny, "--out", str(blocker / "run")],
+                              "choose a writable --out"),
+        "existing run without --resume": (["train", "--data", str(corpus), *tiny, "--out", str(out)],
+                                          "already holds a training run"),
+        "resume with another config": (["train", "--data", str(corpus), *tiny, "--positional", "rope",
+                                        "--out", str(out), "--resume"], "different config (changed: model_overrides"),
+        "cuda without a GPU": (["train", "--data", str(corpus), *tiny, "--device", "cuda", "--out", str(out)],
+                               "no CUDA GPU is available"),
+        "eval of a missing checkpoint": (["eval", "--ckpt", str(folder / "nothing"), "--data", str(corpus)],
+                                         "does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "invalid yaml", "unknown recipe", "unknown preset",
+                                  "unwritable output", "existing run without --resume", "resume with another config",
+                                  "cuda without a GPU", "eval of a missing checkpoint"])
+def test_bad_input_prints_one_sentence_and_exits_2_leaving_checkpoints_alone(cli_run, case):
+    folder, corpus, out, args, result = cli_run
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = {p: sha(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    argv, message = bad_inputs(folder, corpus, out)[case]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    error_lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert {p: sha(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
