@@ -70,18 +70,24 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise AttnkitError("a prompt is empty; give at least one token of text")
     longest = max(len(p) for p in prompts)
-    if cfg.attention != "sliding":
-        if longest > cfg.context_length:
-            raise AttnkitError(
-                f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
-            )
-        if cfg.positional == "learned" and longest + max_new_tokens > cfg.context_length:
-            raise AttnkitError(
-                f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the context length "
-                f"{cfg.context_length}; use --max-new-tokens {cfg.context_length - longest} or less"
-            )
+    if cfg.attention != "sliding" and longest > cfg.context_length:
+        raise AttnkitError(
+            f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
+        )
     if any(t < 0 or t >= cfg.vocab_size for p in prompts for t in p):
         raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {cfg.vocab_size}")
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """-> ids (B, T), valid (B, T) bool, positions (B, T): each row counts from 0 at its first real token."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+        valid[row, T - len(prompt):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    return ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.inference_mode()
@@ -98,33 +104,35 @@ def generate_tokens(
     """Yields (next_ids (B,), finished (B,) bool) once per step, for prompts of any lengths.
 
     Prompts are left-padded into one batch; a row that emits a stop id is finished and its
-    later tokens are ``pad_id``. Stops early when every row is finished.
+    later tokens are ``pad_id``. Stops early when every row is finished. A dense model that
+    fills its context keeps going on the latest half context (re-encoded once, as nanoGPT's
+    sampler crops to the context); a sliding-window model's rolling cache never fills.
     """
     sampling = (sampling or Sampling()).validate()
     _check_prompts(model, prompts, max_new_tokens)
     if max_new_tokens == 0:
         return
-    device = next(model.parameters()).device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    valid = torch.zeros((B, T), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, T - len(prompt):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from 0
+    cfg, device = model.cfg, next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    history = [list(p) for p in prompts]  # only read again when the context fills
+
+    def prefill(rows):
+        ids, valid, positions = _left_pad(rows, pad_id, device)
+        capacity = ids.shape[1] + max_new_tokens
+        if cfg.attention != "sliding":
+            capacity = min(capacity, cfg.context_length)
+        cache = model.make_cache(len(rows), capacity)
+        logits = model(ids, positions=positions, attention_mask=None if bool(valid.all()) else valid,
+                       cache=cache, last_only=True)
+        return logits, cache, positions[:, -1:] + 1, ids, valid
+
+    logits, cache, next_pos, ids, valid = prefill(history)
     seen = None
     if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros((B, model.cfg.vocab_size), dtype=torch.bool, device=device)
+        seen = torch.zeros((len(prompts), cfg.vocab_size), dtype=torch.bool, device=device)
         seen.scatter_(1, ids, valid)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-    cache = model.make_cache(B, T + max_new_tokens)
-    logits = model(ids, positions=positions, attention_mask=valid if not valid.all() else None,
-                   cache=cache, last_only=True)
-    next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], sampling, seen, generator)  # (B,)
         token = token.masked_fill(finished, pad_id)
@@ -135,6 +143,11 @@ def generate_tokens(
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
+        for row, t in zip(history, token.tolist()) if cfg.attention != "sliding" else ():
+            row.append(t)
+        if cache.length >= cache.capacity and cfg.attention != "sliding":  # the context is full
+            logits, cache, next_pos, _, _ = prefill([row[-(cfg.context_length // 2):] for row in history])
+            continue
         logits = model(token[:, None], positions=next_pos, cache=cache)
         next_pos = next_pos + 1
 

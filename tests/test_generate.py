@@ -113,8 +113,20 @@ def test_prompt_longer_than_the_context_is_refused(lm):
     model, tok = lm
     with pytest.raises(AttnkitError, match="context"):
         generate_text(model, tok, "a" * 49, max_new_tokens=1)
-    with pytest.raises(AttnkitError, match="max-new-tokens 38"):
-        generate_text(model, tok, "a" * 10, max_new_tokens=39)
+
+
+def test_generation_past_the_context_continues_on_the_latest_half_context(lm):
+    model, _ = lm  # context 48, learned positions
+    prompt, greedy = list(range(1, 11)), Sampling(temperature=0)
+    tokens = [int(t) for t, _ in generate_tokens(model, [prompt], max_new_tokens=60, sampling=greedy)]
+    assert len(tokens) == 60
+    # 10 + 38 fed tokens fill the context; token 39 is sampled from the full context, then the
+    # model restarts on the last 24 tokens, exactly as a fresh generation from them would
+    tail = (prompt + tokens[:39])[-24:]
+    fresh = [int(t) for t, _ in generate_tokens(model, [tail], max_new_tokens=21, sampling=greedy)]
+    assert tokens[39:] == fresh
+    first = [int(t) for t, _ in generate_tokens(model, [prompt], max_new_tokens=39, sampling=greedy)]
+    assert tokens[:39] == first
 
 
 @pytest.fixture()
