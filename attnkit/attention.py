@@ -132,7 +132,10 @@ def attention(
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
-    if backend == "math" or need_weights:
+    # one query in a compiled graph: inductor fuses the math into a few loops; SDPA's CPU kernel
+    # spends more on set-up than on that little math
+    one_compiled_query = q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
+    if backend == "math" or need_weights or one_compiled_query:
         out, weights = math_attention(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
         return out, (weights if need_weights else None)
     if backend != "sdpa":

@@ -71,8 +71,11 @@ def _dtype(name: str):
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--compile", "compile_step", is_flag=True,
+              help="Compile the one-token step (dense attention): faster decoding after a one-off compile, "
+                   "cached on disk for the next run.")
 def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, device,
-             dtype_name):
+             dtype_name, compile_step):
     """Continue a prompt, printing the text as it is generated.
 
     \b
@@ -88,7 +91,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
     click.echo(prompt, nl=False)
     for piece in stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                             stop=stop, seed=seed):
+                             stop=stop, seed=seed, compile=compile_step):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -6,6 +6,7 @@ generation, then feeds one token per step; it never re-runs the prompt or reallo
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -90,6 +91,36 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Te
     return ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
+STATIC_CACHE_MULTIPLE = 256  # compiled decoding rounds its cache up to this many slots
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Inductor's CPU pass that turns an M = 1 matmul into a fused multiply-and-sum loop: batch-1
+# decoding is bound by reading the weights, and that loop streams them at copy bandwidth where
+# the GEMV kernels do not. Sizes are read at compile time; any M = 1 matmul qualifies.
+_GEMV_AS_REDUCTION = {"cpu_max_first_dimension_decomposition": 1, "cpu_max_other_dimension_decomposition": 1 << 30}
+
+
+def compiled_step(model):
+    """``model.forward_frame`` compiled for one-token steps over a static ``KVCache`` (made once per model).
+
+    Shapes are static, so it compiles once per (dtype, batch, cache size) and then reuses the
+    graph every step; the inductor FX graph cache makes a second process start fast.
+    """
+    if not hasattr(model, "forward_frame"):
+        raise AttnkitError(f"compiled decoding is for decoder LMs; {type(model).__name__} has no forward_frame")
+    if model.cfg.attention == "sliding":
+        raise AttnkitError("compiled decoding needs dense attention; decode a sliding-window model without --compile")
+    step = _COMPILED.get(model)
+    if step is None:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+        for name, value in _GEMV_AS_REDUCTION.items():  # read as module globals when the pass runs
+            setattr(decompose_mem_bound_mm, name, value)
+        step = torch.compile(model.forward_frame, dynamic=False, fullgraph=True,
+                             options={"post_grad_fusion_options": {"decompose_mm_pass": dict(_GEMV_AS_REDUCTION)}})
+        _COMPILED[model] = step
+    return step
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -100,6 +131,7 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
     pad_id: int = 0,
+    compile: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yields (next_ids (B,), finished (B,) bool) once per step, for prompts of any lengths.
 
@@ -107,6 +139,9 @@ def generate_tokens(
     later tokens are ``pad_id``. Stops early when every row is finished. A dense model that
     fills its context keeps going on the latest half context (re-encoded once, as nanoGPT's
     sampler crops to the context); a sliding-window model's rolling cache never fills.
+
+    ``compile``: run each one-token step through ``compiled_step`` (dense attention; compiles
+    once per model, dtype and cache size, the first time; the prompt still runs eagerly).
     """
     sampling = (sampling or Sampling()).validate()
     _check_prompts(model, prompts, max_new_tokens)
@@ -122,12 +157,15 @@ def generate_tokens(
         ids, valid, positions = _left_pad(rows, pad_id, device)
         capacity = ids.shape[1] + max_new_tokens
         if cfg.attention != "sliding":
+            if compile:  # a few sizes, so that one compiled step serves many prompts and lengths
+                capacity = -(-capacity // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
             capacity = min(capacity, cfg.context_length)
-        cache = model.make_cache(len(rows), capacity)
+        cache = model.make_cache(len(rows), capacity, static=True) if compile else model.make_cache(len(rows), capacity)
         logits = model(ids, positions=positions, attention_mask=None if bool(valid.all()) else valid,
                        cache=cache, last_only=True)
         return logits, cache, positions[:, -1:] + 1, ids, valid
 
+    one_step = compiled_step(model) if compile else None
     logits, cache, next_pos, ids, valid = prefill(history)
     seen = None
     if sampling.repetition_penalty != 1.0:
@@ -148,7 +186,7 @@ def generate_tokens(
         if cache.length >= cache.capacity and cfg.attention != "sliding":  # the context is full
             logits, cache, next_pos, _, _ = prefill([row[-(cfg.context_length // 2):] for row in history])
             continue
-        logits = model(token[:, None], positions=next_pos, cache=cache)
+        logits = model(token[:, None], positions=next_pos, cache=cache, compiled=one_step)
         next_pos = next_pos + 1
 
 
@@ -166,19 +204,21 @@ def generate_text(
     sampling: Sampling | None = None,
     stop: Sequence[str] = (),
     seed: int | None = None,
+    compile: bool = False,
 ) -> str | list[str]:
-    """The continuations (without the prompts) of one prompt or a batch."""
+    """The continuations (without the prompts) of one prompt or a batch (``compile``: see ``generate_tokens``)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     outputs = ["".join(stream_text(model, tokenizer, p, max_new_tokens=max_new_tokens, sampling=sampling,
-                                   stop=stop, seed=seed)) for p in batch] if stop else None
+                                   stop=stop, seed=seed, compile=compile)) for p in batch] if stop else None
     if outputs is None:
         encoded = [_encode_prompt(tokenizer, p, model.cfg.bos_id) for p in batch]
         stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for token, finished in generate_tokens(model, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
-                                               stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0):
+                                               stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0,
+                                               compile=compile):
             for r, t in enumerate(token.tolist()):
                 if not done[r] and t not in stop_ids:
                     rows[r].append(t)
@@ -196,6 +236,7 @@ def stream_text(
     sampling: Sampling | None = None,
     stop: Sequence[str] = (),
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yields the continuation of one prompt piece by piece as it is produced.
 
@@ -207,7 +248,7 @@ def stream_text(
     decoder, pending = StreamDecoder(tokenizer), ""
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0):
+                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile):
         t = int(token[0])
         if t in stop_ids:
             break

@@ -69,18 +69,27 @@ class KVCache:
 
     Slot i of the cache holds the token written i-th; ``key_pos``/``key_valid`` record its
     position and whether it is a real token (left padding is not), so masks come from positions.
+
+    ``static=True`` keeps every shape fixed for a compiled decode step: attention always reads all
+    ``capacity`` slots (unwritten ones are invalid, so masked) and writes go through an index tensor.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device,
+                 static: bool = False):
         shape = (cfg.n_layer, batch, cfg.kv_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if static:  # one tensor per layer: a compiled graph writes into each in place (a view would be copied)
+            self.k = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+            self.v = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
         self.length = 0  # tokens written so far
-        self.unpadded = True  # no padding written yet: attention may skip the mask
-        self._write = slice(0, 0)
+        self.static = static
+        self.unpadded = not static  # no padding written yet: attention may skip the mask
+        self._write: slice | Tensor = slice(0, 0)
 
     def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
@@ -94,10 +103,17 @@ class KVCache:
         self.key_pos[:, self._write] = positions
         self.key_valid[:, self._write] = valid
         self.length += T
+        if self.static:
+            self._write = torch.arange(self._write.start, self._write.stop, device=positions.device)
+            return self.key_pos, self.key_valid
         return self.key_pos[:, : self.length], self.key_valid[:, : self.length]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return all keys and values so far."""
+        if self.static:  # an index tensor, so the step's graph does not depend on the length
+            self.k[layer].index_copy_(2, self._write, k)
+            self.v[layer].index_copy_(2, self._write, v)
+            return self.k[layer], self.v[layer]
         self.k[layer, :, :, self._write] = k
         self.v[layer, :, :, self._write] = v
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]

@@ -60,34 +60,46 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             model, hf = base.to(dtype), hf_base.to(dtype)
 
-            def ours(n):
-                for _ in generate_tokens(model, prompt.tolist(), max_new_tokens=n, sampling=Sampling(0.0)):
-                    pass
+            def ours(n, compile=False):
+                return [int(t) for t, _ in generate_tokens(model, prompt.tolist(), max_new_tokens=n,
+                                                           sampling=Sampling(0.0), compile=compile)]
+
+            t0 = time.perf_counter()
+            compiled_same = ours(16, compile=True)  # compiles the one-token step (or loads it from the cache)
+            compile_s = time.perf_counter() - t0
 
             @torch.inference_mode()
             def theirs(n):
                 hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-            same = [int(t) for t, _ in generate_tokens(model, prompt.tolist(), max_new_tokens=16, sampling=Sampling(0.0))]
+            same = ours(16)
             with torch.inference_mode():
                 ref = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)[0, 16:]
             agree = sum(a == b for a, b in zip(same, ref.tolist()))
+            compiled_agree = sum(a == b for a, b in zip(compiled_same, same))
             ours_tps = tokens_per_second(ours, args.new_tokens)
+            compiled_tps = tokens_per_second(lambda n: ours(n, compile=True), args.new_tokens)
             theirs_tps = tokens_per_second(theirs, args.new_tokens)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             roofline = bandwidth / weight_bytes
-            rows.append([name, str(dtype).replace("torch.", ""), f"{ours_tps:.1f}", f"{theirs_tps:.1f}",
-                         f"{ours_tps / theirs_tps:.2f}x", f"{weight_bytes / 1e6:.0f}", f"{roofline:.0f}",
-                         f"{100 * ours_tps / roofline:.0f}%", f"{agree}/16"])
+            rows.append([name, str(dtype).replace("torch.", ""), f"{ours_tps:.1f}", f"{compiled_tps:.1f}",
+                         f"{theirs_tps:.1f}", f"{ours_tps / theirs_tps:.2f}x", f"{compiled_tps / theirs_tps:.2f}x",
+                         f"{weight_bytes / 1e6:.0f}", f"{roofline:.0f}", f"{100 * ours_tps / roofline:.0f}%",
+                         f"{100 * compiled_tps / roofline:.0f}%", f"{compile_s:.0f}", f"{agree}/16, {compiled_agree}/16"])
             print(rows[-1], flush=True)
     body = "\n".join([
         limits_line(limits), "",
         f"Batch 1, 16-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads, best of 3. "
         "Roofline = copy bandwidth / bytes of weights (each weight read once per token). "
-        "`same tokens` = first 16 greedy tokens equal between the two implementations (random weights; "
-        "bf16 rounding may flip near-ties).", "",
-        table(["model", "dtype", "attnkit tok/s", "transformers tok/s", "speed-up", "weights MB",
-               "roofline tok/s", "attnkit % of roofline", "same tokens"], rows),
+        "`compiled` = `generate_tokens(..., compile=True)` / `attnkit generate --compile`: the one-token step "
+        "through torch.compile (static KV cache, M = 1 matmuls as fused multiply-and-sum loops); "
+        "`compile s` = wall time of its first 16-token generation in this process (compile, or load from "
+        "the inductor FX graph cache when an earlier process compiled the same graph). "
+        "`same tokens` = first 16 greedy tokens: eager attnkit vs transformers, compiled vs eager attnkit "
+        "(random weights; bf16 rounding may flip near-ties).", "",
+        table(["model", "dtype", "attnkit tok/s", "compiled tok/s", "transformers tok/s", "speed-up",
+               "compiled speed-up", "weights MB", "roofline tok/s", "attnkit % of roofline",
+               "compiled % of roofline", "compile s", "same tokens"], rows),
     ])
     write_section("generate", "Batch-1 decoding: attnkit vs transformers generate", body,
                   f"python -m benchmarks.bench_generate --threads {args.threads} --new-tokens {args.new_tokens}")

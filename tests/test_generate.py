@@ -10,7 +10,7 @@ from attnkit.checkpoints import load_checkpoint, save_checkpoint
 from attnkit.cli import main
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.generate import Sampling, generate_text, generate_tokens, sample_next, stream_text
+from attnkit.generate import Sampling, compiled_step, generate_text, generate_tokens, sample_next, stream_text
 from attnkit.models.decoder import DecoderLM
 from attnkit.tokenizers import CharTokenizer
 
@@ -195,3 +195,25 @@ def test_checkpoint_save_is_atomic_and_loads_back(lm, tmp_path):
     x = torch.randint(0, 30, (1, 9))
     torch.testing.assert_close(loaded(x), model(x))
     assert tok2.encode("hi!") == tok.encode("hi!")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_decode_step_matches_eager(family):
+    """`compile=True` (one torch.compile of the one-token step, ~10-20 s on 2 CPU cores per family)."""
+    torch.manual_seed(0)
+    extra = dict(positional="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False) if family == "llama" else {}
+    model = DecoderLM(ModelConfig(vocab_size=33, context_length=48, n_layer=2, n_head=2, d_model=32, **extra)).eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]  # left padding in the static cache too
+    eager = [t.tolist() for t, _ in generate_tokens(model, prompts, max_new_tokens=12, sampling=Sampling(0.0))]
+    compiled = [t.tolist() for t, _ in generate_tokens(model, prompts, max_new_tokens=12, sampling=Sampling(0.0),
+                                                      compile=True)]
+    assert compiled == eager
+    with torch.inference_mode():  # the same graph: batch 2, 48 slots, inference mode
+        ids = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
+        eager_cache, static_cache = model.make_cache(2, 48), model.make_cache(2, 48, static=True)
+        model(ids, cache=eager_cache), model(ids, cache=static_cache)
+        for t in (7, 8, 9, 10):
+            token = torch.tensor([[t], [t + 1]])
+            want = model(token, cache=eager_cache)
+            got = model(token, cache=static_cache, compiled=compiled_step(model))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -7,13 +7,14 @@ RoPE and ALiBi act inside attention through the ``AttentionFrame``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.layers import Block, KVCache, PositionScheme, RollingKVCache, make_norm
+from attnkit.layers import AttentionFrame, Block, KVCache, PositionScheme, RollingKVCache, make_norm
 from attnkit.positional import LearnedPositions, sinusoidal_positions
 
 
@@ -42,12 +43,18 @@ class DecoderLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache | RollingKVCache:
-        """A cache for ``capacity`` tokens; sliding-window models keep only the last ``window``, however many."""
+    def make_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype | None = None, static: bool = False
+    ) -> KVCache | RollingKVCache:
+        """A cache for ``capacity`` tokens; sliding-window models keep only the last ``window``, however many.
+        ``static``: fixed shapes for a compiled decode step (dense attention only)."""
         p = self.tok_emb.weight
         if self.cfg.attention == "sliding":
+            if static:
+                raise AttnkitError("the compiled decode step needs dense attention; decode a sliding-window "
+                                   "model without compile")
             return RollingKVCache(self.cfg, batch, self.cfg.window, dtype or p.dtype, p.device)
-        return KVCache(self.cfg, batch, capacity, dtype or p.dtype, p.device)
+        return KVCache(self.cfg, batch, capacity, dtype or p.dtype, p.device, static=static)
 
     def forward(
         self,
@@ -58,12 +65,14 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         last_only: bool = False,
+        compiled: Callable | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only).
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding. positions default to
         counting real tokens from 0, continuing from the cache when there is one.
         With need_weights, also returns one (B, H, T, Tk) attention map per layer.
+        ``compiled``: a compiled ``forward_frame`` to run after the (eager) cache bookkeeping.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -79,14 +88,25 @@ class DecoderLM(nn.Module):
             else:
                 positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
 
+        frame = self.positions.frame(positions, valid, cache, self.tok_emb.weight.dtype, explicit=need_weights)
+        return (compiled or self.forward_frame)(input_ids, positions, frame, cache, need_weights, last_only)
+
+    def forward_frame(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        frame: AttentionFrame,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        last_only: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """The forward after the bookkeeping (positions, masks, cache slots): what a compiled step runs."""
         x = self.tok_emb(input_ids)  # (B, T, d)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         elif self.cfg.positional == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.cfg.d_model).to(x.dtype)
         x = self.drop(x)
-
-        frame = self.positions.frame(positions, valid, cache, x.dtype, explicit=need_weights)
         maps = []
         for layer, block in enumerate(self.blocks):
             x, weights = block(x, frame, cache, layer, need_weights=need_weights)
