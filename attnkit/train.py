@@ -66,6 +66,9 @@ class TrainConfig:
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 100
     lr_decay_steps: int | None = None  # None: max_steps
+    # "time": the cosine runs over max_time seconds instead of steps, so a time-budgeted run ends at
+    # min_lr on any machine (the lr then depends on the clock: resume is not bit-exact)
+    schedule: str = "steps"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -88,6 +91,8 @@ class TrainConfig:
             if not ok:
                 raise AttnkitError(f"invalid training config: {message}")
 
+        need(self.schedule in ("steps", "time"), f"schedule {self.schedule!r} is not 'steps' or 'time'")
+        need(self.schedule == "steps" or self.max_time is not None, "schedule 'time' needs max_time (seconds)")
         need(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {PRECISIONS}")
         need(self.tokenizer in ("char", "bpe", "gpt2"), f"tokenizer {self.tokenizer!r} is not char, bpe or gpt2")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is not auto, cpu or cuda")
@@ -173,15 +178,19 @@ def load_recipe(name: str) -> TrainConfig:
 
 # --- schedule and optimizer ---------------------------------------------------------------------
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr
+    (over steps, or over max_time seconds with schedule "time", ``elapsed`` being the seconds trained)."""
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= decay_steps:
+    if cfg.schedule == "time":
+        progress = min(1.0, elapsed / cfg.max_time)
+    elif step >= decay_steps:
         return min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
@@ -342,7 +351,7 @@ class Trainer:
         self.model = build_model(self.model_cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+        self.elapsed = 0.0  # seconds trained, over all resumes (the "time" schedule's clock)
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
         eval_rng = torch.Generator().manual_seed(cfg.seed + 1)  # the same val windows at every eval
         self.eval_starts = torch.randint(len(self.val_tokens) - T, (cfg.eval_batches, cfg.batch_size),
@@ -352,7 +361,7 @@ class Trainer:
         if state is not None:
             load_state(self.model, read_weights(self.out / "last"), self.out / "last")
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.elapsed = state["scheduler"]["elapsed"]
             self.data_rng.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
             if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -396,7 +405,7 @@ class Trainer:
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": {"step": self.step, "elapsed": self.elapsed},  # lr = lr_at(step, cfg, elapsed)
             "data_rng": self.data_rng.get_state(),
             "batches_drawn": self.batches_drawn,
             "torch_rng": torch.get_rng_state(),
@@ -465,9 +474,12 @@ class Trainer:
         start = last_log = time.perf_counter()
         steps_since_log, last_metrics, stopped_by = 0, {}, "max_steps"
         losses: list[float] = []
+        base, first_step = self.elapsed, self.step
         try:
             while self.step < end:
-                if cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time:
+                self.elapsed = self._clock(base + time.perf_counter() - start)
+                used = self.elapsed if cfg.schedule == "time" else self.elapsed - base
+                if cfg.max_time is not None and used >= cfg.max_time:
                     stopped_by = "max_time"
                     break
                 loss = self._train_step()
@@ -484,7 +496,8 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tps,
                            "elapsed_s": now - start}
                     self._log(row)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
+                                    eta=_eta(self, base, start, first_step, end))
                     last_log, steps_since_log = now, 0
                 if self.step % cfg.eval_interval == 0:
                     last_metrics = self._eval_and_save()
@@ -509,8 +522,18 @@ class Trainer:
                 "best_val_loss": self.best_val, **last_metrics,
                 "out": str(self.out), "loss_curve": str(self.out / "loss_curve.png")}
 
+    def _clock(self, seconds: float) -> float:
+        """Rank 0's clock on every rank, so time budgets and the time schedule agree across ranks."""
+        if not self.ddp or self.cfg.max_time is None:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def _train_step(self) -> float:
         cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg, self.elapsed)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = self.get_batch()
@@ -533,7 +556,6 @@ class Trainer:
                 loss = float("nan")
         if math.isfinite(loss):
             self.optimizer.step()
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -586,6 +608,17 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, t
         made += n
         ids = (ids + new)[-(context // 2):]
     return text
+
+
+def _eta(trainer: Trainer, base: float, start: float, first_step: int, end: int) -> str:
+    """Time left: the remaining steps at this run's pace, or the time budget if that ends first."""
+    spent = time.perf_counter() - start
+    left = spent / max(1, trainer.step - first_step) * (end - trainer.step)
+    cfg = trainer.cfg
+    if cfg.max_time is not None:
+        used = trainer.elapsed if cfg.schedule == "time" else trainer.elapsed - base
+        left = min(left, max(0.0, cfg.max_time - used))
+    return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.0f} days"
 
 
 def _as_python_state(state):

@@ -142,6 +142,10 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     assert lr_at(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
     assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
     assert lr_at(50, TrainConfig(lr=1e-3, warmup_steps=0, max_steps=100)) == pytest.approx(5.5e-4)  # min_lr = lr/10
+    by_time = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_time=600, schedule="time")
+    assert lr_at(5, by_time, elapsed=1.0) == pytest.approx(6e-4)  # warmup is still counted in steps
+    assert lr_at(50, by_time, elapsed=300.0) == pytest.approx(5.5e-4)  # halfway through the time budget
+    assert lr_at(50, by_time, elapsed=900.0) == pytest.approx(1e-4)
 
 
 def test_the_optimizer_uses_the_scheduled_learning_rate_at_every_step(tmp_path):
@@ -150,8 +154,9 @@ def test_the_optimizer_uses_the_scheduled_learning_rate_at_every_step(tmp_path):
     trainer = Trainer(cfg, train_text=train_text, val_text=val_text, quiet=True)
     seen = []
     for _ in range(8):
-        seen.append(trainer.optimizer.param_groups[0]["lr"])
         trainer._train_step()
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.step += 1
     assert seen == pytest.approx([lr_at(s, cfg) for s in range(8)])
 
 
@@ -174,11 +179,12 @@ def test_norms_biases_and_embeddings_get_no_weight_decay():
 
 def test_recipes_load_with_their_documented_settings():
     gpu = load_recipe("shakespeare-char-gpu")
-    assert (gpu.model_overrides["n_layer"], gpu.model_overrides["n_head"], gpu.model_overrides["d_model"]) == (6, 6, 384)
-    assert gpu.model_overrides["context_length"] == 256 and gpu.model_overrides["dropout"] == 0.2
+    model = gpu.model_overrides
+    assert (model["n_layer"], model["n_head"], model["d_model"]) == (6, 6, 384)
+    assert model["context_length"] == 256 and model["dropout"] == 0.2
     assert (gpu.batch_size, gpu.lr, gpu.max_steps, gpu.data, gpu.tokenizer) == (64, 1e-3, 5000, "shakespeare", "char")
     cpu = load_recipe("shakespeare-char")
-    assert cpu.data == "shakespeare" and cpu.tokenizer == "char" and cpu.max_time == 600
+    assert cpu.data == "shakespeare" and cpu.tokenizer == "char" and cpu.max_time <= 600 and cpu.schedule == "time"
 
 
 # --- the command line ------------------------------------------------------------------------------
