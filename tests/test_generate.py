@@ -141,9 +141,11 @@ def run(*args):
     return result
 
 
-def test_cli_generate_streams_prompt_and_continuation(ckpt, lm):
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_cli_generate_streams_prompt_and_continuation(ckpt, lm, flags):
     model, tok = lm
-    result = run("generate", "--ckpt", str(ckpt), "-p", "ab", "--max-new-tokens", "12", "--seed", "3", "--device", "cpu")
+    result = run("generate", "--ckpt", str(ckpt), "-p", "ab", "--max-new-tokens", "12", "--seed", "3", "--device", "cpu",
+                 *flags)
     assert result.exit_code == 0
     assert result.output == "ab" + generate_text(model, tok, "ab", max_new_tokens=12, sampling=Sampling(0.8),
                                                 seed=3) + "\n"
