@@ -60,9 +60,9 @@ Recipe `{args.recipe}` ({m.n_layer} layers x {m.n_head} heads x {m.d_model} wide
 cosine over {cfg.max_time:.0f} s ({cfg.schedule} schedule), {cfg.precision}, attention backend `{m.backend}`),
 {torch.get_num_threads()} threads, one process. Data: `shakespeare` recipe, val = last 10% (505,728 chars).
 
-| steps | training s | wall s (incl. data, evals) | median tokens/s | val loss (fixed {cfg.eval_batches}x{cfg.batch_size} windows) | val loss, whole val split | target |
+| steps | training s | wall s (incl. data, evals) | tokens/s: median log interval / mean | val loss (fixed {cfg.eval_batches}x{cfg.batch_size} windows) | val loss, whole val split | target |
 |---|---|---|---|---|---|---|
-| {result['step']} | {result['elapsed_s']:.0f} | {wall:.0f} | {sorted(tps)[len(tps) // 2]:,.0f} | {result['val_loss']:.4f} | **{full['loss']:.4f}** (ppl {full['perplexity']:.2f}) | <= 1.50 |
+| {result['step']} | {result['elapsed_s']:.0f} | {wall:.0f} | {sorted(tps)[len(tps) // 2]:,.0f} / {result['step'] * cfg.batch_size * m.context_length / result['elapsed_s']:,.0f} | {result['val_loss']:.4f} | **{full['loss']:.4f}** (ppl {full['perplexity']:.2f}) | <= 1.50 |
 
 Val loss by step: {', '.join(f"{r['step']}: {r['val_loss']:.3f}" for r in evals)}
 
