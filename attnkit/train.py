@@ -589,25 +589,13 @@ class Trainer:
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, temperature: float = 0.8) -> str:
-    """A sample longer than the context: continue in chunks, each conditioned on the latest
-    half context (generation itself is attnkit.generate's)."""
+    """The end-of-training sample (generation, including past the context, is attnkit.generate's)."""
     from attnkit.generate import Sampling, generate_text
 
     model.eval()
-    context = model.cfg.context_length
-    ids = tokenizer.encode(prompt)[-(context // 2):]
-    text, made = "", 0
-    while made < max_new_tokens:
-        n = min(max_new_tokens - made, context - len(ids))
-        piece = generate_text(model, tokenizer, tokenizer.decode(ids), max_new_tokens=n,
-                              sampling=Sampling(temperature=temperature), seed=seed + made)
-        new = tokenizer.encode(piece)
-        if not new:
-            break
-        text += piece
-        made += n
-        ids = (ids + new)[-(context // 2):]
-    return text
+    ids = tokenizer.encode(prompt)[-model.cfg.context_length:]  # the prompt may be a recipe's long text
+    return generate_text(model, tokenizer, tokenizer.decode(ids), max_new_tokens=max_new_tokens,
+                         sampling=Sampling(temperature=temperature), seed=seed)
 
 
 def _eta(trainer: Trainer, base: float, start: float, first_step: int, end: int) -> str:
