@@ -39,13 +39,9 @@ def main():
 
 
 def _device(name: str):
-    import torch
+    from attnkit.train import resolve_device  # one place decides devices, for training and inference
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AttnkitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 # --- commands: generate, info (core); train, eval, attend (training path) ---------------------

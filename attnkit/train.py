@@ -469,8 +469,10 @@ class Trainer:
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         self._start_metrics()
         self.model.train()
+        # a time budget ends the run before max_steps: show our own ETA, not tqdm's steps-based one
+        time_bound = "{desc}: step {n_fmt} [{elapsed}, {rate_fmt}{postfix}]" if cfg.max_time else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.quiet, unit="step", dynamic_ncols=True,
-                   mininterval=1.0, desc=cfg.name or "train")
+                   mininterval=1.0, desc=cfg.name or "train", bar_format=time_bound)
         start = last_log = time.perf_counter()
         steps_since_log, last_metrics, stopped_by = 0, {}, "max_steps"
         losses: list[float] = []

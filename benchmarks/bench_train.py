@@ -53,7 +53,7 @@ def quality(args) -> None:
     tps = [r["tokens_per_s"] for r in rows if r["kind"] == "train"]
     m = trainer.model_cfg
     body = f"""
-{limits_line(limits)} Load average at the end: {os.getloadavg()[0]:.1f} on 2 cores (other jobs shared the machine).
+{limits_line(limits)} Load average at the end: {os.getloadavg()[0]:.1f} on 2 cores (this run's own 2 threads give about 2).
 
 Recipe `{args.recipe}` ({m.n_layer} layers x {m.n_head} heads x {m.d_model} wide, context {m.context_length},
 {model.num_params() / 1e6:.2f} M parameters, char vocab {m.vocab_size}; batch {cfg.batch_size}, lr {cfg.lr} -> {cfg.min_lr}
@@ -154,7 +154,7 @@ def speed(args) -> None:
         rows.append([lib, precision, f"`{backend}`", f"{rate:,.0f}", f"{rate / base:.2f}x",
                      f"{rate * flops_per_token / 1e9:.1f}", f"{100 * rate * flops_per_token / peak:.0f}%"])
     body = f"""
-{limits_line(limits)} Load average during the run: {load:.1f} on 2 cores (other jobs shared the machine).
+{limits_line(limits)} Load average during the run: {load:.1f} on 2 cores (this run's own 2 threads give about 2).
 
 gpt2-char-small (6 layers x 6 heads x 384, context {T}, vocab {VOCAB}, {flops_per_token / 3 / 1e6:.1f} MFLOP forward per token),
 batch {args.batch} x {T} tokens, AdamW, one process, {torch.get_num_threads()} threads; median of {args.steps} steps per case,
