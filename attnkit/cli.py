@@ -85,9 +85,11 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
-    click.echo(prompt, nl=False)
-    for piece in stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                             stop=stop, seed=seed, compile=compile_step):
+    pieces = stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                         stop=stop, seed=seed, compile=compile_step)
+    first = next(pieces, "")  # the prompt's checks run here, so an error is printed alone
+    click.echo(prompt + first, nl=False)
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
 

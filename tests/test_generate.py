@@ -160,7 +160,7 @@ def test_cli_bad_generation_input_is_one_sentence_and_exit_2(ckpt, args, message
     base = ["generate", "--ckpt", str(ckpt), "-p", "ab", "--device", "cpu"]
     result = run(*(base + args))
     assert result.exit_code == 2
-    assert message in result.output
+    assert result.output.startswith("error: ") and message in result.output  # nothing printed before it
 
 
 def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
