@@ -82,6 +82,22 @@ def test_sliding_window_result_does_not_depend_on_the_query_block(query_block):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("with_alibi", [False, True])
+def test_sliding_window_chunks_and_shared_interior_mask_across_a_batch(monkeypatch, causal, with_alibi):
+    # small chunks so that a batch of two long sequences takes several kernel calls, some of them
+    # runs of interior blocks (one shared mask) and some edge blocks that cross into the other sequence
+    import attnkit.attention as attention_module
+    monkeypatch.setattr(attention_module, "SLIDING_CHUNK_ROWS", 64)
+    q, k, v = qkv(T=101, Hkv=2)
+    slopes = alibi_slopes(4) if with_alibi else None
+    allowed = sliding_window_mask(101, 9, causal=causal)[None, None].expand(2, 1, 101, 101)
+    assert_matches_dense(
+        lambda q, k, v: sliding_window_attention(q, k, v, 9, causal=causal, alibi_slopes=slopes, query_block=4),
+        allowed, q, k, v, slopes=slopes,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_sliding_window_with_alibi_equals_dense_with_alibi_bias(causal):
     q, k, v = qkv()
     slopes = alibi_slopes(4)
