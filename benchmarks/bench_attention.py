@@ -5,10 +5,12 @@ explicit window mask), and length extrapolation of positional schemes.
     python -m benchmarks.bench_attention extrapolation  # ~6 min on 2 threads
     python -m benchmarks.bench_attention                # both
 
-Each speed case runs in its own subprocess, so that its peak memory is its own and a case that
-runs out of memory or time cannot stop the benchmark. Peak memory = the child's peak resident set
-(VmHWM in /proc/self/status, reset just before the inputs are made) minus its resident set then;
-so it counts q, k, v, the output, any mask and every temporary of the forward pass.
+Peak memory: each (method, n) runs one forward in its own subprocess, so that its peak is its own
+and a case that runs out of memory or time cannot stop the benchmark. Peak = the child's peak
+resident set (VmHWM in /proc/self/status, reset just before the inputs are made) minus its
+resident set then; so it counts q, k, v, the output, any mask and every temporary of the forward.
+Time: the methods that fit run interleaved in one more subprocess per n, so that load from
+outside falls on all of them alike; the best round counts.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import time
 import torch
 
 from attnkit.attention import SLIDING_QUERY_BLOCK
-from benchmarks.common import limits_line, machine_limits, median_time, set_threads, table, write_section
+from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
 
 THREADS = 2
 WINDOW, HEADS, HEAD_DIM = 512, 8, 64
 LENGTHS = (1024, 4096, 16384, 65536)
 METHODS = ("sliding", "sdpa-causal", "sdpa-window-mask")
-CASE_TIMEOUT_S = 45  # per case, including process start
+CASE_TIMEOUT_S = 45  # per peak-memory case (one forward), including process start
+TIME_TIMEOUT_S = 150  # per timing process (all methods of one n and dtype)
 MEMORY_CAP_GB = 16  # address-space cap per case: beyond it a case reports OOM instead of swapping
 
 
@@ -48,55 +51,95 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def run_case(method: str, n: int, dtype_name: str) -> dict:
-    """One forward in this process; returns seconds and peak bytes above the pre-input baseline."""
-    from attnkit.attention import sliding_window_attention, sliding_window_mask
+def _inputs(n: int, dtype_name: str):
+    from attnkit.attention import sliding_window_attention
 
     set_threads(THREADS)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     small = [torch.randn(1, HEADS, 256, HEAD_DIM, dtype=dtype) for _ in range(3)]  # warm the kernels up
     sliding_window_attention(*small, 64)
     torch.nn.functional.scaled_dot_product_attention(*small, is_causal=True)
-    del small
+    return dtype
+
+
+def _forward(method: str, q, k, v):
+    """The call that is measured; the (n, n) mask of `sdpa-window-mask` is built before it, untimed."""
+    from attnkit.attention import sliding_window_attention, sliding_window_mask
+
+    if method == "sliding":
+        return lambda: sliding_window_attention(q, k, v, WINDOW)
+    if method == "sdpa-causal":
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = sliding_window_mask(q.shape[2], WINDOW)  # (n, n) bool
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def run_case(method: str, n: int, dtype_name: str) -> dict:
+    """Peak memory of one forward in this fresh process: peak bytes above the pre-input baseline."""
+    dtype = _inputs(n, dtype_name)
     _reset_peak_rss()
     base = _status_bytes("VmRSS")
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype) for _ in range(3))
-    if method == "sliding":
-        fn = lambda: sliding_window_attention(q, k, v, WINDOW)  # noqa: E731
-    elif method == "sdpa-causal":
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    else:
-        mask = sliding_window_mask(n, WINDOW)  # (n, n) bool, built outside the timed region
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     with torch.no_grad():
-        repeats = 1 if n > 16384 else 3 if method == "sdpa-window-mask" and n > 4096 else 5
-        seconds = median_time(fn, repeats=repeats, warmup=int(n <= 16384), stat=min)  # min: noise only slows
-    peak = _status_bytes("VmHWM") - base
-    return {"seconds": seconds, "peak_bytes": peak}
+        _forward(method, q, k, v)()
+    return {"peak_bytes": _status_bytes("VmHWM") - base}
 
 
-def _child(method: str, n: int, dtype_name: str) -> None:
+def time_cases(methods: list[str], n: int, dtype_name: str) -> dict:
+    """Best wall seconds of each method in this process, the methods interleaved in every round so
+    that load from outside falls on all of them alike (noise only ever slows a run: take the best)."""
+    dtype = _inputs(n, dtype_name)
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype) for _ in range(3))
+    rounds = 5 if n <= 4096 else 3 if n <= 16384 else 1
+    best = {}
+    with torch.no_grad():
+        fns = {m: _forward(m, q, k, v) for m in methods}
+        if n <= 16384:
+            for fn in fns.values():
+                fn()  # warm-up
+        for _ in range(rounds):
+            for m, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                best[m] = min(best.get(m, float("inf")), time.perf_counter() - t0)
+    return {m: {"seconds": sec} for m, sec in best.items()}
+
+
+def _child(argv: list[str]) -> None:
     cap = MEMORY_CAP_GB * 2**30
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
-        result = run_case(method, n, dtype_name)
+        if argv[0] == "--case":
+            result = run_case(argv[1], int(argv[2]), argv[3])
+        else:
+            result = time_cases(argv[3].split(","), int(argv[1]), argv[2])
     except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
         result = {"error": "OOM" if "memory" in str(e).lower() or isinstance(e, MemoryError) else str(e)[:80]}
     print("RESULT " + json.dumps(result))
 
 
-def measure(method: str, n: int, dtype_name: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--case", method, str(n), dtype_name]
+def _run_child(args: list[str], timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_attention", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout (> {CASE_TIMEOUT_S} s)"}
+        return {"error": f"timeout (> {timeout} s)"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": "OOM" if "memory" in tail.lower() or proc.returncode < 0 else tail[:80]}
+
+
+def measure(n: int, dtype_name: str) -> dict:
+    """Peak memory of each method (its own process), then the times of those that fit (one process)."""
+    results = {m: _run_child(["--case", m, str(n), dtype_name], CASE_TIMEOUT_S) for m in METHODS}
+    runnable = [m for m in METHODS if "error" not in results[m]]
+    times = _run_child(["--time", str(n), dtype_name, ",".join(runnable)], TIME_TIMEOUT_S) if runnable else {}
+    for m in runnable:
+        results[m] = {**results[m], **times[m]} if m in times else {"error": times.get("error", "no time")}
+    return results
 
 
 def _fmt_time(r: dict) -> str:
@@ -113,8 +156,7 @@ def speed() -> str:
     results = {}
     for dtype_name in ("fp32", "bf16"):
         for n in LENGTHS:
-            for method in METHODS:
-                r = measure(method, n, dtype_name)
+            for method, r in measure(n, dtype_name).items():
                 results[method, n, dtype_name] = r
                 print(method, n, dtype_name, r, flush=True)
     parts = [limits_line(limits), "",
@@ -123,10 +165,11 @@ def speed() -> str:
              f"query blocks of {SLIDING_QUERY_BLOCK}, key windows as strided views); `sdpa-causal` = `F.scaled_dot_product_attention(is_causal=True)` (dense, "
              f"no window: the cost a user pays without a sparse kernel); `sdpa-window-mask` = SDPA with the "
              f"explicit (n, n) window mask (same numbers as `sliding`; mask built outside the timed region). "
-             f"Time: best of 5 runs after one warm-up run up to 16k tokens (best of 3 for the 16k window mask); one cold run at 64k. "
-             f"Peak memory: child-process peak RSS (VmHWM, reset before the inputs) minus RSS before the inputs (includes q, k, v, output, "
-             f"masks). Each case runs in a subprocess capped at {CASE_TIMEOUT_S} s and {MEMORY_CAP_GB} GiB of "
-             f"address space."]
+             f"Time: the methods of one n run interleaved in one process, best of 5 rounds (4k and less) or 3 (16k) after a warm-up "
+             f"round; one cold round at 64k. "
+             f"Peak memory: one forward in a fresh process, its peak RSS (VmHWM, reset before the inputs) minus RSS before the "
+             f"inputs (includes q, k, v, output, masks), capped at {CASE_TIMEOUT_S} s and {MEMORY_CAP_GB} GiB of "
+             f"address space; a method that fails there is not timed."]
     for dtype_name in ("fp32", "bf16"):
         rows = []
         for n in LENGTHS:
@@ -217,8 +260,8 @@ def extrapolation() -> str:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--case"]:
-        _child(argv[1], int(argv[2]), argv[3])
+    if argv[:1] in (["--case"], ["--time"]):
+        _child(argv)
         return
     which = argv[0] if argv else "all"
     if which in ("speed", "all"):

@@ -20,8 +20,8 @@ def set_threads(n: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-def median_time(fn, repeats: int = 5, warmup: int = 1, stat=statistics.median) -> float:
-    """Median (or ``stat``, e.g. min) of the wall seconds of fn() over repeats (CUDA synchronised)."""
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over repeats (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -33,7 +33,7 @@ def median_time(fn, repeats: int = 5, warmup: int = 1, stat=statistics.median) -
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return stat(times)
+    return statistics.median(times)
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 1024, device: str = "cpu") -> float:
