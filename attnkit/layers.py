@@ -93,24 +93,33 @@ class KVCache:
 
     def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
-        T = positions.shape[1]
+        self.claim(positions.shape[1])
+        return self.record(positions, valid)
+
+    def claim(self, T: int) -> None:
+        """The Python half of ``reserve``: take the next T slots. A compiled step runs it before its graph."""
         if self.length + T > self.capacity:
             raise AttnkitError(
                 f"the KV cache holds {self.capacity} tokens and {self.length + T} were requested; "
                 "ask for fewer new tokens or a shorter prompt"
             )
-        self._write = slice(self.length, self.length + T)
+        start, self.length = self.length, self.length + T
+        # static: an index tensor, so that a compiled step's graph does not depend on the length
+        self._write = torch.arange(start, start + T, device=self.key_pos.device) if self.static else slice(start, start + T)
+
+    def record(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The tensor half of ``reserve``: note the claimed slots' positions and validity."""
+        if self.static:  # every slot, always: unwritten ones are invalid
+            self.key_pos.index_copy_(1, self._write, positions)
+            self.key_valid.index_copy_(1, self._write, valid)
+            return self.key_pos, self.key_valid
         self.key_pos[:, self._write] = positions
         self.key_valid[:, self._write] = valid
-        self.length += T
-        if self.static:
-            self._write = torch.arange(self._write.start, self._write.stop, device=positions.device)
-            return self.key_pos, self.key_valid
         return self.key_pos[:, : self.length], self.key_valid[:, : self.length]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return all keys and values so far."""
-        if self.static:  # an index tensor, so the step's graph does not depend on the length
+        if self.static:
             self.k[layer].index_copy_(2, self._write, k)
             self.v[layer].index_copy_(2, self._write, v)
             return self.k[layer], self.v[layer]
@@ -228,11 +237,13 @@ class PositionScheme(nn.Module):
         dtype: torch.dtype,
         *,
         explicit: bool = False,
+        claimed: bool = False,
     ) -> AttentionFrame:
         """positions (B, T) long; valid (B, T) bool or None (all real).
 
         Sliding-window and BigBird attention without a cache run the sparse kernels (O(T * window));
         ``explicit`` forces the equivalent O(T^2) mask instead (attention maps, reference checks).
+        ``claimed``: the cache's slots were already claimed (``KVCache.claim``), as before a compiled step.
         """
         kind, T = self.cfg.attention, positions.shape[1]
         window = self.cfg.window if kind == "sliding" else None
@@ -244,10 +255,11 @@ class PositionScheme(nn.Module):
             window = None  # a window as long as the sequence masks nothing
         unpadded = valid is None and (cache is None or cache.unpadded)
         if cache is not None:
-            cache.unpadded = unpadded
+            if cache.unpadded != unpadded:
+                cache.unpadded = unpadded
             if valid is None:
                 valid = torch.ones_like(positions, dtype=torch.bool)
-            k_pos, k_valid = cache.reserve(positions, valid)
+            k_pos, k_valid = cache.record(positions, valid) if claimed else cache.reserve(positions, valid)
         else:
             k_pos, k_valid = positions, valid
         if unpadded and self.slopes is None and window is None:

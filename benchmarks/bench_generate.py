@@ -52,12 +52,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="gpt2-char-small,smollm2-135m",
+                        help="comma-separated presets; the results file is only written for both")
     args = parser.parse_args()
     set_threads(args.threads)
     limits = machine_limits()
     bandwidth = limits["copy_gbps"] * 1e9
     rows = []
-    for name, overrides in [("gpt2-char-small", dict(vocab_size=65)), ("smollm2-135m", {})]:
+    models = [(name, dict(vocab_size=65) if name == "gpt2-char-small" else {}) for name in args.models.split(",")]
+    for name, overrides in models:
         torch.manual_seed(0)
         base = DecoderLM(preset(name, **overrides)).eval()
         hf_base = hf_twin(base)
@@ -107,6 +110,9 @@ def main():
                "compiled speed-up", "weights MB", "roofline tok/s", "attnkit % of roofline",
                "compiled % of roofline", "compile s", "same tokens"], rows),
     ])
+    if args.models != parser.get_default("models"):
+        print(body)
+        return
     section = "generate" if args.threads == 2 else f"generate-{args.threads}-threads"  # 2 threads: the setting
     write_section(section, f"Batch-1 decoding: attnkit vs transformers generate ({args.threads} threads)", body,
                   f"python -m benchmarks.bench_generate --threads {args.threads} --new-tokens {args.new_tokens} "

@@ -199,6 +199,25 @@ def test_checkpoint_save_is_atomic_and_loads_back(lm, tmp_path):
     assert tok2.encode("hi!") == tok.encode("hi!")
 
 
+def test_compiled_graphs_are_kept_apart_per_model_and_batch():
+    """The compiled step drops dynamo's guards, so its key must keep two models (and two batch sizes
+    of one model) on graphs of their own, however the calls interleave."""
+    torch.manual_seed(0)
+    small = DecoderLM(ModelConfig(vocab_size=33, context_length=32, n_layer=1, n_head=2, d_model=16)).eval()
+    wide = DecoderLM(ModelConfig(vocab_size=33, context_length=32, n_layer=1, n_head=2, d_model=24)).eval()
+    runs = [(small, 1), (wide, 1), (small, 2), (wide, 1), (small, 1)]
+    with torch.inference_mode():
+        for model, batch in runs:
+            ids = torch.arange(3 * batch).view(batch, 3) % 33
+            eager_cache, static_cache = model.make_cache(batch, 32), model.make_cache(batch, 32, static=True)
+            model(ids, cache=eager_cache), model(ids, cache=static_cache)
+            token = torch.full((batch, 1), 5)
+            want = model(token, cache=eager_cache)
+            got = model(token, cache=static_cache, compiled=compiled_step(model))
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_compiled_decode_step_matches_eager(family):
     """`compile=True` (one torch.compile of the one-token step, ~10-20 s on 2 CPU cores per family)."""

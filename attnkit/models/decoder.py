@@ -72,7 +72,7 @@ class DecoderLM(nn.Module):
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding. positions default to
         counting real tokens from 0, continuing from the cache when there is one.
         With need_weights, also returns one (B, H, T, Tk) attention map per layer.
-        ``compiled``: a compiled ``forward_frame`` to run after the (eager) cache bookkeeping.
+        ``compiled``: a compiled ``decode_step`` to run after the (eager) cache bookkeeping.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -88,8 +88,20 @@ class DecoderLM(nn.Module):
             else:
                 positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
 
+        if compiled is not None:  # the cache's Python bookkeeping here; masks, RoPE and the layers in the graph
+            if need_weights or valid is not None or cache is None:
+                raise AttnkitError("a compiled step decodes new tokens over a static cache, without padding "
+                                   "or attention maps")
+            cache.claim(T)
+            return compiled(input_ids, positions, cache, last_only)
         frame = self.positions.frame(positions, valid, cache, self.tok_emb.weight.dtype, explicit=need_weights)
-        return (compiled or self.forward_frame)(input_ids, positions, frame, cache, need_weights, last_only)
+        return self.forward_frame(input_ids, positions, frame, cache, need_weights, last_only)
+
+    def decode_step(self, input_ids: Tensor, positions: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
+        """What a compiled step runs (``attnkit.generate.compiled_step``): the frame over the slots that
+        ``cache.claim`` took, then the layers. input_ids, positions (B, T) -> logits (B, T, V)."""
+        frame = self.positions.frame(positions, None, cache, self.tok_emb.weight.dtype, claimed=True)
+        return self.forward_frame(input_ids, positions, frame, cache, False, last_only)
 
     def forward_frame(
         self,
@@ -100,7 +112,7 @@ class DecoderLM(nn.Module):
         need_weights: bool = False,
         last_only: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """The forward after the bookkeeping (positions, masks, cache slots): what a compiled step runs."""
+        """The forward after the bookkeeping (positions, masks, cache slots)."""
         x = self.tok_emb(input_ids)  # (B, T, d)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
