@@ -17,7 +17,7 @@ from attnkit.config import preset
 from attnkit.generate import Sampling, generate_tokens
 from attnkit.hf import to_hf
 from attnkit.models.decoder import DecoderLM
-from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
+from benchmarks.common import copy_bandwidth, limits_line, machine_limits, set_threads, table, write_section
 
 
 def hf_twin(model):
@@ -33,18 +33,21 @@ def hf_twin(model):
     return hf.eval()
 
 
-def tokens_per_second(fns: dict, new_tokens: int, repeats: int = 5) -> dict:
+def tokens_per_second(fns: dict, new_tokens: int, repeats: int = 5) -> tuple[dict, float]:
     """Best tokens/s of each fn over ``repeats`` rounds, the fns interleaved within each round so that
-    load from other processes on the machine falls on all of them alike."""
+    load from other processes on the machine falls on all of them alike; and the best copy bandwidth
+    (bytes/s) measured in the same rounds, for the roofline."""
     for fn in fns.values():
         fn(8)  # warm-up
     best = dict.fromkeys(fns, float("inf"))
+    bandwidth = 0.0
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn(new_tokens)
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: new_tokens / seconds for name, seconds in best.items()}
+        bandwidth = max(bandwidth, copy_bandwidth(repeats=3, warmup=1))
+    return {name: new_tokens / seconds for name, seconds in best.items()}, bandwidth
 
 
 def main():
@@ -57,7 +60,6 @@ def main():
     args = parser.parse_args()
     set_threads(args.threads)
     limits = machine_limits()
-    bandwidth = limits["copy_gbps"] * 1e9
     rows = []
     models = [(name, dict(vocab_size=65) if name == "gpt2-char-small" else {}) for name in args.models.split(",")]
     for name, overrides in models:
@@ -68,9 +70,17 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             model, hf = base.to(dtype), hf_base.to(dtype)
 
+            step_seconds = []  # per compiled generation: the decode phase's seconds per token
+
             def ours(n, compile=False):
-                return [int(t) for t, _ in generate_tokens(model, prompt.tolist(), max_new_tokens=n,
-                                                           sampling=Sampling(0.0), compile=compile)]
+                tokens, stamps = [], []
+                for t, _ in generate_tokens(model, prompt.tolist(), max_new_tokens=n, sampling=Sampling(0.0),
+                                            compile=compile):
+                    tokens.append(int(t))
+                    stamps.append(time.perf_counter())
+                if compile and n > 1:  # first token to last: one-token steps only, no prompt
+                    step_seconds.append((stamps[-1] - stamps[0]) / (n - 1))
+                return tokens
 
             t0 = time.perf_counter()
             compiled_same = ours(16, compile=True)  # compiles the one-token step (or loads it from the cache)
@@ -85,30 +95,37 @@ def main():
                 ref = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)[0, 16:]
             agree = sum(a == b for a, b in zip(same, ref.tolist()))
             compiled_agree = sum(a == b for a, b in zip(compiled_same, same))
-            tps = tokens_per_second({"ours": ours, "compiled": lambda n: ours(n, compile=True), "theirs": theirs},
-                                    args.new_tokens, args.repeats)
+            tps, bandwidth = tokens_per_second(
+                {"ours": ours, "compiled": lambda n: ours(n, compile=True), "theirs": theirs}, args.new_tokens, args.repeats)
             ours_tps, compiled_tps, theirs_tps = tps["ours"], tps["compiled"], tps["theirs"]
+            decode_tps = 1.0 / min(step_seconds[-args.repeats:])  # the timed rounds' best decode phase
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             roofline = bandwidth / weight_bytes
-            rows.append([name, str(dtype).replace("torch.", ""), f"{ours_tps:.1f}", f"{compiled_tps:.1f}",
+            rows.append([name, str(dtype).replace("torch.", ""), f"{bandwidth / 1e9:.1f}", f"{ours_tps:.1f}", f"{compiled_tps:.1f}",
                          f"{theirs_tps:.1f}", f"{ours_tps / theirs_tps:.2f}x", f"{compiled_tps / theirs_tps:.2f}x",
                          f"{weight_bytes / 1e6:.0f}", f"{roofline:.0f}", f"{100 * ours_tps / roofline:.0f}%",
-                         f"{100 * compiled_tps / roofline:.0f}%", f"{compile_s:.0f}", f"{agree}/16, {compiled_agree}/16"])
+                         f"{100 * compiled_tps / roofline:.0f}%", f"{decode_tps:.1f}", f"{100 * decode_tps / roofline:.0f}%",
+                         f"{compile_s:.0f}", f"{agree}/16, {compiled_agree}/16"])
             print(rows[-1], flush=True)
     body = "\n".join([
         limits_line(limits), "",
         f"Batch 1, 16-token prompt, {args.new_tokens} new tokens, greedy, {args.threads} threads, best of "
         f"{args.repeats} rounds (the three runs interleaved in each round). "
-        "Roofline = copy bandwidth / bytes of weights (each weight read once per token). "
+        "Roofline = copy bandwidth / bytes of weights (each weight read once per token), with the copy "
+        "bandwidth (read + write bytes of a 256 MiB copy) measured in every round beside the runs and its best "
+        "round taken, as the runs' best rounds are. "
+        "tok/s columns are end to end (prompt + new tokens, as `generate` is used); the decode phase = the "
+        "one-token steps alone, first new token to last (the prompt's eager forward excluded), best round. "
         "`compiled` = `generate_tokens(..., compile=True)` / `attnkit generate --compile`: the one-token step "
         "through torch.compile (static KV cache, M = 1 matmuls as fused multiply-and-sum loops); "
         "`compile s` = wall time of its first 16-token generation in this process (compile, or load from "
         "the inductor FX graph cache when an earlier process compiled the same graph). "
         "`same tokens` = first 16 greedy tokens: eager attnkit vs transformers, compiled vs eager attnkit "
         "(random weights; bf16 rounding may flip near-ties).", "",
-        table(["model", "dtype", "attnkit tok/s", "compiled tok/s", "transformers tok/s", "speed-up",
+        table(["model", "dtype", "copy GB/s", "attnkit tok/s", "compiled tok/s", "transformers tok/s", "speed-up",
                "compiled speed-up", "weights MB", "roofline tok/s", "attnkit % of roofline",
-               "compiled % of roofline", "compile s", "same tokens"], rows),
+               "compiled % of roofline", "compiled decode-phase tok/s", "decode phase % of roofline", "compile s",
+               "same tokens"], rows),
     ])
     if args.models != parser.get_default("models"):
         print(body)

@@ -44,11 +44,11 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, device: str = "cpu") -> floa
     return 2 * n**3 / seconds
 
 
-def copy_bandwidth(mbytes: int = 256, device: str = "cpu") -> float:
+def copy_bandwidth(mbytes: int = 256, device: str = "cpu", repeats: int = 7, warmup: int = 2) -> float:
     """Measured bytes/s of a large tensor copy, counting bytes read plus bytes written."""
     src = torch.randn(mbytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = median_time(lambda: dst.copy_(src), repeats=7, warmup=2)
+    seconds = median_time(lambda: dst.copy_(src), repeats=repeats, warmup=warmup)
     return 2 * src.numel() * 4 / seconds
 
 
