@@ -288,9 +288,11 @@ def sliding_window_attention(
         is_global = torch.zeros(T, dtype=torch.bool, device=dev).index_fill_(0, g, True)
         k_glob, v_glob = k[:, :, g], v[:, :, g]  # (B, Hkv, G, D)
 
+    valid = key_valid.bool() if key_valid is not None else None
+
     # Interior blocks (all their keys inside the sequence) have one band mask between them when
     # nothing else varies per block (padding, globals): long runs of them get their own chunks.
-    shared_ok = key_valid is None and global_tokens is None
+    shared_ok = valid is None and global_tokens is None
     first, last = -(-left // b), (T - right) // b  # interior blocks of a sequence: [first, last)
     step = max(1, SLIDING_CHUNK_ROWS // rows)
     cuts = {0, B * nb}
@@ -309,8 +311,8 @@ def sliding_window_attention(
         k_idx = block_start[:, None] + torch.arange(-left, b + right, device=dev)  # (n or 1, span)
         distance = q_idx[:, :, None] - k_idx[:, None, :]  # (n or 1, b, span)
         k_real = (k_idx >= 0) & (k_idx < T)
-        if key_valid is not None:
-            k_real &= key_valid.bool()[seq[:, None], k_idx.clamp(0, T - 1)]
+        if valid is not None:
+            k_real &= valid[seq[:, None], k_idx.clamp(0, T - 1)]
         allowed = (distance < window) & (distance > -window) & k_real[:, None, :]
         if causal:
             allowed &= distance >= 0
@@ -319,8 +321,8 @@ def sliding_window_attention(
             kc = torch.cat([kc, k_glob[seq]], dim=2)
             vc = torch.cat([vc, v_glob[seq]], dim=2)
             glob_allowed = torch.ones(n, b, G, dtype=torch.bool, device=dev)
-            if key_valid is not None:
-                glob_allowed &= key_valid.bool()[seq[:, None], g][:, None, :]
+            if valid is not None:
+                glob_allowed &= valid[seq[:, None], g][:, None, :]
             allowed = torch.cat([allowed, glob_allowed], dim=-1)
             k_idx = torch.cat([k_idx, g.expand(n, G)], dim=-1)
         S = allowed.shape[-1]
@@ -337,9 +339,7 @@ def sliding_window_attention(
     out = out.view(B, H, Tb, D)[:, :, :T]
 
     if global_tokens is not None:  # the global rows see every key: dense over T, only G rows
-        allowed = torch.ones(1, 1, 1, T, dtype=torch.bool, device=dev)
-        if key_valid is not None:
-            allowed = key_valid.bool()[:, None, None, :]
+        allowed = torch.ones(1, 1, 1, T, dtype=torch.bool, device=dev) if valid is None else valid[:, None, None, :]
         bias = None
         if alibi_slopes is not None:
             bias = _alibi_scores(alibi_slopes, g, torch.arange(T, device=dev))[None]  # (1, H, G, T)
