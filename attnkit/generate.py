@@ -117,7 +117,7 @@ def _own_copy(fn):
 def compiled_step(model):
     """``model.decode_step`` compiled for one-token steps over a static ``KVCache``.
 
-    Shapes are static: one graph per (batch, cache size, dtype, train/eval mode), compiled the
+    Shapes are static: one graph per (batch, cache size, dtype, device, mode), compiled the
     first time it is needed and kept with the model; the inductor FX graph cache makes a second
     process start fast. Returns a callable for ``model(..., compiled=...)``, which claims the
     cache slots and then runs the graph (mask, RoPE, layers).
@@ -128,11 +128,10 @@ def compiled_step(model):
         raise AttnkitError("compiled decoding needs dense attention; decode a sliding-window model without --compile")
     graphs = _COMPILED.setdefault(model, {})
 
-    def step(input_ids, positions, cache, last_only=False):
-        if not getattr(cache, "static", False):
-            raise AttnkitError("the compiled decode step needs a static cache: model.make_cache(..., static=True)")
+    def step(input_ids, positions, cache, last_only=False):  # called by model(..., compiled=step)
         key = (tuple(input_ids.shape), tuple(positions.shape), tuple(cache.k[0].shape), cache.k[0].dtype,
-               model.tok_emb.weight.dtype, model.training, torch.is_inference_mode_enabled(), last_only)
+               cache.k[0].device, model.tok_emb.weight.dtype, model.training, torch.is_inference_mode_enabled(),
+               torch.is_grad_enabled(), last_only)
         graph = graphs.get(key)
         if graph is None:
             from torch._inductor.fx_passes import decompose_mem_bound_mm

@@ -199,6 +199,16 @@ def test_checkpoint_save_is_atomic_and_loads_back(lm, tmp_path):
     assert tok2.encode("hi!") == tok.encode("hi!")
 
 
+def test_compiled_step_refuses_a_cache_it_cannot_use_and_leaves_it_untouched():
+    model = DecoderLM(ModelConfig(vocab_size=33, context_length=32, n_layer=1, n_head=2, d_model=16)).eval()
+    cache = model.make_cache(1, 32)  # not static
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(AttnkitError, match="static cache"):
+            model(torch.tensor([[4]]), cache=cache, compiled=compiled_step(model))
+    assert cache.length == 3
+
+
 def test_compiled_graphs_are_kept_apart_per_model_and_batch():
     """The compiled step drops dynamo's guards, so its key must keep two models (and two batch sizes
     of one model) on graphs of their own, however the calls interleave."""

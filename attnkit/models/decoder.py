@@ -89,9 +89,9 @@ class DecoderLM(nn.Module):
                 positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
 
         if compiled is not None:  # the cache's Python bookkeeping here; masks, RoPE and the layers in the graph
-            if need_weights or valid is not None or cache is None:
-                raise AttnkitError("a compiled step decodes new tokens over a static cache, without padding "
-                                   "or attention maps")
+            if need_weights or valid is not None or not getattr(cache, "static", False):
+                raise AttnkitError("a compiled step decodes new tokens over a static cache "
+                                   "(model.make_cache(..., static=True)), without padding or attention maps")
             cache.claim(T)
             return compiled(input_ids, positions, cache, last_only)
         frame = self.positions.frame(positions, valid, cache, self.tok_emb.weight.dtype, explicit=need_weights)
