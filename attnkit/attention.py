@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
+from attnkit.kernels import decode_attention
 
 BACKENDS = ("sdpa", "math")
 
@@ -132,6 +133,12 @@ def attention(
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if q.shape[2] == 1 and backend == "sdpa" and not need_weights and dropout_p == 0.0:
+        # one query per head (a decode step; causal masks nothing for the last query) on the CPU:
+        # the native kernel where it is built and the mask is a bool one shared by all heads
+        out = decode_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if out is not None:
+            return out, None
     # one query in a compiled graph: inductor fuses the math into a few loops; SDPA's CPU kernel
     # spends more on set-up than on that little math
     one_compiled_query = q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()

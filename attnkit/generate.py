@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
+from attnkit.kernels import native_available
 from attnkit.tokenizers import StreamDecoder, Tokenizer
 
 
@@ -105,6 +106,7 @@ _COMPILE_OPTIONS = {
     # graph a step runs, and each graph only ever sees inputs of the shapes in its key.
     "guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
     "size_asserts": False,
+    "cpp_wrapper": True,
 }
 
 
@@ -135,6 +137,9 @@ def compiled_step(model):
         graph = graphs.get(key)
         if graph is None:
             from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+            if key[5] == torch.bfloat16 and key[4].type == "cpu":
+                native_available()  # build / load the native kernels now: tracing cannot
 
             for name, value in _GEMV_AS_REDUCTION.items():  # read as module globals when the pass runs
                 setattr(decompose_mem_bound_mm, name, value)

@@ -23,6 +23,7 @@ from attnkit.attention import (
 )
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
+from attnkit.kernels import Linear
 from attnkit.positional import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
 
 
@@ -51,8 +52,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         width = 2 * cfg.ff_dim if cfg.mlp == "swiglu" else cfg.ff_dim
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+        self.up = Linear(cfg.d_model, width, bias=cfg.bias)
+        self.down = Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
@@ -287,11 +288,11 @@ class MultiHeadAttention(nn.Module):
                             n_random_blocks=cfg.n_random_blocks, seed=cfg.sparse_seed)
         q_width, kv_width = self.n_head * self.head_dim, 2 * self.n_kv_head * self.head_dim
         if cross:
-            self.q = nn.Linear(cfg.d_model, q_width, bias=cfg.bias)
-            self.kv = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
+            self.q = Linear(cfg.d_model, q_width, bias=cfg.bias)
+            self.kv = Linear(cfg.d_model, kv_width, bias=cfg.bias)
         else:
-            self.qkv = nn.Linear(cfg.d_model, q_width + kv_width, bias=cfg.bias)
-        self.out = nn.Linear(q_width, cfg.d_model, bias=cfg.bias)
+            self.qkv = Linear(cfg.d_model, q_width + kv_width, bias=cfg.bias)
+        self.out = Linear(q_width, cfg.d_model, bias=cfg.bias)
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
+from attnkit.kernels import Linear
 from attnkit.layers import AttentionFrame, Block, KVCache, PositionScheme, RollingKVCache, make_norm
 from attnkit.positional import LearnedPositions, sinusoidal_positions
 
@@ -28,7 +29,7 @@ class DecoderLM(nn.Module):
         self.positions = PositionScheme(cfg, causal=True)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()

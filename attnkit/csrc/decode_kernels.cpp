@@ -1,0 +1,244 @@
+// Native CPU kernels for batch-1 decoding, where torch's and inductor's general loops are slow:
+//
+//   attnkit::linear_bf16(x, weight)      x @ weight.T for ONE row of bf16 activations.
+//   attnkit::decode_attention(q, k, v, mask, scale)
+//                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
+//                                        query per head (grouped-query heads), fp32 or bf16.
+//
+// Decoding one token reads every weight once, so the matmuls are bound by memory bandwidth.
+// linear_bf16 reads each weight row front to back, one row at a time, so that a thread's share of
+// the matrix is one sequential stream, and multiplies with AVX512-BF16 dot products (bf16 pairs,
+// fp32 sums): on the 2-core machines we measure on it streams weights at copy bandwidth, where
+// inductor's loop (bf16 -> fp32 conversions, then multiply-adds) reaches about half of it.
+// decode_attention replaces a fused loop that reduced across lanes once per (head, key); here the
+// keys are scored once per kv head for all the query heads that share it, softmax runs over the
+// allowed keys only, and the values are summed with full-width multiply-adds.
+//
+// Built by attnkit/kernels.py against PyTorch's stable C ABI (torch/csrc/stable), which compiles in
+// about a second, and only on CPUs with AVX512-BF16.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+namespace {
+
+// ---- element access: 16 lanes of fp32 from fp32 or bf16 memory, masked past the end ----------
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u); }
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {  // bf16 is the top half of an fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(uint16_t* p, __m512 v, __mmask16 m) {  // round to nearest even
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// fp32 -> bf16, round to nearest even (as c10::BFloat16 does); NaN stays NaN.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// exp(x) for x <= 0: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, 2^f by its Taylor series to
+// degree 7 (relative error < 1e-8, below fp32's), n applied with scalef.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  for (float c : {1.5403530393381608e-04f, 1.3333558146428443e-03f, 9.618129107628477e-03f,
+                  5.550410866482158e-02f, 2.402265069591007e-01f, 6.931471805599453e-01f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ---- linear_bf16 ------------------------------------------------------------------------------
+
+inline __m512bh load32bf16(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// The dot product of weight row w and x (K bf16 each), summed in fp32: two accumulators over
+// 64-element steps, then a masked tail.
+inline float row_dot(const uint16_t* w, const uint16_t* x, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, load32bf16(w + k), load32bf16(x + k));
+    acc1 = _mm512_dpbf16_ps(acc1, load32bf16(w + k + 32), load32bf16(x + k + 32));
+  }
+  for (; k < K; k += 32) {  // the last 1..63 elements, zero-filled past K
+    const __mmask32 m = K - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (K - k)) - 1u);
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k),
+                            (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// x (..., K) with one row in all, weight (N, K) with unit stride along K -> (..., N).
+Tensor linear_bf16(Tensor x, Tensor weight) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::BFloat16 && weight.scalar_type() == ScalarType::BFloat16,
+                  "attnkit::linear_bf16 takes bf16 tensors");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1,
+                  "attnkit::linear_bf16: weight must be (N, K) with unit stride along K");
+  const int64_t N = weight.size(0), K = weight.size(1), row_stride = weight.stride(0);
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
+                  "attnkit::linear_bf16: x must be one contiguous row of K = weight.size(1) values");
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.push_back(x.size(d));
+  shape.push_back(N);
+  Tensor out = torch::stable::empty(shape, ScalarType::BFloat16, std::nullopt, x.device());
+
+  const uint16_t* w = static_cast<const uint16_t*>(weight.data_ptr());
+  const uint16_t* xs = static_cast<const uint16_t*>(x.data_ptr());
+  uint16_t* y = static_cast<uint16_t*>(out.data_ptr());
+  // contiguous blocks of rows per thread: each thread's share of the matrix is one stream (measured
+  // faster than sharing rows out dynamically, from one end or both: that breaks the streams)
+  torch::stable::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) y[n] = to_bf16(row_dot(w + n * row_stride, xs, K));
+  });
+  return out;
+}
+
+// ---- decode_attention -------------------------------------------------------------------------
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// One query head h of batch row b, over kv head g. Chunks = ceil(D / 16), fixed at compile time
+// so that the query, one key or value row and the output all stay in registers.
+template <typename T, int Chunks>
+void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const bool* allowed, Tensor& out, float scale,
+                 int64_t b, int64_t h, int64_t g, std::vector<int32_t>& keys, std::vector<float>& weights) {
+  // strides read once: each accessor is a call through torch's C ABI
+  const int64_t S = k.size(2), D = q.size(3), k_row = k.stride(2), v_row = v.stride(2);
+  const T* qh = static_cast<const T*>(q.data_ptr()) + b * q.stride(0) + h * q.stride(1);
+  const T* kb = static_cast<const T*>(k.data_ptr()) + b * k.stride(0) + g * k.stride(1);
+  const T* vb = static_cast<const T*>(v.data_ptr()) + b * v.stride(0) + g * v.stride(1);
+  T* oh = static_cast<T*>(out.data_ptr()) + (b * q.size(1) + h) * D;
+  __mmask16 masks[Chunks];
+  for (int c = 0; c < Chunks; ++c) masks[c] = lanes(D - 16 * c);
+
+  keys.clear();  // the allowed slots; with none allowed, all of them, equally weighted (as math_attention)
+  for (int64_t s = 0; s < S; ++s)
+    if (allowed[s]) keys.push_back(static_cast<int32_t>(s));
+  const bool uniform = keys.empty();
+  if (uniform)
+    for (int64_t s = 0; s < S; ++s) keys.push_back(static_cast<int32_t>(s));
+  const int64_t n = static_cast<int64_t>(keys.size());
+  weights.resize(n);
+
+  __m512 qs[Chunks];
+  for (int c = 0; c < Chunks; ++c) qs[c] = _mm512_mul_ps(load16(qh + 16 * c, masks[c]), _mm512_set1_ps(scale));
+  auto score = [&](int64_t i) {  // 16 lanes whose sum is key i's score
+    const T* key = kb + keys[i] * k_row;
+    __m512 acc = _mm512_mul_ps(qs[0], load16(key, masks[0]));
+    for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(qs[c], load16(key + 16 * c, masks[c]), acc);
+    return acc;
+  };
+  int64_t i = 0;
+  for (; i + 4 <= n && !uniform; i += 4) {  // scores, four keys per step: one lane-sum for all four
+    const __m512 a0 = score(i), a1 = score(i + 1), a2 = score(i + 2), a3 = score(i + 3);
+    // per 128-bit block: [a0, a1, a0, a1] and [a2, a3, a2, a3] partial sums, then [a0, a1, a2, a3]
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+    _mm_storeu_ps(weights.data() + i, _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1)));
+  }
+  for (; i < n && !uniform; ++i) weights[i] = _mm512_reduce_add_ps(score(i));
+  const float top = uniform ? 0.0f : *std::max_element(weights.begin(), weights.end());
+  __m512 total = _mm512_setzero_ps();  // softmax over the allowed keys, in fp32
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 e = uniform ? _mm512_set1_ps(1.0f)
+                             : exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, weights.data() + i),
+                                                             _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(weights.data() + i, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  __m512 acc[Chunks];  // the weighted sum of the values
+  for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* value = vb + keys[i] * v_row;
+    const __m512 w = _mm512_set1_ps(weights[i]);
+    for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(value + 16 * c, masks[c]), acc[c]);
+  }
+  const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int c = 0; c < Chunks; ++c) store16(oh + 16 * c, _mm512_mul_ps(acc[c], inv_total), masks[c]);
+}
+
+template <typename T, int Chunks = 1>
+void attend_head_any(int64_t chunks, const Tensor& q, const Tensor& k, const Tensor& v, const bool* allowed,
+                     Tensor& out, float scale, int64_t b, int64_t h, int64_t g, std::vector<int32_t>& keys,
+                     std::vector<float>& weights) {
+  if constexpr (Chunks < kMaxHeadDim / 16) {
+    if (chunks > Chunks)
+      return attend_head_any<T, Chunks + 1>(chunks, q, k, v, allowed, out, scale, b, h, g, keys, weights);
+  }
+  attend_head<T, Chunks>(q, k, v, allowed, out, scale, b, h, g, keys, weights);
+}
+
+// q (B, H, 1, D); k, v (B, Hkv, S, D), H % Hkv == 0, unit stride along D; mask (B, S) bool, true where
+// a key may be seen. Returns (B, H, 1, D) contiguous, q's dtype (fp32 or bf16; k, v the same).
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
+  const ScalarType dtype = q.scalar_type();
+  STD_TORCH_CHECK((dtype == ScalarType::Float || dtype == ScalarType::BFloat16) && k.scalar_type() == dtype &&
+                      v.scalar_type() == dtype && mask.scalar_type() == ScalarType::Bool,
+                  "attnkit::decode_attention takes fp32 or bf16 q, k, v of one dtype and a bool mask");
+  STD_TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+                  "attnkit::decode_attention: q (B, H, 1, D), k and v (B, Hkv, S, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
+                      v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D <= kMaxHeadDim,
+                  "attnkit::decode_attention: shapes disagree (or head dim > 256)");
+  STD_TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+                  "attnkit::decode_attention: q, k, v need unit stride along the head dim");
+  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1,
+                  "attnkit::decode_attention: mask must be (B, S) with unit stride along S");
+  Tensor out = torch::stable::empty({B, H, 1, D}, dtype, std::nullopt, q.device());
+  const bool* allowed = static_cast<const bool*>(mask.data_ptr());
+  const int64_t rep = H / Hkv, chunks = (D + 15) / 16;
+  const float scale32 = static_cast<float>(scale);
+  torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
+    std::vector<int32_t> keys;
+    std::vector<float> weights;
+    keys.reserve(S);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / H, h = u % H;
+      const bool* row = allowed + b * mask.stride(0);
+      if (dtype == ScalarType::Float)
+        attend_head_any<float>(chunks, q, k, v, row, out, scale32, b, h, h / rep, keys, weights);
+      else
+        attend_head_any<uint16_t>(chunks, q, k, v, row, out, scale32, b, h, h / rep, keys, weights);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(attnkit, m) {
+  m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("linear_bf16", TORCH_BOX(&linear_bf16));
+  m.impl("decode_attention", TORCH_BOX(&decode_attention));
+}

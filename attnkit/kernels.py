@@ -1,0 +1,143 @@
+"""Native CPU kernels for batch-1 decoding, where torch's and inductor's general loops are slow
+(``csrc/decode_kernels.cpp``): the bf16 linear over one row of activations (every matmul of a
+decode step) and attention for one query per head.
+
+The kernels are built on first use with the machine's C++ compiler against torch's stable C ABI
+(about a second), into ``cache_dir()/kernels`` under a name that hashes the source, torch's version
+and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16.
+Where they cannot be built or loaded, torch's own ops run instead and a warning says why, once.
+``ATTNKIT_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
+_ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
+_loaded: bool | None = None  # None until the first attempt
+
+
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the kernels use
+
+
+def _cpu_has_flags() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return all(flag in flags for flag in _CPU_FLAGS)
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel library (or find it already compiled); returns the .so's path."""
+    from attnkit.data.fetch import cache_dir
+
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *(f"-m{flag.replace('_', '')}" for flag in _CPU_FLAGS),
+             f"-DTORCH_TARGET_VERSION={_ABI}", f"-I{torch_dir / 'include'}"]
+    libs = [f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, torch.__version__, *flags]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"decode_kernels-{tag[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), *libs],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-800:]}")
+        os.replace(partial, target)  # atomic: a concurrent process sees the whole library or none
+    return target
+
+
+def native_available() -> bool:
+    """Whether the ``attnkit::`` kernels are loaded; builds and loads them on the first call."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        compiler = os.environ.get("CXX", "g++")
+        if os.environ.get("ATTNKIT_NATIVE", "1") == "0" or not _cpu_has_flags():
+            return False
+        if shutil.which(compiler) is None:
+            warnings.warn(f"attnkit: no C++ compiler ({compiler}) found; decoding uses torch's slower "
+                          "ops (set CXX to a compiler, or ATTNKIT_NATIVE=0 to silence this)", stacklevel=2)
+            return False
+        try:
+            torch.ops.load_library(str(_build(compiler)))
+        except (OSError, RuntimeError) as error:
+            warnings.warn(f"attnkit: the native decoding kernels could not be built, torch's ops are used "
+                          f"instead: {error}", stacklevel=2)
+            return False
+        torch.library.register_fake("attnkit::linear_bf16")(
+            lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
+        torch.library.register_fake("attnkit::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
+        _loaded = True
+    return _loaded
+
+
+def _loaded_now() -> bool:
+    """Under torch.compile, only what was loaded before tracing (building is not traceable)."""
+    return bool(_loaded) if torch.compiler.is_compiling() else native_available()
+
+
+def _no_grad_needed(*tensors: Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _native_linear_applies(x: Tensor, weight: Tensor) -> bool:
+    """One row of bf16 activations on the CPU, nothing to differentiate, the kernels loaded."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() == x.shape[-1] and weight.stride(-1) == 1 and _no_grad_needed(x, weight)
+            and _loaded_now())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, through the native kernel where it applies (see ``_native_linear_applies``)."""
+    if _native_linear_applies(x, weight):
+        y = torch.ops.attnkit.linear_bf16(x.contiguous(), weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def _one_mask_row_per_batch_row(mask: Tensor, B: int, S: int) -> bool:
+    """A bool mask of shape (S,) or (1 | B, [1, [1,]] S): the same keys for every head."""
+    shape = mask.shape
+    return (mask.dtype == torch.bool and 1 <= mask.dim() <= 4 and shape[-1] == S
+            and (mask.dim() == 1 or (shape[0] in (1, B) and all(d == 1 for d in shape[1:-1]))))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+    """Attention for one query per head through the native kernel, or None where it does not apply.
+
+    q (B, H, 1, D); k, v (B, Hkv, S, D); mask None or bool, broadcastable to (B, 1, 1, S) (the same for
+    every head), true where a key may be seen. fp32 or bf16 on the CPU, nothing to differentiate.
+    """
+    B, S = q.shape[0], k.shape[2]
+    if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and _no_grad_needed(q, k, v)
+            and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _loaded_now()):
+        return None
+    mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask.reshape(-1, S).expand(B, S)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return torch.ops.attnkit.decode_attention(q, k, v, mask.contiguous(), scale)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward is ``kernels.linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

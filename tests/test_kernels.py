@@ -1,0 +1,132 @@
+"""The native decoding kernels (attnkit/csrc/decode_kernels.cpp) against torch's own ops, and the
+routing that decides when they run."""
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnkit import kernels
+from attnkit.attention import attention, math_attention
+from attnkit.generate import Sampling, generate_tokens
+from tests.test_core import tiny
+
+BUILDABLE = kernels._cpu_has_flags() and shutil.which("g++") is not None
+needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an x86-64 CPU with AVX512-BF16 and g++")
+
+
+def test_the_kernels_build_and_load_where_the_cpu_and_a_compiler_allow():
+    assert kernels.native_available() == BUILDABLE
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x.abs().clamp(min=1e-30)).exponent - 8)
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", [(960, 576), (576, 1536), (7, 33), (130, 100), (5, 1), (64, 64)])
+@pytest.mark.parametrize("lead", [(1, 1), (1,), ()])
+def test_linear_bf16_is_the_fp32_product_rounded_once(N, K, lead):
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    x = torch.randn(*lead, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    got = torch.ops.attnkit.linear_bf16(x, w)
+    exact = F.linear(x.double(), w.double())
+    assert got.shape == (*lead, N) and got.dtype == torch.bfloat16
+    # the fp32 sum differs from the exact one by far less than half a bf16 step: so within one step
+    assert ((got.double() - exact).abs() <= bf16_ulp(exact.float()).double()).all()
+
+
+@needs_native
+def test_linear_routes_one_bf16_row_to_the_kernel_and_everything_else_to_torch():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 40, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+    row, rows = torch.randn(1, 1, 40, generator=g).bfloat16(), torch.randn(1, 3, 40, generator=g).bfloat16()
+    assert torch.equal(kernels.linear(row, w, b), torch.ops.attnkit.linear_bf16(row, w) + b)
+    assert torch.equal(kernels.linear(rows, w, b), F.linear(rows, w, b))  # several rows: torch's
+    assert torch.equal(kernels.linear(row.float(), w.float()), F.linear(row.float(), w.float()))  # fp32: torch's
+    w_trained = w.clone().requires_grad_()
+    out = kernels.linear(row, w_trained)  # something to differentiate: torch's, with a graph
+    assert out.grad_fn is not None and torch.equal(out.detach(), F.linear(row, w))
+
+
+def decode_case(B, H, Hkv, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    # k, v as a cache's first S slots of a longer buffer: strided along heads and batch
+    k = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]
+    v = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    mask[..., -1] = True
+    return q, k, v, mask
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 9, 3, 256, 64), (2, 6, 6, 37, 64), (3, 4, 1, 100, 24), (2, 8, 2, 5, 128)])
+def test_decode_attention_matches_the_math_reference(B, H, Hkv, S, D, dtype, tol):
+    q, k, v, mask = decode_case(B, H, Hkv, S, D, dtype)
+    got = kernels.decode_attention(q, k, v, mask, 1 / math.sqrt(D))
+    want, _ = math_attention(q.double(), k.double(), v.double(), mask)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert (got.double() - want).abs().max().item() <= tol
+    # attention() takes this path for one query per head, and agrees with SDPA where SDPA is defined
+    routed, _ = attention(q, k, v, mask, causal=True)
+    assert torch.equal(routed, got)
+    if dtype == torch.float32:
+        sdpa = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], attn_mask=mask[:1], enable_gqa=True)
+        assert (got[:1] - sdpa).abs().max().item() <= tol
+
+
+@needs_native
+def test_decode_attention_weighs_every_key_equally_when_the_mask_allows_none():
+    """As math_attention does (its most negative finite score for every key); position_mask never
+    builds such a row, as it opens a query with no visible key to all of them."""
+    q, k, v, mask = decode_case(2, 4, 2, 11, 16, torch.float32)
+    mask[1] = False
+    got = kernels.decode_attention(q, k, v, mask, 0.25)
+    want, _ = math_attention(q, k, v, mask)
+    assert (got - want).abs().max().item() <= 1e-6
+    assert torch.allclose(got[1, :, 0], v[1].mean(dim=1).repeat_interleave(2, dim=0), atol=1e-6)
+
+
+@needs_native
+def test_decode_attention_declines_what_it_does_not_compute():
+    q, k, v, mask = decode_case(1, 4, 2, 9, 16, torch.float32)
+    scale = 0.25
+    assert kernels.decode_attention(q, k, v, torch.randn(1, 1, 1, 9), scale) is None  # additive mask
+    assert kernels.decode_attention(q, k, v, mask.expand(1, 4, 1, 9), scale) is None  # one mask per head
+    assert kernels.decode_attention(q.repeat(1, 1, 2, 1), k, v, None, scale) is None  # two queries
+    assert kernels.decode_attention(q.double(), k.double(), v.double(), None, scale) is None  # fp64
+    assert kernels.decode_attention(q.requires_grad_(), k, v, None, scale) is None  # to differentiate
+    assert kernels.decode_attention(q.detach(), k, v, None, scale) is not None
+
+
+def test_without_the_kernels_everything_runs_on_torchs_ops(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", False)
+    q, k, v, mask = decode_case(1, 4, 2, 9, 16, torch.bfloat16)
+    assert kernels.decode_attention(q, k, v, mask, 0.25) is None
+    x, w = torch.randn(1, 1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    model = tiny().to(torch.bfloat16)
+    tokens = [t.tolist() for t, _ in generate_tokens(model, [[1, 2, 3]], max_new_tokens=4, sampling=Sampling(0.0))]
+    assert len(tokens) == 4
+
+
+@needs_native
+def test_bf16_decoding_with_the_kernels_tracks_the_full_forward():
+    """Greedy bf16 decoding through the kernels (one-row linears, one-query attention) gives logits
+    close to re-running the whole sequence through torch's batched ops."""
+    model = tiny(n_head=4, n_kv_head=2, d_model=64).to(torch.bfloat16)
+    prompt = [5, 9, 2, 7]
+    steps = [int(t) for t, _ in generate_tokens(model, [prompt], max_new_tokens=6, sampling=Sampling(0.0))]
+    cache = model.make_cache(1, 16)
+    logits = [model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]]
+    for t in steps[:-1]:
+        logits.append(model(torch.tensor([[t]]), cache=cache)[0, -1])  # the kernels' path
+    full = model(torch.tensor([prompt + steps[:-1]]))[0, len(prompt) - 1:]  # torch's path, every row at once
+    assert [int(row.argmax()) for row in logits] == steps
+    assert (torch.stack(logits).float() - full.float()).abs().max().item() < 0.05
