@@ -110,6 +110,7 @@ def info(ckpt, preset_name, as_json):
 
     from attnkit.checkpoints import build_model, load_checkpoint
     from attnkit.config import preset
+    from attnkit.kernels import native_status
 
     if (ckpt is None) == (preset_name is None):
         raise AttnkitError("give exactly one of --ckpt DIR or --model PRESET")
@@ -120,6 +121,7 @@ def info(ckpt, preset_name, as_json):
         "parameters_without_embeddings": model.num_params(embeddings=False),
         "forward_flops_per_token_at_full_context": model.flops_per_token(),
         "training_flops_per_token": 3 * model.flops_per_token(),
+        "native_cpu_decoding_kernels": native_status(),
         "config": cfg.to_dict(),
     }
     if as_json:
@@ -128,6 +130,7 @@ def info(ckpt, preset_name, as_json):
     click.echo(f"parameters: {facts['parameters']:,} ({facts['parameters_without_embeddings']:,} without embeddings)")
     click.echo(f"forward FLOPs/token at context {cfg.context_length}: {facts['forward_flops_per_token_at_full_context']:,}"
                f" (training ~3x: {facts['training_flops_per_token']:,})")
+    click.echo(f"native CPU decoding kernels: {facts['native_cpu_decoding_kernels']}")
     for key, value in cfg.to_dict().items():
         click.echo(f"  {key}: {value}")
 

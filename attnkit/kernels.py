@@ -26,6 +26,7 @@ from torch import Tensor, nn
 SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
 _loaded: bool | None = None  # None until the first attempt
+_status = "not tried yet"  # what `native_status` says
 
 
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the kernels use
@@ -66,27 +67,39 @@ def _build(compiler: str) -> Path:
 
 def native_available() -> bool:
     """Whether the ``attnkit::`` kernels are loaded; builds and loads them on the first call."""
-    global _loaded
+    global _loaded, _status
     if _loaded is None:
         _loaded = False
         compiler = os.environ.get("CXX", "g++")
-        if os.environ.get("ATTNKIT_NATIVE", "1") == "0" or not _cpu_has_flags():
-            return False
-        if shutil.which(compiler) is None:
-            warnings.warn(f"attnkit: no C++ compiler ({compiler}) found; decoding uses torch's slower "
-                          "ops (set CXX to a compiler, or ATTNKIT_NATIVE=0 to silence this)", stacklevel=2)
-            return False
-        try:
-            torch.ops.load_library(str(_build(compiler)))
-        except (OSError, RuntimeError) as error:
-            warnings.warn(f"attnkit: the native decoding kernels could not be built, torch's ops are used "
-                          f"instead: {error}", stacklevel=2)
-            return False
-        torch.library.register_fake("attnkit::linear_bf16")(
-            lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
-        torch.library.register_fake("attnkit::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
-        _loaded = True
+        if os.environ.get("ATTNKIT_NATIVE", "1") == "0":
+            _status = "off (ATTNKIT_NATIVE=0)"
+        elif not _cpu_has_flags():
+            _status = f"not built: this CPU lacks one of {', '.join(_CPU_FLAGS)}"
+        elif shutil.which(compiler) is None:
+            _status = f"not built: no C++ compiler ({compiler}) found; set CXX to one"
+            warnings.warn(f"attnkit: the native decoding kernels are {_status}. Decoding uses torch's slower ops (ATTNKIT_NATIVE=0 silences this)",
+                          stacklevel=2)
+        else:
+            try:
+                library = _build(compiler)
+                torch.ops.load_library(str(library))
+            except (OSError, RuntimeError) as error:
+                _status = f"not built: {error}"
+                warnings.warn(f"attnkit: the native decoding kernels could not be built, torch's ops are used "
+                              f"instead: {error}", stacklevel=2)
+            else:
+                torch.library.register_fake("attnkit::linear_bf16")(
+                    lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
+                torch.library.register_fake("attnkit::decode_attention")(
+                    lambda q, k, v, mask, scale: torch.empty_like(q))
+                _loaded, _status = True, f"loaded from {library}"
     return _loaded
+
+
+def native_status() -> str:
+    """One line: whether the kernels are in use and, if not, why (``attnkit info`` prints it)."""
+    native_available()
+    return _status
 
 
 def _loaded_now() -> bool:

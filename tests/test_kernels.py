@@ -105,6 +105,20 @@ def test_decode_attention_declines_what_it_does_not_compute():
     assert kernels.decode_attention(q.detach(), k, v, None, scale) is not None
 
 
+def test_the_kernels_say_why_they_are_not_in_use(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels, "_status", "not tried yet")
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    assert not kernels.native_available() and kernels.native_status() == "off (ATTNKIT_NATIVE=0)"
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setenv("ATTNKIT_NATIVE", "1")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(kernels, "_cpu_has_flags", lambda: True)
+    with pytest.warns(UserWarning, match="no C.. compiler .no-such-compiler. found"):
+        assert not kernels.native_available()
+    assert "set CXX" in kernels.native_status()
+
+
 def test_without_the_kernels_everything_runs_on_torchs_ops(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", False)
     q, k, v, mask = decode_case(1, 4, 2, 9, 16, torch.bfloat16)
