@@ -4,9 +4,10 @@ decode step) and attention for one query per head.
 
 The kernels are built on first use with the machine's C++ compiler against torch's stable C ABI
 (about a second), into ``cache_dir()/kernels`` under a name that hashes the source, torch's version
-and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16.
-Where they cannot be built or loaded, torch's own ops run instead and a warning says why, once.
-``ATTNKIT_NATIVE=0`` turns it off.
+and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16
+(and the AVX512 F/BW/VL/DQ parts that come with it); elsewhere torch's own ops run. Where there is no
+compiler or the build fails, torch's ops run too and a warning says why, once. ``ATTNKIT_NATIVE=0``
+turns the kernels off; ``native_status()`` (and ``attnkit info``) says which applies.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
-
-
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the kernels use
 
 
@@ -77,8 +76,8 @@ def native_available() -> bool:
             _status = f"not built: this CPU lacks one of {', '.join(_CPU_FLAGS)}"
         elif shutil.which(compiler) is None:
             _status = f"not built: no C++ compiler ({compiler}) found; set CXX to one"
-            warnings.warn(f"attnkit: the native decoding kernels are {_status}. Decoding uses torch's slower ops (ATTNKIT_NATIVE=0 silences this)",
-                          stacklevel=2)
+            warnings.warn(f"attnkit: the native decoding kernels are {_status}. Decoding uses torch's slower "
+                          "ops (ATTNKIT_NATIVE=0 silences this)", stacklevel=2)
         else:
             try:
                 library = _build(compiler)
