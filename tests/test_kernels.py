@@ -66,7 +66,8 @@ def decode_case(B, H, Hkv, S, D, dtype, seed=0):
 
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 9, 3, 256, 64), (2, 6, 6, 37, 64), (3, 4, 1, 100, 24), (2, 8, 2, 5, 128)])
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 9, 3, 256, 64), (2, 6, 6, 37, 64), (3, 4, 1, 100, 24), (2, 8, 2, 5, 128),
+                                         (1, 4, 2, 9, 40), (2, 2, 1, 3, 8)])
 def test_decode_attention_matches_the_math_reference(B, H, Hkv, S, D, dtype, tol):
     q, k, v, mask = decode_case(B, H, Hkv, S, D, dtype)
     got = kernels.decode_attention(q, k, v, mask, 1 / math.sqrt(D))

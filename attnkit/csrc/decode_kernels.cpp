@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <torch/csrc/stable/library.h>
@@ -122,10 +123,10 @@ constexpr int64_t kMaxHeadDim = 256;
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 16), fixed at compile time
 // so that the query, one key or value row and the output all stay in registers.
 template <typename T, int Chunks>
-void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const bool* allowed, Tensor& out, float scale,
-                 int64_t b, int64_t h, int64_t g, std::vector<int32_t>& keys, std::vector<float>& weights) {
+void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int32_t>& keys, bool uniform,
+                 Tensor& out, float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   // strides read once: each accessor is a call through torch's C ABI
-  const int64_t S = k.size(2), D = q.size(3), k_row = k.stride(2), v_row = v.stride(2);
+  const int64_t D = q.size(3), k_row = k.stride(2), v_row = v.stride(2);
   const T* qh = static_cast<const T*>(q.data_ptr()) + b * q.stride(0) + h * q.stride(1);
   const T* kb = static_cast<const T*>(k.data_ptr()) + b * k.stride(0) + g * k.stride(1);
   const T* vb = static_cast<const T*>(v.data_ptr()) + b * v.stride(0) + g * v.stride(1);
@@ -133,22 +134,37 @@ void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const bool* 
   __mmask16 masks[Chunks];
   for (int c = 0; c < Chunks; ++c) masks[c] = lanes(D - 16 * c);
 
-  keys.clear();  // the allowed slots; with none allowed, all of them, equally weighted (as math_attention)
-  for (int64_t s = 0; s < S; ++s)
-    if (allowed[s]) keys.push_back(static_cast<int32_t>(s));
-  const bool uniform = keys.empty();
-  if (uniform)
-    for (int64_t s = 0; s < S; ++s) keys.push_back(static_cast<int32_t>(s));
   const int64_t n = static_cast<int64_t>(keys.size());
   weights.resize(n);
 
+  // scores: fp32 keys in 16-lane multiply-adds; bf16 keys in 32-lane bf16 dot products (exact products,
+  // fp32 sums) straight from memory, with no conversion. Scaled after the lane sums.
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+  constexpr int Pairs = (Chunks + 1) / 2;
   __m512 qs[Chunks];
-  for (int c = 0; c < Chunks; ++c) qs[c] = _mm512_mul_ps(load16(qh + 16 * c, masks[c]), _mm512_set1_ps(scale));
-  auto score = [&](int64_t i) {  // 16 lanes whose sum is key i's score
+  __m512bh qp[Pairs];
+  __mmask32 masks32[Pairs];
+  if constexpr (kBf16) {
+    for (int p = 0; p < Pairs; ++p) {
+      const int64_t left = D - 32 * p;
+      masks32[p] = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1u);
+      qp[p] = (__m512bh)_mm512_maskz_loadu_epi16(masks32[p], qh + 32 * p);
+    }
+  } else {
+    for (int c = 0; c < Chunks; ++c) qs[c] = load16(qh + 16 * c, masks[c]);
+  }
+  auto score = [&](int64_t i) {  // 16 lanes whose sum is key i's unscaled score
     const T* key = kb + keys[i] * k_row;
-    __m512 acc = _mm512_mul_ps(qs[0], load16(key, masks[0]));
-    for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(qs[c], load16(key + 16 * c, masks[c]), acc);
-    return acc;
+    if constexpr (kBf16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int p = 0; p < Pairs; ++p)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(masks32[p], key + 32 * p), qp[p]);
+      return acc;
+    } else {
+      __m512 acc = _mm512_mul_ps(qs[0], load16(key, masks[0]));
+      for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(qs[c], load16(key + 16 * c, masks[c]), acc);
+      return acc;
+    }
   };
   int64_t i = 0;
   for (; i + 4 <= n && !uniform; i += 4) {  // scores, four keys per step: one lane-sum for all four
@@ -159,9 +175,10 @@ void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const bool* 
     const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
                                    _mm512_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
     const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-    _mm_storeu_ps(weights.data() + i, _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1)));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
+    _mm_storeu_ps(weights.data() + i, _mm_mul_ps(sums, _mm_set1_ps(scale)));
   }
-  for (; i < n && !uniform; ++i) weights[i] = _mm512_reduce_add_ps(score(i));
+  for (; i < n && !uniform; ++i) weights[i] = _mm512_reduce_add_ps(score(i)) * scale;
   const float top = uniform ? 0.0f : *std::max_element(weights.begin(), weights.end());
   __m512 total = _mm512_setzero_ps();  // softmax over the allowed keys, in fp32
   for (int64_t i = 0; i < n; i += 16) {
@@ -172,26 +189,55 @@ void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const bool* 
     _mm512_mask_storeu_ps(weights.data() + i, m, e);
     total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
   }
-  __m512 acc[Chunks];  // the weighted sum of the values
-  for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const T* value = vb + keys[i] * v_row;
-    const __m512 w = _mm512_set1_ps(weights[i]);
-    for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(value + 16 * c, masks[c]), acc[c]);
-  }
   const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int c = 0; c < Chunks; ++c) store16(oh + 16 * c, _mm512_mul_ps(acc[c], inv_total), masks[c]);
+  if constexpr (kBf16) {
+    // Two keys per step: their value rows interleaved into bf16 pairs (unpack within 128-bit blocks),
+    // times the pair of their weights rounded to bf16 (as math_attention rounds them before its
+    // product with v), summed in fp32 by one dot product per 32 values. Block j of acc[2p] then holds
+    // values 32p + 8j .. + 3 and block j of acc[2p + 1] values 32p + 8j + 4 .. + 7; reordered below.
+    __m512 acc[2 * Pairs];
+    for (int c = 0; c < 2 * Pairs; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 2) {
+      const T* v0 = vb + keys[i] * v_row;
+      const bool pair = i + 1 < n;
+      const T* v1 = pair ? vb + keys[i + 1] * v_row : v0;
+      const uint32_t w0 = to_bf16(weights[i]), w1 = pair ? to_bf16(weights[i + 1]) : 0;
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(w0 | (w1 << 16)));
+      for (int p = 0; p < Pairs; ++p) {
+        const __m512i r0 = _mm512_maskz_loadu_epi16(masks32[p], v0 + 32 * p);
+        const __m512i r1 = _mm512_maskz_loadu_epi16(masks32[p], v1 + 32 * p);
+        acc[2 * p] = _mm512_dpbf16_ps(acc[2 * p], (__m512bh)_mm512_unpacklo_epi16(r0, r1), w);
+        acc[2 * p + 1] = _mm512_dpbf16_ps(acc[2 * p + 1], (__m512bh)_mm512_unpackhi_epi16(r0, r1), w);
+      }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int c = 0; c < Chunks; ++c) {
+      const __m512 lo = acc[c & ~1], hi = acc[c | 1];
+      const __m512 ordered = _mm512_permutex2var_ps(lo, c % 2 == 0 ? first : second, hi);
+      store16(oh + 16 * c, _mm512_mul_ps(ordered, inv_total), masks[c]);
+    }
+  } else {
+    __m512 acc[Chunks];  // the weighted sum of the values
+    for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const T* value = vb + keys[i] * v_row;
+      const __m512 w = _mm512_set1_ps(weights[i]);
+      for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(value + 16 * c, masks[c]), acc[c]);
+    }
+    for (int c = 0; c < Chunks; ++c) store16(oh + 16 * c, _mm512_mul_ps(acc[c], inv_total), masks[c]);
+  }
 }
 
 template <typename T, int Chunks = 1>
-void attend_head_any(int64_t chunks, const Tensor& q, const Tensor& k, const Tensor& v, const bool* allowed,
-                     Tensor& out, float scale, int64_t b, int64_t h, int64_t g, std::vector<int32_t>& keys,
-                     std::vector<float>& weights) {
+void attend_head_any(int64_t chunks, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const std::vector<int32_t>& keys, bool uniform, Tensor& out, float scale, int64_t b, int64_t h,
+                     int64_t g, std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 16) {
     if (chunks > Chunks)
-      return attend_head_any<T, Chunks + 1>(chunks, q, k, v, allowed, out, scale, b, h, g, keys, weights);
+      return attend_head_any<T, Chunks + 1>(chunks, q, k, v, keys, uniform, out, scale, b, h, g, weights);
   }
-  attend_head<T, Chunks>(q, k, v, allowed, out, scale, b, h, g, keys, weights);
+  attend_head<T, Chunks>(q, k, v, keys, uniform, out, scale, b, h, g, weights);
 }
 
 // q (B, H, 1, D); k, v (B, Hkv, S, D), H % Hkv == 0, unit stride along D; mask (B, S) bool, true where
@@ -212,20 +258,30 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1,
                   "attnkit::decode_attention: mask must be (B, S) with unit stride along S");
   Tensor out = torch::stable::empty({B, H, 1, D}, dtype, std::nullopt, q.device());
+  // per batch row, the allowed key slots, shared by its heads; with none allowed, all of them, equally
+  // weighted (as math_attention weighs keys that all have its most negative score)
   const bool* allowed = static_cast<const bool*>(mask.data_ptr());
+  const int64_t mask_row = mask.stride(0);
+  std::vector<std::vector<int32_t>> keys(B);
+  std::vector<char> uniform(B);
+  for (int64_t b = 0; b < B; ++b) {
+    keys[b].reserve(S);
+    for (int64_t s = 0; s < S; ++s)
+      if (allowed[b * mask_row + s]) keys[b].push_back(static_cast<int32_t>(s));
+    uniform[b] = keys[b].empty();
+    if (uniform[b])
+      for (int64_t s = 0; s < S; ++s) keys[b].push_back(static_cast<int32_t>(s));
+  }
   const int64_t rep = H / Hkv, chunks = (D + 15) / 16;
   const float scale32 = static_cast<float>(scale);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
-    std::vector<int32_t> keys;
     std::vector<float> weights;
-    keys.reserve(S);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / H, h = u % H;
-      const bool* row = allowed + b * mask.stride(0);
       if (dtype == ScalarType::Float)
-        attend_head_any<float>(chunks, q, k, v, row, out, scale32, b, h, h / rep, keys, weights);
+        attend_head_any<float>(chunks, q, k, v, keys[b], uniform[b], out, scale32, b, h, h / rep, weights);
       else
-        attend_head_any<uint16_t>(chunks, q, k, v, row, out, scale32, b, h, h / rep, keys, weights);
+        attend_head_any<uint16_t>(chunks, q, k, v, keys[b], uniform[b], out, scale32, b, h, h / rep, weights);
     }
   });
   return out;
