@@ -205,11 +205,11 @@ def generate_tokens(
         seen.scatter_(1, ids, valid)
     for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], sampling, seen, generator)  # (B,)
-        token = token.masked_fill(finished, pad_id)
-        if len(stop):
+        if len(stop):  # without stop ids no row ever finishes: two small ops (and a sync) less per step
+            token = token.masked_fill(finished, pad_id)
             finished = finished | torch.isin(token, stop)
         yield token, finished
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or (len(stop) and bool(finished.all())):
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
