@@ -145,3 +145,31 @@ def test_bf16_decoding_with_the_kernels_tracks_the_full_forward():
     full = model(torch.tensor([prompt + steps[:-1]]))[0, len(prompt) - 1:]  # torch's path, every row at once
     assert [int(row.argmax()) for row in logits] == steps
     assert (torch.stack(logits).float() - full.float()).abs().max().item() < 0.05
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="Linux's madvise")
+def test_weights_on_huge_pages_keeps_parameters_values_ties_and_training():
+    model = tiny()
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    before = model(ids)
+    assert kernels.weights_on_huge_pages(model)
+    first = next(model.parameters()).data_ptr()
+    assert first % (2 << 20) == 0  # the arena starts on a huge-page boundary
+    assert list(model.parameters()) == params and model.lm_head.weight is model.tok_emb.weight
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(ids), before)
+    assert kernels.weights_on_huge_pages(model) and next(model.parameters()).data_ptr() == first  # once
+    model.to(torch.float64)  # new tensors: moved again, into an arena of the new size
+    assert kernels.weights_on_huge_pages(model)
+    _, start, end = kernels._ARENAS[model]
+    assert all(start <= p.data_ptr() < end for p in model.parameters())
+    assert end - start >= sum(p.numel() * 8 for p in dict.fromkeys(model.parameters()))
+    model.float().train()
+    kernels.weights_on_huge_pages(model)
+    with torch.inference_mode():  # generate's mode: the weights must stay ordinary tensors for training
+        kernels.weights_on_huge_pages(model.to(torch.bfloat16))
+    model.float()
+    kernels.weights_on_huge_pages(model)
+    model(ids).sum().backward()
+    assert model.tok_emb.weight.grad is not None and torch.isfinite(model.tok_emb.weight.grad).all()
