@@ -170,7 +170,8 @@ def weights_on_huge_pages(model: nn.Module) -> bool:
     at every page boundary; on 2 MB pages the same kernel read SmolLM2-135M's weights 8-10% faster
     (25.2 -> 27.2 and 24.2 -> 26.5 GB/s, medians of 30 interleaved passes). Values are unchanged and
     each Parameter stays the same object (its ``.data`` moves), so optimizers, tied weights and state
-    dicts are unaffected. Done once per model, and again after ``.to()`` makes new tensors.
+    dicts are unaffected. Done once per model, and again after ``.to()`` makes new tensors. While it
+    copies, the weights take twice their size in memory.
     """
     if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("ATTNKIT_HUGE_PAGES", "1") == "0":
         return False
