@@ -171,7 +171,8 @@ def weights_on_huge_pages(model: nn.Module) -> bool:
     (25.2 -> 27.2 and 24.2 -> 26.5 GB/s, medians of 30 interleaved passes). Values are unchanged and
     each Parameter stays the same object (its ``.data`` moves), so optimizers, tied weights and state
     dicts are unaffected. Done once per model, and again after ``.to()`` makes new tensors. While it
-    copies, the weights take twice their size in memory.
+    copies, the weights take twice their size in memory. Weights that are views into a larger buffer
+    (flat parameters) are left where they are.
     """
     if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("ATTNKIT_HUGE_PAGES", "1") == "0":
         return False
@@ -181,6 +182,8 @@ def weights_on_huge_pages(model: nn.Module) -> bool:
     arena_ref, start, end = _ARENAS.get(model, (lambda: None, 0, 0))
     if arena_ref() is not None and all(start <= p.data_ptr() < end for p in params):
         return True
+    if any(p.untyped_storage().nbytes() != p.numel() * p.element_size() for p in params):
+        return False  # weights that are views into a shared buffer (flat parameters, say) stay where they are
     sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # each starts on a cache line
     arena = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arena.madvise(mmap.MADV_HUGEPAGE)

@@ -173,3 +173,15 @@ def test_weights_on_huge_pages_keeps_parameters_values_ties_and_training():
     kernels.weights_on_huge_pages(model)
     model(ids).sum().backward()
     assert model.tok_emb.weight.grad is not None and torch.isfinite(model.tok_emb.weight.grad).all()
+
+
+def test_weights_that_share_a_buffer_are_left_where_they_are():
+    model = tiny()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    offset = 0
+    for p in model.parameters():
+        p.data = flat[offset: offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    before = [p.data_ptr() for p in model.parameters()]
+    assert not kernels.weights_on_huge_pages(model)
+    assert [p.data_ptr() for p in model.parameters()] == before
