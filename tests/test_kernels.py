@@ -185,3 +185,25 @@ def test_weights_that_share_a_buffer_are_left_where_they_are():
     before = [p.data_ptr() for p in model.parameters()]
     assert not kernels.weights_on_huge_pages(model)
     assert [p.data_ptr() for p in model.parameters()] == before
+
+
+@needs_native
+def test_a_compiled_bf16_step_runs_the_kernels_and_matches_the_eager_step():
+    """The graph calls both kernels (through inductor's C++ wrapper) and gives the eager step's logits."""
+    from torch.profiler import profile
+
+    from attnkit.generate import compiled_step
+
+    model = tiny(n_head=4, n_kv_head=2, d_model=64).to(torch.bfloat16)
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 9, 2, 7]])
+        eager_cache, static_cache = model.make_cache(1, 32), model.make_cache(1, 32, static=True)
+        model(ids, cache=eager_cache), model(ids, cache=static_cache)
+        step = compiled_step(model)
+        for t in (3, 8, 1):
+            want = model(torch.tensor([[t]]), cache=eager_cache)
+            with profile() as trace:
+                got = model(torch.tensor([[t]]), cache=static_cache, compiled=step)
+            assert (got.float() - want.float()).abs().max().item() < 0.05
+    called = {event.name for event in trace.events()}
+    assert {"attnkit::linear_bf16", "attnkit::decode_attention"} <= called
