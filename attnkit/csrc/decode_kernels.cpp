@@ -11,8 +11,9 @@
 // fp32 sums): on the 2-core machines we measure on it streams weights at copy bandwidth, where
 // inductor's loop (bf16 -> fp32 conversions, then multiply-adds) reaches about half of it.
 // decode_attention replaces a fused loop that reduced across lanes once per (head, key); here the
-// keys are scored once per kv head for all the query heads that share it, softmax runs over the
-// allowed keys only, and the values are summed with full-width multiply-adds.
+// allowed keys are listed once per batch row, four keys share one lane-sum, softmax runs over the
+// allowed keys only, and the values are summed with full-width multiply-adds (fp32) or bf16 dot
+// products over pairs of keys (bf16).
 //
 // Built by attnkit/kernels.py against PyTorch's stable C ABI (torch/csrc/stable), which compiles in
 // about a second, and only on CPUs with AVX512-BF16.
@@ -20,7 +21,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
