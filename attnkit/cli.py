@@ -164,18 +164,25 @@ def export(ckpt, out):
 @click.option("--vocab-size", default=None, type=int, help="BPE vocabulary size.")
 @click.option("--out", default=None, type=click.Path(), help="Run folder (default runs/<recipe or data name>).")
 @click.option("--max-steps", default=None, type=int)
-@click.option("--max-time", default=None, type=float, help="Seconds of training before stopping.")
+@click.option("--max-time", default=None, type=float,
+              help="Seconds of training and evaluation; no step or evaluation starts that would pass it.")
+@click.option("--save-every-minutes", default=None, type=float,
+              help="Also write last/ every M minutes, so a hard kill loses at most M minutes of training.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default=None, type=click.Choice(["fp32", "bf16"]), help="bf16 = autocast, fp32 weights.")
+@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="bf16 = autocast, fp32 weights; auto (the default) = bf16 where the device runs it fast.")
 @click.option("--attention", default=None, type=click.Choice(["dense", "sliding", "bigbird"]))
-@click.option("--window", default=None, type=int, help="Sliding-window size in tokens.")
+@click.option("--window", default=None, type=int, help="Sliding-window size in tokens (implies RoPE unless --positional).")
 @click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
 @click.option("--seed", default=None, type=int)
 @click.option("--threads", default=None, type=int, help="CPU threads (torch.set_num_threads).")
-def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max_steps, max_time, resume, device,
-          precision, attention, window, positional, seed, threads):
+def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max_steps, max_time, save_every_minutes,
+          resume, device, precision, attention, window, positional, seed, threads):
     """Train a language model from scratch, then print a sample.
+
+    Ctrl-C or SIGTERM finishes the current step, writes last/ and exits (130 / 143); continue
+    with --resume.
 
     \b
     Examples:
@@ -186,23 +193,28 @@ def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max
     """
     import torch
 
-    from attnkit.train import Trainer, resolve_config, sample_text
+    from attnkit.train import Trainer, TrainingInterrupted, resolve_config, sample_text
 
     if threads:
         torch.set_num_threads(threads)
     cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data,
                          model=model_name, tokenizer=tokenizer, vocab_size=vocab_size, max_steps=max_steps,
-                         max_time=max_time, device=device, precision=precision, seed=seed,
+                         max_time=max_time, save_every_minutes=save_every_minutes, device=device,
+                         precision=precision, seed=seed,
                          model_overrides={"attention": attention, "window": window, "positional": positional})
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        result = trainer.fit()
-    finally:
-        if trainer.ddp and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with Trainer(cfg, resume=resume) as trainer:  # the trainer sets up and tears down DDP
+        if trainer.main:
+            click.echo(f"training {cfg.model} on {trainer.device} in {trainer.cfg.precision} into {cfg.out_dir}")
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted as stop:
+            if trainer.main:
+                click.echo(str(stop), err=True)
+            sys.exit(stop.exit_code)
     if not trainer.main:
         return
-    click.echo(f"step {result['step']} ({result['stopped_by']}, {result['elapsed_s']:.0f} s): "
+    why = f": {result['why']}" if result.get("why") else ""
+    click.echo(f"step {result['step']} ({result['stopped_by']}{why}, {result['elapsed_s']:.0f} s): "
                f"val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, best {result['best_val_loss']:.4f}")
     click.echo(f"checkpoints: {cfg.out_dir}/best, {cfg.out_dir}/last; loss curve: {result['loss_curve']}")
     if cfg.sample_tokens > 0:

@@ -40,12 +40,12 @@ from torch import Tensor, nn
 from attnkit.config import ModelConfig, preset
 from attnkit.errors import AttnkitError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 STATE_FILE = "train_state.pt"
 RECIPES_DIR = Path(__file__).with_name("recipes")
 # Fields that may change between a run and its resume: budgets, where it runs, how often it reports.
 NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eval_interval", "eval_batches",
-              "sample_prompt", "sample_tokens", "name")
+              "sample_prompt", "sample_tokens", "name", "save_every_minutes")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig:
     # budgets and reporting
     max_steps: int = 5000
     max_time: float | None = None  # seconds of training in this process
+    save_every_minutes: float | None = None
     eval_interval: int = 250
     eval_batches: int = 20
     log_interval: int = 10
@@ -258,6 +259,12 @@ class TrainingStopped(AttnkitError):
     """The loss became NaN/inf; the message names the last good checkpoint."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; ``exit_code`` is 128 + the signal number."""
+
+    exit_code = 130
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -375,6 +382,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.history: list[dict] = []
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
 
     # -- pieces ------------------------------------------------------------------------------------
 
