@@ -1,9 +1,10 @@
 """Checkpoint I/O, once: directories of config.json + model.safetensors + tokenizer.json.
 
 attnkit writes its own config (``"format": "attnkit"``); it also reads Hugging Face GPT-2 and
-Llama directories directly and exports back to them. The weight-name mapping is one explicit
-table per family. Writes are atomic: a new directory replaces the old only when complete.
-Weights are only ever read from safetensors (pickle files can run code).
+Llama directories directly and writes them (``layout="hf"``). The translation (config and one
+weight-name table per family) lives in ``attnkit.hf``; every read and write of a directory is
+here. Writes are atomic: a new directory replaces the old only when complete. Weights are only
+ever read from safetensors (pickle files can run code).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from attnkit import hf
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+LAYOUTS = ("attnkit", "hf")  # what save_checkpoint writes: attnkit's own config, or Hugging Face's
 
 
 @contextlib.contextmanager
@@ -64,12 +67,26 @@ def _unique_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_json: dict | None = None) -> Path:
+def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_json: dict | None = None,
+                    layout: str = "attnkit") -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.json) to ``directory``, atomically.
+
+    ``layout="attnkit"`` keeps attnkit's config and the model's dtype; ``layout="hf"`` writes the
+    Hugging Face config and weight names in fp32, a folder `transformers` loads with from_pretrained.
+    ``extra_json`` entries are added to config.json.
+    """
+    if layout not in LAYOUTS:
+        raise AttnkitError(f"unknown checkpoint layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    state = _unique_state(model)
+    if layout == "hf":  # translated before anything is written, so a model with no HF shape leaves no folder
+        # fp32 whatever the model's dtype: the HF config written here names no dtype, so none is rounded away
+        config, state = hf.to_hf(model.cfg, {k: v.float() for k, v in state.items()})
+    else:
+        config = {"format": "attnkit", "version": 1, "model": model.cfg.to_dict()}
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        config = {"format": "attnkit", "version": 1, "model": model.cfg.to_dict(), **(extra_json or {})}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps({**config, **(extra_json or {})}, indent=2))
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
     return directory
@@ -127,8 +144,6 @@ def load_state(model, state: dict[str, torch.Tensor], source) -> None:
 
 def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
     """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None)."""
-    from attnkit import hf
-
     directory = Path(directory)
     config = read_config(directory)
     if config.get("format") == "attnkit":

@@ -146,11 +146,11 @@ def export(ckpt, out):
       attnkit export --ckpt runs/shakespeare-char/best --out hf-shakespeare
       python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf-shakespeare')"
     """
-    from attnkit.checkpoints import load_checkpoint
-    from attnkit.hf import export_hf
+    from attnkit.checkpoints import load_checkpoint, save_checkpoint
 
     model, tokenizer = load_checkpoint(ckpt)
-    click.echo(f"wrote {export_hf(model, tokenizer, out)} ({model.cfg.to_dict()['n_layer']} layers)")
+    written = save_checkpoint(out, model, tokenizer, layout="hf")
+    click.echo(f"wrote {written} ({model.cfg.n_layer} layers)")
 
 
 # --- train, eval, attend ----------------------------------------------------------------------

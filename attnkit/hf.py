@@ -1,14 +1,14 @@
 """Hugging Face layouts: config translation and one weight-name table per family.
 
+Pure translation, no file I/O: ``attnkit.checkpoints`` reads and writes the directories and
+calls ``from_hf`` / ``to_hf`` on the way (the dependency runs checkpoints -> hf, never back).
+
 A table row is (attnkit name, [HF names], how): "copy", "T" (GPT-2's Conv1D stores weights
 transposed) or "cat" (several HF tensors are one fused attnkit tensor: q/k/v -> qkv,
 gate/up -> up). ``{i}`` is the layer index.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
@@ -138,6 +138,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """attnkit config + state dict -> HF config.json + weights (names mapped, fused tensors split)."""
     hf_config = config_to_hf(cfg)
     out = {}
     for ours, theirs, how in TABLES[hf_config["model_type"]]:
@@ -151,17 +152,3 @@ def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]
             out.update({n: p.contiguous() for n, p in zip(names, parts)})
     return hf_config, out
 
-
-def export_hf(model, tokenizer, directory) -> Path:
-    """Write a directory that `transformers` loads with from_pretrained."""
-    from safetensors.torch import save_file
-
-    from attnkit.checkpoints import CONFIG, WEIGHTS, _unique_state, atomic_directory
-
-    hf_config, state = to_hf(model.cfg, {k: v.float() for k, v in _unique_state(model).items()})
-    with atomic_directory(directory) as tmp:
-        (Path(tmp) / CONFIG).write_text(json.dumps(hf_config, indent=2))
-        save_file(state, str(Path(tmp) / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(directory)

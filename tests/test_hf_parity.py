@@ -10,7 +10,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from attnkit.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from attnkit.cli import main  # noqa: E402
 from attnkit.generate import Sampling, generate_tokens  # noqa: E402
-from attnkit.hf import export_hf  # noqa: E402
 from attnkit.tokenizers import CharTokenizer  # noqa: E402
 
 VOCAB = 97
@@ -99,7 +98,7 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(kind, tm
     ours, tok = load_checkpoint(saved(hf, tmp_path))
     save_checkpoint(tmp_path / "ours", ours, tok)
     ours, tok = load_checkpoint(tmp_path / "ours")  # through attnkit's own format too
-    export_hf(ours, tok, tmp_path / "exported")
+    save_checkpoint(tmp_path / "exported", ours, tok, layout="hf")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
