@@ -4,7 +4,8 @@ attnkit writes its own config (``"format": "attnkit"``); it also reads Hugging F
 Llama directories directly and writes them (``layout="hf"``). The translation (config and one
 weight-name table per family) lives in ``attnkit.hf``; every read and write of a directory is
 here. Writes are atomic: a new directory replaces the old only when complete. Weights are only
-ever read from safetensors (pickle files can run code).
+ever read from safetensors (pickle files can run code). A run folder of ``attnkit train``
+(best/ + last/) stands for its best/ checkpoint wherever a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -92,14 +94,32 @@ def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_
     return directory
 
 
+def resolve_checkpoint_dir(directory) -> Path:
+    """The checkpoint folder to read: ``directory`` itself, or the best/ of a run folder.
+
+    `attnkit train --out DIR` writes DIR/best and DIR/last; DIR alone means DIR/best (said on
+    stderr). Anything else comes back unchanged for read_config to judge.
+    """
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / CONFIG).is_file():
+        return directory
+    best, last = directory / "best", directory / "last"
+    if (best / CONFIG).is_file():
+        print(f"using {best} (the best checkpoint of the run folder {directory})", file=sys.stderr)
+        return best
+    if (last / CONFIG).is_file():
+        raise AttnkitError(f"the run folder {directory} has no best/ checkpoint yet; pass {last} to use its last one")
+    return directory
+
+
 def read_config(directory) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise AttnkitError(f"checkpoint directory {directory} does not exist; pass the folder that holds config.json")
     if not (directory / CONFIG).is_file():
         raise AttnkitError(
-            f"{directory} is not a checkpoint (no config.json); point at a folder written by "
-            "`attnkit train` or a Hugging Face GPT-2 / Llama folder"
+            f"{directory} is not a checkpoint (no config.json) or a run folder (no best/); point at a folder "
+            "written by `attnkit train` or a Hugging Face GPT-2 / Llama folder"
         )
     try:
         return json.loads((directory / CONFIG).read_text())
@@ -143,8 +163,10 @@ def load_state(model, state: dict[str, torch.Tensor], source) -> None:
 
 
 def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
-    """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None)."""
-    directory = Path(directory)
+    """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None).
+
+    A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir)."""
+    directory = resolve_checkpoint_dir(directory)
     config = read_config(directory)
     if config.get("format") == "attnkit":
         cfg = ModelConfig.from_dict(config["model"])

@@ -1,4 +1,4 @@
-"""Checkpoint directories: both layouts through one writer."""
+"""Checkpoint directories: run folders stand for their best/, both layouts through one writer."""
 
 import ast
 import json
@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import attnkit.hf
-from attnkit.checkpoints import load_checkpoint, save_checkpoint
+from attnkit.checkpoints import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from attnkit.cli import main
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.models.decoder import DecoderLM
@@ -28,6 +30,64 @@ def tiny_lm(seed):
 @pytest.fixture(scope="module")
 def tok():
     return CharTokenizer(list(ALPHABET))
+
+
+@pytest.fixture()
+def run_folder(tmp_path, tok):
+    """What `attnkit train --out` leaves: best/ and last/ with different weights."""
+    best, last = tiny_lm(0), tiny_lm(1)
+    save_checkpoint(tmp_path / "run" / "best", best, tok)
+    save_checkpoint(tmp_path / "run" / "last", last, tok)
+    return tmp_path / "run", best
+
+
+def test_a_run_folder_loads_its_best_checkpoint_and_says_so_on_stderr(run_folder, capsys):
+    run, best = run_folder
+    model, _ = load_checkpoint(run)
+    torch.testing.assert_close(model(IDS), best(IDS))
+    captured = capsys.readouterr()
+    assert captured.err == f"using {run / 'best'} (the best checkpoint of the run folder {run})\n"
+    assert captured.out == ""
+
+
+def test_generate_on_a_run_folder_prints_what_its_best_checkpoint_prints(run_folder):
+    run, _ = run_folder
+    args = ["-p", "ab", "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu"]
+    from_run = CliRunner().invoke(main, ["generate", "--ckpt", str(run), *args])
+    from_best = CliRunner().invoke(main, ["generate", "--ckpt", str(run / "best"), *args])
+    assert from_run.exit_code == 0 and from_best.exit_code == 0, from_run.output
+    assert from_run.stdout == from_best.stdout and from_run.stdout.startswith("ab")
+    assert from_run.stderr == f"using {run / 'best'} (the best checkpoint of the run folder {run})\n"
+    assert from_best.stderr == ""
+
+
+def test_a_run_folder_with_only_last_names_the_problem_and_the_fix(tmp_path, tok):
+    run = tmp_path / "run"
+    save_checkpoint(run / "last", tiny_lm(0), tok)
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(run), "-p", "x"])
+    assert result.exit_code == 2
+    assert result.output == f"error: the run folder {run} has no best/ checkpoint yet; pass {run / 'last'} to use its last one\n"
+    with pytest.raises(AttnkitError, match="has no best/ checkpoint yet"):
+        load_checkpoint(run)
+
+
+def test_an_empty_folder_is_still_not_a_checkpoint(tmp_path):
+    assert resolve_checkpoint_dir(tmp_path) == tmp_path
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(tmp_path), "-p", "x"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {tmp_path} is not a checkpoint (no config.json)")
+
+
+def test_plain_checkpoint_folders_load_as_before_without_a_notice(tmp_path, tok, capsys):
+    model = tiny_lm(0)
+    plain = save_checkpoint(tmp_path / "plain", model, tok)
+    save_checkpoint(plain / "best", tiny_lm(1), tok)  # a best/ inside a checkpoint does not win over its config.json
+    hf_folder = save_checkpoint(tmp_path / "hf", model, tok, layout="hf")
+    for folder in (plain, hf_folder, str(plain)):
+        assert resolve_checkpoint_dir(folder) == Path(folder)
+        loaded, loaded_tok = load_checkpoint(folder)
+        torch.testing.assert_close(loaded(IDS), model(IDS))
+        assert loaded_tok.encode("hi!") == tok.encode("hi!")
+    assert capsys.readouterr().err == ""
 
 
 def test_hf_layout_writes_hugging_face_names_in_fp32(tmp_path, tok):
