@@ -27,6 +27,9 @@ from attnkit.errors import AttnkitError
 from attnkit.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+FORMAT_VERSION = 2
+# version 1 named the decoder's parts tok_emb / pos_emb / blocks / norm_f and called tanh-GELU "gelu"
+_VERSION_1_NAMES = {"tok_emb.": "embed.tok.", "pos_emb.": "embed.pos.", "blocks.": "stack.layers.", "norm_f.": "stack.norm."}
 LAYOUTS = ("attnkit", "hf")  # what save_checkpoint writes: attnkit's own config, or Hugging Face's
 
 
@@ -84,7 +87,7 @@ def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_
         # fp32 whatever the model's dtype: the HF config written here names no dtype, so none is rounded away
         config, state = hf.to_hf(model.cfg, {k: v.float() for k, v in state.items()})
     else:
-        config = {"format": "attnkit", "version": 1, "model": model.cfg.to_dict()}
+        config = {"format": "attnkit", "version": FORMAT_VERSION, "model": model.cfg.to_dict()}
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG).write_text(json.dumps({**config, **(extra_json or {})}, indent=2))
@@ -162,6 +165,16 @@ def load_state(model, state: dict[str, torch.Tensor], source) -> None:
     model.load_state_dict(state, strict=False)  # tied duplicates are absent on purpose
 
 
+def _from_version_1(model_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A version-1 checkpoint's config and weights in today's names."""
+    model_config = {**model_config, "mlp": "gelu_tanh" if model_config.get("mlp", "gelu") == "gelu" else model_config["mlp"]}
+    renamed = {}
+    for name, tensor in state.items():
+        old = next((o for o in _VERSION_1_NAMES if name.startswith(o)), None)
+        renamed[_VERSION_1_NAMES[old] + name[len(old):] if old else name] = tensor
+    return model_config, renamed
+
+
 def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
     """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None).
 
@@ -169,8 +182,10 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
     directory = resolve_checkpoint_dir(directory)
     config = read_config(directory)
     if config.get("format") == "attnkit":
-        cfg = ModelConfig.from_dict(config["model"])
-        state = read_weights(directory)
+        model_config, state = config["model"], read_weights(directory)
+        if config.get("version", 1) == 1:
+            model_config, state = _from_version_1(model_config, state)
+        cfg = ModelConfig.from_dict(model_config)
     else:
         cfg, state = hf.from_hf(config, read_weights(directory), directory)
     model = build_model(cfg)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from attnkit.attention import BACKENDS
 from attnkit.errors import AttnkitError
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu_tanh", "gelu", "relu", "swiglu")  # GPT-2, BERT, original Transformer, Llama
 POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
 ATTENTION_KINDS = ("dense", "sliding", "bigbird")
 
@@ -30,10 +31,12 @@ class ModelConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # "post" for BERT-style blocks
-    mlp: str = "gelu"
+    mlp: str = "gelu_tanh"
     positional: str = "learned"
     rope_theta: float = 10000.0
     bias: bool = True
+    token_types: int = 0  # BERT's segment embeddings (2); 0: none
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT)
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention: str = "dense"
@@ -69,6 +72,7 @@ class ModelConfig:
         need(self.positional in POSITIONAL, f"positional {self.positional!r} is not one of {POSITIONAL}")
         need(self.attention in ATTENTION_KINDS, f"attention {self.attention!r} is not one of {ATTENTION_KINDS}")
         need(self.norm_position in ("pre", "post"), "norm_position must be 'pre' or 'post'")
+        need(self.backend in BACKENDS, f"backend {self.backend!r} is not one of {BACKENDS}")
         need(min(self.vocab_size, self.context_length, self.n_layer, self.n_head, self.d_model) > 0,
              "sizes must be positive")
         need(self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
@@ -99,7 +103,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-GPT2 = dict(norm="layernorm", mlp="gelu", positional="learned", bias=True, tie_embeddings=True)
+GPT2 = dict(norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True, tie_embeddings=True)
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False)
 
 PRESETS: dict[str, ModelConfig] = {

@@ -1,13 +1,20 @@
-"""Autoregressive generation: one sampler, one decoding loop, text and streaming on top.
+"""Autoregressive generation, once for every family: sampling, beam search, speculative decoding,
+stop handling and streaming.
 
-The loop prefills the (left-padded) prompts once into a KV cache preallocated for the whole
-generation, then feeds one token per step; it never re-runs the prompt or reallocates.
+A generative model plugs in with two methods and a state (``attnkit.cache.DecodeState``):
+
+    state, logits = model.start(prompts, max_new_tokens=N, pad_id=P, lookahead=K, compile=C, **inputs)
+    logits = model.advance(state, tokens)       # tokens (B, T) -> logits (B, T, V)
+    state.reorder(index); state.crop(length)    # beams; rejected draft tokens
+
+``prompts`` are the token lists each output row starts from (a decoder's prompt; a translator's
+target prefix, with its source in ``inputs``). Nothing here looks inside a model: the loops never
+re-run a prefix, never reallocate a cache, and know nothing of attention kinds or positions.
 """
 
 from __future__ import annotations
 
-import types
-import weakref
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -15,18 +22,20 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
-from attnkit.kernels import native_available, weights_on_huge_pages
+from attnkit.kernels import weights_on_huge_pages
 from attnkit.tokenizers import StreamDecoder, Tokenizer
 
 
 @dataclass
 class Sampling:
-    """temperature 0 is greedy; top_k / top_p None are off; repetition_penalty 1 is off."""
+    """temperature 0 is greedy; top_k / top_p None are off; repetition_penalty 1 is off;
+    no_repeat_ngram_size 0 is off (n > 0: no n-gram occurs twice in a row's tokens)."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def validate(self) -> "Sampling":
         if self.temperature < 0:
@@ -37,22 +46,43 @@ class Sampling:
             raise AttnkitError(f"top_k must be a positive number of tokens, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise AttnkitError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise AttnkitError(f"no_repeat_ngram_size must be >= 0 (0 is off), got {self.no_repeat_ngram_size}")
         return self
 
 
-def sample_next(
-    logits: Tensor, sampling: Sampling, seen: Tensor | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """logits (B, V) -> next token ids (B,). ``seen`` (B, V) bool marks tokens to penalise.
+@dataclass
+class Speculation:
+    """Speculative decoding: a ``draft`` model proposes ``tokens`` tokens per round, or, with
+    ``prompt_lookup`` = n > 0 and no draft, the continuation of the longest earlier match of the
+    row's last n (down to 1) tokens is proposed. The target checks a proposal in one forward."""
 
-    Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, then sample.
-    """
+    draft: object | None = None
+    tokens: int = 4
+    prompt_lookup: int = 0
+
+    def validate(self, target) -> "Speculation":
+        if self.tokens < 1:
+            raise AttnkitError(f"draft tokens must be at least 1, got {self.tokens}")
+        if (self.draft is None) == (self.prompt_lookup <= 0):
+            raise AttnkitError("speculative decoding needs exactly one of a draft model or prompt lookup (n > 0)")
+        if self.draft is not None and self.draft.cfg.vocab_size != target.cfg.vocab_size:
+            raise AttnkitError(f"the draft model's vocabulary ({self.draft.cfg.vocab_size} tokens) differs from the "
+                               f"target's ({target.cfg.vocab_size}); use a draft trained with the same tokenizer")
+        return self
+
+
+# --- choosing tokens -------------------------------------------------------------------------------
+
+def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = None) -> Tensor:
+    """logits (B, V) -> fp32 logits with the penalties, temperature, top-k and top-p applied
+    (order as in Hugging Face); -inf marks removed tokens. Greedy skips the temperature and filters."""
     logits = logits.float()
     if seen is not None and sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
@@ -62,96 +92,47 @@ def sample_next(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
-def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    cfg = model.cfg
+def sample_next(
+    logits: Tensor, sampling: Sampling, seen: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """logits (B, V) -> next token ids (B,). ``seen`` (B, V) bool marks tokens to penalise."""
+    logits = process_logits(logits, sampling, seen)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def repeated_ngram_mask(rows: Sequence[Sequence[int]], n: int, vocab_size: int, device) -> Tensor:
+    """(B, V) bool: True for each token that would complete an n-gram already in the row."""
+    banned = torch.zeros((len(rows), vocab_size), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        if len(row) < n:
+            continue
+        tail = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        for i in range(len(row) - n + 1):
+            if tuple(row[i:i + n - 1]) == tail:
+                banned[r, row[i + n - 1]] = True
+    return banned.to(device)
+
+
+def _check_request(max_new_tokens: int, prompts) -> None:
     if max_new_tokens < 0:
         raise AttnkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise AttnkitError("a prompt is empty; give at least one token of text")
-    longest = max(len(p) for p in prompts)
-    if cfg.attention != "sliding" and longest > cfg.context_length:
-        raise AttnkitError(
-            f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
-        )
-    if any(t < 0 or t >= cfg.vocab_size for p in prompts for t in p):
-        raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {cfg.vocab_size}")
+    if not prompts:
+        raise AttnkitError("no prompt was given; give at least one")
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """-> ids (B, T), valid (B, T) bool, positions (B, T): each row counts from 0 at its first real token."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    valid = torch.zeros((B, T), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, T - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-        valid[row, T - len(prompt):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    return ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
+def _prepare(model) -> torch.device:
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        weights_on_huge_pages(model)  # every step streams all the weights: 2 MB pages stream faster
+    return device
 
 
-STATIC_CACHE_MULTIPLE = 256  # compiled decoding rounds its cache up to this many slots
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: compiled graph}
-# Inductor's CPU pass that turns an M = 1 matmul into a fused multiply-and-sum loop: batch-1
-# decoding is bound by reading the weights, and in fp32 that loop streams them near copy bandwidth
-# where torch's GEMV kernels do not (bf16 matmuls go to attnkit's own kernel, `attnkit.kernels`).
-# Sizes are read at compile time; any M = 1 matmul qualifies.
-_GEMV_AS_REDUCTION = {"cpu_max_first_dimension_decomposition": 1, "cpu_max_other_dimension_decomposition": 1 << 30}
-_COMPILE_OPTIONS = {
-    "post_grad_fusion_options": {"decompose_mm_pass": dict(_GEMV_AS_REDUCTION)},
-    # Per step, dynamo's guard check and the wrapper's size asserts cost about 1 ms on a 30-layer
-    # model (8% of a SmolLM2-135M step). Both are dropped: the key in `compiled_step` decides which
-    # graph a step runs, and each graph only ever sees inputs of the shapes in its key.
-    "guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
-    "size_asserts": False,
-    # A C++ wrapper calls the ~10 kernels per layer without Python in between: measured 0.3-0.5 ms
-    # less per step on a 30-layer model, for a longer first compile (cached on disk like the rest).
-    "cpp_wrapper": True,
-}
-
-
-def _own_copy(fn):
-    """fn with a code object of its own: dynamo keeps compiled graphs per code object, and with the
-    guards dropped a graph must never be found through another key's function."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-def compiled_step(model):
-    """``model.decode_step`` compiled for one-token steps over a static ``KVCache``.
-
-    Shapes are static: one graph per (batch, cache size, dtype, device, mode), compiled the
-    first time it is needed and kept with the model; the inductor FX graph cache makes a second
-    process start fast. Returns a callable for ``model(..., compiled=...)``, which claims the
-    cache slots and then runs the graph (mask, RoPE, layers).
-    """
-    if not hasattr(model, "decode_step"):
-        raise AttnkitError(f"compiled decoding is for decoder LMs; {type(model).__name__} has no decode_step")
-    if model.cfg.attention == "sliding":
-        raise AttnkitError("compiled decoding needs dense attention; decode a sliding-window model without --compile")
-    graphs = _COMPILED.setdefault(model, {})
-
-    def step(input_ids, positions, cache, last_only=False):  # called by model(..., compiled=step)
-        key = (tuple(input_ids.shape), tuple(positions.shape), tuple(cache.k[0].shape), cache.k[0].dtype,
-               cache.k[0].device, model.tok_emb.weight.dtype, model.training, torch.is_inference_mode_enabled(),
-               torch.is_grad_enabled(), last_only)
-        graph = graphs.get(key)
-        if graph is None:
-            from torch._inductor.fx_passes import decompose_mem_bound_mm
-
-            if key[4].type == "cpu":
-                native_available()  # build / load the native kernels now: tracing cannot
-
-            for name, value in _GEMV_AS_REDUCTION.items():  # read as module globals when the pass runs
-                setattr(decompose_mem_bound_mm, name, value)
-            graph = graphs[key] = torch.compile(_own_copy(type(model).decode_step), dynamic=False,
-                                                fullgraph=True, options=_COMPILE_OPTIONS)
-        return graph(model, input_ids, positions, cache, last_only)
-
-    return step
-
+# --- sampling (greedy, temperature, top-k/p), with or without speculation ----------------------------
 
 @torch.inference_mode()
 def generate_tokens(
@@ -164,71 +145,320 @@ def generate_tokens(
     seed: int | None = None,
     pad_id: int = 0,
     compile: bool = False,
+    speculation: Speculation | None = None,
+    **inputs,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yields (next_ids (B,), finished (B,) bool) once per step, for prompts of any lengths.
+    """Yields (next_ids (B,), finished (B,) bool) once per new token, for prompts of any lengths.
 
-    Prompts are left-padded into one batch; a row that emits a stop id is finished and its
-    later tokens are ``pad_id``. Stops early when every row is finished. A dense model that
-    fills its context keeps going on the latest half context (re-encoded once, as nanoGPT's
-    sampler crops to the context); a sliding-window model's rolling cache never fills.
-
-    ``compile``: run each one-token step through ``compiled_step`` (dense attention; compiles
-    once per model, dtype and cache size, the first time; the prompt still runs eagerly).
-    On the CPU the model's weights are first moved onto huge pages (``kernels.weights_on_huge_pages``:
-    same Parameters, same values).
+    A row that emits a stop id is finished and its later tokens are ``pad_id``; generation stops
+    early when every row is finished. ``compile``: the model's compiled one-token step (decoder
+    LMs, dense attention). ``speculation``: draft-and-verify rounds that give the same tokens as
+    greedy decoding of the model alone (greedy), or samples of the same distribution (sampling).
+    ``inputs`` go to ``model.start`` (a source sentence, for instance).
     """
     sampling = (sampling or Sampling()).validate()
-    _check_prompts(model, prompts, max_new_tokens)
+    _check_request(max_new_tokens, prompts)
     if max_new_tokens == 0:
         return
-    cfg, device = model.cfg, next(model.parameters()).device
-    if device.type == "cpu":
-        weights_on_huge_pages(model)  # every step streams all the weights: 2 MB pages stream faster
+    device = _prepare(model)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    history = [list(p) for p in prompts]  # only read again when the context fills
-
-    def prefill(rows):
-        ids, valid, positions = _left_pad(rows, pad_id, device)
-        capacity = ids.shape[1] + max_new_tokens
-        if cfg.attention != "sliding":
-            if compile:  # a few sizes, so that one compiled step serves many prompts and lengths
-                capacity = -(-capacity // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
-            capacity = min(capacity, cfg.context_length)
-        cache = model.make_cache(len(rows), capacity, static=True) if compile else model.make_cache(len(rows), capacity)
-        logits = model(ids, positions=positions, attention_mask=None if bool(valid.all()) else valid,
-                       cache=cache, last_only=True)
-        return logits, cache, positions[:, -1:] + 1, ids, valid
-
-    one_step = compiled_step(model) if compile else None
-    logits, cache, next_pos, ids, valid = prefill(history)
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros((len(prompts), cfg.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, valid)
-    for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], sampling, seen, generator)  # (B,)
+    if speculation is not None:
+        steps = _speculative_steps(model, prompts, speculation.validate(model), max_new_tokens, sampling, pad_id,
+                                   generator, compile, inputs)
+    else:
+        steps = _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs)
+    for step, token in enumerate(steps):
         if len(stop):  # without stop ids no row ever finishes: two small ops (and a sync) less per step
             token = token.masked_fill(finished, pad_id)
             finished = finished | torch.isin(token, stop)
         yield token, finished
         if step == max_new_tokens - 1 or (len(stop) and bool(finished.all())):
             return
+
+
+def _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs) -> Iterator[Tensor]:
+    """One token per step: sample from the logits, feed the token back."""
+    state, logits = model.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, compile=compile, **inputs)
+    device, V = logits.device, logits.shape[-1]
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros((len(prompts), V), dtype=torch.bool, device=device)
+        for r, p in enumerate(prompts):
+            seen[r, list(p)] = True
+    rows = [list(p) for p in prompts] if sampling.no_repeat_ngram_size else None
+    for step in range(max_new_tokens):
+        if rows is not None:
+            logits = logits.masked_fill(repeated_ngram_mask(rows, sampling.no_repeat_ngram_size, V, device),
+                                        float("-inf"))
+        token = sample_next(logits, sampling, seen, generator)  # (B,)
+        yield token
+        if step == max_new_tokens - 1:
+            return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        for row, t in zip(history, token.tolist()) if cfg.attention != "sliding" else ():
-            row.append(t)
-        if cache.length >= cache.capacity and cfg.attention != "sliding":  # the context is full
-            logits, cache, next_pos, _, _ = prefill([row[-(cfg.context_length // 2):] for row in history])
-            continue
-        logits = model(token[:, None], positions=next_pos, cache=cache, compiled=one_step)
-        next_pos = next_pos + 1
+        if rows is not None:
+            for row, t in zip(rows, token.tolist()):
+                row.append(t)
+        logits = model.advance(state, token[:, None])[:, -1]
 
+
+def _lookup_proposal(row: Sequence[int], n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the row's last m tokens
+    (m = n down to 1; longest match first)."""
+    for m in range(min(n, len(row) - 1), 0, -1):
+        tail = row[len(row) - m:]
+        for start in range(len(row) - m - 1, -1, -1):
+            if row[start:start + m] == tail:
+                return list(row[start + m:start + m + k])
+    return []
+
+
+def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampling, pad_id, generator, compile,
+                       inputs) -> Iterator[Tensor]:
+    """Rounds of: propose k tokens (draft model or prompt lookup), score them with one target
+    forward, keep the longest accepted prefix plus one token from the target, crop the rest.
+
+    Greedy: a draft token is kept while it is the target's argmax. Sampling: draft token d is kept
+    with probability min(1, p(d) / q(d)), else the target's token is drawn from max(p - q, 0)
+    normalised (Leviathan et al. 2023), which keeps the target's distribution exactly. A batch
+    advances by the fewest tokens any row kept (every kept token is a valid output either way).
+    """
+    if sampling.repetition_penalty != 1.0 or sampling.no_repeat_ngram_size:
+        raise AttnkitError("speculative decoding supports temperature, top-k and top-p only; drop the "
+                           "repetition penalty / no-repeat n-gram setting or decode without a draft")
+    greedy = sampling.temperature == 0
+    k_max, lookahead = spec.tokens, spec.tokens + 1
+    target_state, target_next = model.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                            lookahead=lookahead, compile=compile, **inputs)
+    draft = spec.draft
+    if draft is not None:
+        _prepare(draft)
+        draft_state, draft_next = draft.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                              lookahead=lookahead, **inputs)
+    rows = [list(p) for p in prompts]
+    B, device = len(prompts), target_next.device
+    target_pending = torch.zeros((B, 0), dtype=torch.long, device=device)  # kept tokens the target has not seen
+    draft_pending = target_pending
+    produced = 0
+
+    def distribution(logits: Tensor) -> Tensor:
+        return process_logits(logits, sampling).softmax(-1)  # (B, V)
+
+    while produced < max_new_tokens:
+        k = min(k_max, max_new_tokens - produced - 1)
+        # 1. propose k tokens (B, k), with the draft's distributions q (B, k, V) when sampling
+        if draft is not None and k > 0:
+            if draft_pending.shape[1]:
+                draft_next = draft.advance(draft_state, draft_pending)[:, -1]
+            proposal, q = [], []
+            for i in range(k):
+                if greedy:
+                    d = draft_next.argmax(-1)
+                else:
+                    q.append(distribution(draft_next))
+                    d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
+                proposal.append(d)
+                if i < k - 1:
+                    draft_next = draft.advance(draft_state, d[:, None])[:, -1]
+            proposal = torch.stack(proposal, 1)
+            q = torch.stack(q, 1) if q else None
+        else:
+            found = [_lookup_proposal(r, spec.prompt_lookup, k) for r in rows] if k > 0 else [[]]
+            k = min(len(f) for f in found)
+            proposal = torch.tensor([f[:k] for f in found], dtype=torch.long, device=device).view(B, k)
+            q = torch.nn.functional.one_hot(proposal, target_next.shape[-1]).float() if not greedy else None
+        # 2. score them: p[:, j] is the target's next-token logits after proposal[:, :j]
+        fed = torch.cat([target_pending, proposal], dim=1)
+        if fed.shape[1]:
+            logits = model.advance(target_state, fed)
+            n_pending = target_pending.shape[1]
+            p = torch.cat([target_next[:, None], logits[:, n_pending:]], 1) if n_pending == 0 else logits[:, n_pending - 1:]
+        else:
+            p = target_next[:, None]
+        # 3. accept the longest prefix; then one token from the target
+        if greedy:
+            choice = p.argmax(-1)  # (B, k + 1)
+            agree = (choice[:, :k] == proposal).long()
+            kept = int(agree.cumprod(1).sum(1).min()) if k else 0
+            last = choice[:, kept]
+        else:
+            probs = distribution(p.flatten(0, 1)).view(B, k + 1, -1)
+            if k:
+                p_d = probs[:, :k].gather(-1, proposal[..., None]).squeeze(-1)
+                q_d = q.gather(-1, proposal[..., None]).squeeze(-1)
+                u = torch.rand(p_d.shape, generator=generator, device=device)
+                accepted = (u * q_d <= p_d).long().cumprod(1)  # u < p/q, without dividing by zero
+                per_row = accepted.sum(1)  # (B,)
+                kept = int(per_row.min())
+            else:
+                per_row, kept = torch.zeros(B, dtype=torch.long, device=device), 0
+            # rows that kept more than `kept` go on with their accepted draft token; the others draw
+            # from the residual max(p - q, 0) (or from p itself after a fully accepted proposal)
+            residual = probs[:, kept].clone()
+            if kept < k:
+                residual = (residual - q[:, kept]).clamp(min=0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, kept])
+            drawn = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+            last = torch.where(per_row > kept, proposal[:, kept], drawn) if kept < k else drawn
+        out = torch.cat([proposal[:, :kept], last[:, None]], 1)  # (B, kept + 1)
+        # 4. forget what was not kept: the target saw the whole proposal, the draft all but its last token
+        if k:
+            target_state.crop(target_state.length - (k - kept))
+        target_pending = last[:, None]
+        if draft is not None and k:
+            if kept < k:
+                draft_state.crop(draft_state.length - (k - 1 - kept))
+                draft_pending = last[:, None]
+            else:
+                draft_pending = torch.stack([proposal[:, k - 1], last], 1)
+        elif draft is not None:
+            draft_pending = torch.cat([draft_pending, last[:, None]], 1)
+        for t in out.T:
+            yield t
+        produced += kept + 1
+        for r, toks in zip(rows, out.tolist()):
+            r.extend(toks)
+
+
+# --- beam search ------------------------------------------------------------------------------------
+
+@dataclass
+class Beams:
+    """Beam search settings, as in Hugging Face ``generate``: scores are sums of log-probabilities
+    divided by (generated length ** length_penalty); ``early_stopping`` True stops a prompt once it
+    has ``num_beams`` finished hypotheses, False when no running beam can still beat them
+    (estimated at the current length), "never" when none can at the longest length."""
+
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    no_repeat_ngram_size: int = 0
+
+    def validate(self) -> "Beams":
+        if self.num_beams < 1:
+            raise AttnkitError(f"the number of beams must be at least 1, got {self.num_beams}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise AttnkitError(f"num_return_sequences must be between 1 and the number of beams ({self.num_beams}), "
+                               f"got {self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise AttnkitError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if self.no_repeat_ngram_size < 0:
+            raise AttnkitError(f"no_repeat_ngram_size must be >= 0 (0 is off), got {self.no_repeat_ngram_size}")
+        return self
+
+
+def _take(t: Tensor, index: Tensor) -> Tensor:
+    """t (B, K, ...) rows picked per batch item by index (B, K')."""
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
+
+
+@torch.inference_mode()
+def beam_search(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    beams: Beams | None = None,
+    max_new_tokens: int = 100,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    compile: bool = False,
+    **inputs,
+) -> list[list[tuple[list[int], float]]]:
+    """For each prompt, the best ``num_return_sequences`` continuations as (tokens, score), best first.
+
+    Tokens end with the end token when the hypothesis finished with one. The prompts are run once;
+    the model's state then holds num_beams rows per prompt and is reordered after every step
+    (``state.reorder``), never re-run. The search is Hugging Face's, step for step.
+    """
+    beams = (beams or Beams()).validate()
+    _check_request(max_new_tokens, prompts)
+    device = _prepare(model)
+    B, K, N = len(prompts), beams.num_beams, max_new_tokens
+    if N == 0:
+        return [[([], 0.0)] * beams.num_return_sequences for _ in prompts]
+    state, logits = model.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, compile=compile, **inputs)
+    per_prompt = torch.arange(B, device=device).repeat_interleave(K)
+    state.reorder(per_prompt)
+    logits = logits.index_select(0, per_prompt)  # (B * K, V)
+    V = logits.shape[-1]
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    n_keep = max(2, 1 + len(eos)) * K  # enough candidates that K of them can go on after the finished ones
+    first_k = torch.arange(n_keep, device=device) < K  # only the best K may finish at a step
+
+    running = torch.full((B, K, N), pad_id, dtype=torch.long, device=device)
+    running_scores = torch.zeros((B, K), device=device)
+    running_scores[:, 1:] = -1e9  # the first step expands beam 0 only (all beams are equal)
+    done = running.clone()
+    done_scores = torch.full((B, K), -1e9, device=device)
+    done_len = torch.zeros((B, K), dtype=torch.long, device=device)
+    is_done = torch.zeros((B, K), dtype=torch.bool, device=device)
+    can_improve = torch.ones((B, 1), dtype=torch.bool, device=device)
+    history = [list(p) for p in prompts for _ in range(K)] if beams.no_repeat_ngram_size else None
+    offsets = torch.arange(B, device=device)[:, None] * K
+
+    for step in range(N):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B * K, V)
+        if history is not None:
+            log_probs = log_probs.masked_fill(
+                repeated_ngram_mask(history, beams.no_repeat_ngram_size, V, device), float("-inf"))
+        scores = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        top_scores, top_index = torch.topk(scores, n_keep)  # (B, n_keep)
+        source = top_index // V  # the beam each candidate extends
+        candidates = _take(running, source)
+        candidates[:, :, step] = top_index % V
+        ends = torch.isin(top_index % V, eos) | (step == N - 1)  # an end token, or the length limit
+
+        # the K best candidates that did not end go on
+        open_scores = top_scores + ends.float() * -1e9
+        going_on = torch.topk(open_scores, K).indices
+        running, running_scores = _take(candidates, going_on), _take(open_scores, going_on)
+        parents = _take(source, going_on)
+
+        # finished hypotheses: among the best K candidates, if they still can make the list
+        finished = ends & first_k
+        finished_scores = top_scores / ((step + 1) ** beams.length_penalty)
+        full = is_done.all(-1, keepdim=True) & (beams.early_stopping is True)
+        for closed in (full, ~can_improve, ~finished):  # added one by one, as Hugging Face does (ties)
+            finished_scores = finished_scores + closed.float() * -1e9
+        merged_scores = torch.cat([done_scores, finished_scores], 1)
+        best = torch.topk(merged_scores, K).indices
+        done = _take(torch.cat([done, candidates], 1), best)
+        done_scores = _take(merged_scores, best)
+        done_len = _take(torch.cat([done_len, torch.full_like(finished_scores, step + 1, dtype=torch.long)], 1), best)
+        is_done = _take(torch.cat([is_done, finished], 1), best)
+
+        # can a running beam still beat the worst finished one?
+        longest = N if beams.early_stopping == "never" and beams.length_penalty > 0 else step + 1
+        best_possible = running_scores[:, :1] / (longest ** beams.length_penalty)
+        worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, torch.full_like(done_scores, -1e9))
+        can_improve = can_improve & (best_possible > worst_done).any(-1, keepdim=True)
+        if not bool(can_improve.any()) or (bool(is_done.all()) and beams.early_stopping is True) or bool(ends.all()):
+            break
+        rows = (parents + offsets).flatten()  # (B * K,) the state row each new beam continues
+        state.reorder(rows)
+        if history is not None:
+            history = [history[r] + [t] for r, t in zip(rows.tolist(), running[:, :, step].flatten().tolist())]
+        logits = model.advance(state, running[:, :, step].reshape(B * K, 1))[:, -1]
+
+    out = []
+    for b in range(B):
+        out.append([(done[b, i, : int(done_len[b, i])].tolist(), float(done_scores[b, i]))
+                    for i in range(beams.num_return_sequences)])
+    return out
+
+
+# --- text ---------------------------------------------------------------------------------------------
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> list[int]:
     ids = tokenizer.encode(prompt)
     return ([bos_id] if bos_id is not None and not ids else []) + ids
+
+
+def _stop_ids(tokenizer: Tokenizer) -> list[int]:
+    return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
 
 
 def generate_text(
@@ -241,26 +471,38 @@ def generate_text(
     stop: Sequence[str] = (),
     seed: int | None = None,
     compile: bool = False,
+    speculation: Speculation | None = None,
 ) -> str | list[str]:
-    """The continuations (without the prompts) of one prompt or a batch (``compile``: see ``generate_tokens``)."""
+    """The continuations (without the prompts) of one prompt or a batch (see ``generate_tokens``)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    outputs = ["".join(stream_text(model, tokenizer, p, max_new_tokens=max_new_tokens, sampling=sampling,
-                                   stop=stop, seed=seed, compile=compile)) for p in batch] if stop else None
-    if outputs is None:
+    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, compile=compile,
+                   speculation=speculation)
+    if stop:
+        outputs = ["".join(stream_text(model, tokenizer, p, stop=stop, **options)) for p in batch]
+    else:
         encoded = [_encode_prompt(tokenizer, p, model.cfg.bos_id) for p in batch]
-        stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        stop_ids = _stop_ids(tokenizer)
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
-        for token, finished in generate_tokens(model, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
-                                               stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0,
-                                               compile=compile):
+        for token, finished in generate_tokens(model, encoded, stop_ids=stop_ids, pad_id=tokenizer.eos_id or 0,
+                                               **options):
             for r, t in enumerate(token.tolist()):
                 if not done[r] and t not in stop_ids:
                     rows[r].append(t)
             done = finished.tolist()
         outputs = [tokenizer.decode(r) for r in rows]
     return outputs[0] if single else outputs
+
+
+def beam_search_text(model, tokenizer: Tokenizer, prompt: str, *, beams: Beams | None = None,
+                     max_new_tokens: int = 100, compile: bool = False) -> list[tuple[str, float]]:
+    """The best continuations of one prompt by beam search, as (text, score), best first."""
+    stop_ids = _stop_ids(tokenizer)
+    hypotheses = beam_search(model, [_encode_prompt(tokenizer, prompt, model.cfg.bos_id)], beams=beams,
+                             max_new_tokens=max_new_tokens, eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0,
+                             compile=compile)[0]
+    return [(tokenizer.decode([t for t in tokens if t not in stop_ids]), score) for tokens, score in hypotheses]
 
 
 def stream_text(
@@ -273,6 +515,7 @@ def stream_text(
     stop: Sequence[str] = (),
     seed: int | None = None,
     compile: bool = False,
+    speculation: Speculation | None = None,
 ) -> Iterator[str]:
     """Yields the continuation of one prompt piece by piece as it is produced.
 
@@ -280,11 +523,12 @@ def stream_text(
     generation ends at the first stop string (not included) or the tokenizer's end token.
     """
     stop = [s for s in stop if s]
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stop_ids = _stop_ids(tokenizer)
     decoder, pending = StreamDecoder(tokenizer), ""
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile):
+                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile,
+                                    speculation=speculation):
         t = int(token[0])
         if t in stop_ids:
             break

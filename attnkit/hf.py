@@ -16,35 +16,35 @@ from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 
 GPT2_TABLE = [
-    ("tok_emb.weight", ["transformer.wte.weight"], "copy"),
-    ("pos_emb.weight", ["transformer.wpe.weight"], "copy"),
-    ("blocks.{i}.norm1.weight", ["transformer.h.{i}.ln_1.weight"], "copy"),
-    ("blocks.{i}.norm1.bias", ["transformer.h.{i}.ln_1.bias"], "copy"),
-    ("blocks.{i}.attn.qkv.weight", ["transformer.h.{i}.attn.c_attn.weight"], "T"),
-    ("blocks.{i}.attn.qkv.bias", ["transformer.h.{i}.attn.c_attn.bias"], "copy"),
-    ("blocks.{i}.attn.out.weight", ["transformer.h.{i}.attn.c_proj.weight"], "T"),
-    ("blocks.{i}.attn.out.bias", ["transformer.h.{i}.attn.c_proj.bias"], "copy"),
-    ("blocks.{i}.norm2.weight", ["transformer.h.{i}.ln_2.weight"], "copy"),
-    ("blocks.{i}.norm2.bias", ["transformer.h.{i}.ln_2.bias"], "copy"),
-    ("blocks.{i}.mlp.up.weight", ["transformer.h.{i}.mlp.c_fc.weight"], "T"),
-    ("blocks.{i}.mlp.up.bias", ["transformer.h.{i}.mlp.c_fc.bias"], "copy"),
-    ("blocks.{i}.mlp.down.weight", ["transformer.h.{i}.mlp.c_proj.weight"], "T"),
-    ("blocks.{i}.mlp.down.bias", ["transformer.h.{i}.mlp.c_proj.bias"], "copy"),
-    ("norm_f.weight", ["transformer.ln_f.weight"], "copy"),
-    ("norm_f.bias", ["transformer.ln_f.bias"], "copy"),
+    ("embed.tok.weight", ["transformer.wte.weight"], "copy"),
+    ("embed.pos.weight", ["transformer.wpe.weight"], "copy"),
+    ("stack.layers.{i}.norm1.weight", ["transformer.h.{i}.ln_1.weight"], "copy"),
+    ("stack.layers.{i}.norm1.bias", ["transformer.h.{i}.ln_1.bias"], "copy"),
+    ("stack.layers.{i}.attn.qkv.weight", ["transformer.h.{i}.attn.c_attn.weight"], "T"),
+    ("stack.layers.{i}.attn.qkv.bias", ["transformer.h.{i}.attn.c_attn.bias"], "copy"),
+    ("stack.layers.{i}.attn.out.weight", ["transformer.h.{i}.attn.c_proj.weight"], "T"),
+    ("stack.layers.{i}.attn.out.bias", ["transformer.h.{i}.attn.c_proj.bias"], "copy"),
+    ("stack.layers.{i}.norm2.weight", ["transformer.h.{i}.ln_2.weight"], "copy"),
+    ("stack.layers.{i}.norm2.bias", ["transformer.h.{i}.ln_2.bias"], "copy"),
+    ("stack.layers.{i}.mlp.up.weight", ["transformer.h.{i}.mlp.c_fc.weight"], "T"),
+    ("stack.layers.{i}.mlp.up.bias", ["transformer.h.{i}.mlp.c_fc.bias"], "copy"),
+    ("stack.layers.{i}.mlp.down.weight", ["transformer.h.{i}.mlp.c_proj.weight"], "T"),
+    ("stack.layers.{i}.mlp.down.bias", ["transformer.h.{i}.mlp.c_proj.bias"], "copy"),
+    ("stack.norm.weight", ["transformer.ln_f.weight"], "copy"),
+    ("stack.norm.bias", ["transformer.ln_f.bias"], "copy"),
     ("lm_head.weight", ["lm_head.weight"], "copy"),
 ]
 
 LLAMA_TABLE = [
-    ("tok_emb.weight", ["model.embed_tokens.weight"], "copy"),
-    ("blocks.{i}.norm1.weight", ["model.layers.{i}.input_layernorm.weight"], "copy"),
-    ("blocks.{i}.attn.qkv.weight", ["model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+    ("embed.tok.weight", ["model.embed_tokens.weight"], "copy"),
+    ("stack.layers.{i}.norm1.weight", ["model.layers.{i}.input_layernorm.weight"], "copy"),
+    ("stack.layers.{i}.attn.qkv.weight", ["model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
                                     "model.layers.{i}.self_attn.v_proj.weight"], "cat"),
-    ("blocks.{i}.attn.out.weight", ["model.layers.{i}.self_attn.o_proj.weight"], "copy"),
-    ("blocks.{i}.norm2.weight", ["model.layers.{i}.post_attention_layernorm.weight"], "copy"),
-    ("blocks.{i}.mlp.up.weight", ["model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"], "cat"),
-    ("blocks.{i}.mlp.down.weight", ["model.layers.{i}.mlp.down_proj.weight"], "copy"),
-    ("norm_f.weight", ["model.norm.weight"], "copy"),
+    ("stack.layers.{i}.attn.out.weight", ["model.layers.{i}.self_attn.o_proj.weight"], "copy"),
+    ("stack.layers.{i}.norm2.weight", ["model.layers.{i}.post_attention_layernorm.weight"], "copy"),
+    ("stack.layers.{i}.mlp.up.weight", ["model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"], "cat"),
+    ("stack.layers.{i}.mlp.down.weight", ["model.layers.{i}.mlp.down_proj.weight"], "copy"),
+    ("stack.norm.weight", ["model.norm.weight"], "copy"),
     ("lm_head.weight", ["lm_head.weight"], "copy"),
 ]
 
@@ -63,7 +63,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
         return ModelConfig(
-            norm="layernorm", mlp="gelu", positional="learned", bias=True,
+            norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True,
             vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
             n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
@@ -111,7 +111,7 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    gpt2 = dict(norm="layernorm", mlp="gelu", positional="learned", bias=True, norm_position="pre")
+    gpt2 = dict(norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True, norm_position="pre")
     llama = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, norm_position="pre")
     fields = cfg.to_dict()
     if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in gpt2.items()):

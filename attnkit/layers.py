@@ -1,12 +1,14 @@
-"""Shared parts every model family composes: norms, MLPs, multi-head attention, the
-Transformer block, and the KV cache.
+"""Shared parts every model family composes: embeddings, norms, MLPs, self-attention and
+cross-attention, the Transformer block, a stack of blocks, and initialisation.
 
 A model builds one ``AttentionFrame`` per forward (mask, RoPE angles, where the cache writes)
-and hands it to every block; blocks never recompute masks or positions.
+and hands it to every block; blocks never recompute masks or positions. Caches live in
+``attnkit.cache``; attention receives its cache, it owns no state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +20,15 @@ from attnkit.attention import (
     bigbird_mask,
     block_sparse_attention,
     bool_to_additive,
+    padding_mask,
     position_mask,
     sliding_window_attention,
 )
+from attnkit.cache import CrossCache, KVCache, RollingKVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
-from attnkit.positional import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
+from attnkit.positional import LearnedPositions, RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, sinusoidal_positions
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +50,13 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU: down(gelu(up(x))). SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused in ``up``."""
+    """down(act(up(x))); gated kinds (SwiGLU): down(silu(gate(x)) * up(x)), gate and up fused in ``up``.
+
+    The activation is the config's: tanh-GELU for GPT-2 ("gelu_tanh"), exact GELU for BERT ("gelu"),
+    ReLU for the original Transformer, SiLU-gated for Llama ("swiglu").
+    """
+
+    ACTIVATIONS = {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,133 +71,49 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            h = self.ACTIVATIONS[self.kind](h)
         return self.down(h)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation.
+class Embeddings(nn.Module):
+    """Token embeddings (+ learned or sinusoidal positions) (+ token types) (-> norm) -> dropout.
 
-    Slot i of the cache holds the token written i-th; ``key_pos``/``key_valid`` record its
-    position and whether it is a real token (left padding is not), so masks come from positions.
-
-    ``static=True`` keeps every shape fixed for a compiled decode step: attention always reads all
-    ``capacity`` slots (unwritten ones are invalid, so masked) and writes go through an index tensor.
+    RoPE and ALiBi act inside attention instead (through the ``AttentionFrame``).
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device,
-                 static: bool = False):
-        shape = (cfg.n_layer, batch, cfg.kv_heads, capacity, cfg.head_dim)
-        if static:  # one tensor per layer: a compiled graph writes into each in place (a view would be copied)
-            self.k = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-            self.v = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model, self.sinusoidal = cfg.d_model, cfg.positional == "sinusoidal"
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = LearnedPositions(cfg.context_length, cfg.d_model) if cfg.positional == "learned" else None
+        self.types = nn.Embedding(cfg.token_types, cfg.d_model) if cfg.token_types else None
+        self.norm = make_norm(cfg) if cfg.embedding_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
+        """input_ids, positions (B, T) -> (B, T, d)."""
+        x = self.tok(input_ids)
+        if self.pos is not None:
+            x = x + self.pos(positions)
+        elif self.sinusoidal:
+            x = x + sinusoidal_positions(positions, self.d_model).to(x.dtype)
+        if self.types is not None:
+            x = x + self.types(token_types if token_types is not None else torch.zeros_like(input_ids))
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)
+
+
+def init_gpt2_style(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 * n_layer)
+    (GPT-2); norms start at 1, biases at 0."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
+        elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layer))
         else:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.capacity = capacity
-        self.length = 0  # tokens written so far
-        self.static = static
-        self.unpadded = not static  # no padding written yet: attention may skip the mask
-        self._write: slice | Tensor = slice(0, 0)
-
-    def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
-        self.claim(positions.shape[1])
-        return self.record(positions, valid)
-
-    def claim(self, T: int) -> None:
-        """The Python half of ``reserve``: take the next T slots. A compiled step runs it before its graph."""
-        if self.length + T > self.capacity:
-            raise AttnkitError(
-                f"the KV cache holds {self.capacity} tokens and {self.length + T} were requested; "
-                "ask for fewer new tokens or a shorter prompt"
-            )
-        start, self.length = self.length, self.length + T
-        # static: an index tensor, so that a compiled step's graph does not depend on the length
-        self._write = torch.arange(start, start + T, device=self.key_pos.device) if self.static else slice(start, start + T)
-
-    def record(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """The tensor half of ``reserve``: note the claimed slots' positions and validity."""
-        if self.static:  # every slot, always: unwritten ones are invalid
-            self.key_pos.index_copy_(1, self._write, positions)
-            self.key_valid.index_copy_(1, self._write, valid)
-            return self.key_pos, self.key_valid
-        self.key_pos[:, self._write] = positions
-        self.key_valid[:, self._write] = valid
-        return self.key_pos[:, : self.length], self.key_valid[:, : self.length]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return all keys and values so far."""
-        if self.static:
-            self.k[layer].index_copy_(2, self._write, k)
-            self.v[layer].index_copy_(2, self._write, v)
-            return self.k[layer], self.v[layer]
-        self.k[layer, :, :, self._write] = k
-        self.v[layer, :, :, self._write] = v
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
-
-
-class RollingKVCache:
-    """Sliding-window decoding: a ring of the last ``capacity`` tokens' keys and values.
-
-    Token number c (counting every token written, padding included) lives in slot c % capacity,
-    so memory stays constant however long generation runs. Masks come from ``key_pos``, so the
-    order of the slots does not matter; capacity must be at least the attention window. One new
-    token overwrites the oldest slot (already out of its window); a step of T > 1 tokens attends
-    over the old ring plus its own T keys (exact even when T > capacity), then keeps the last
-    ``capacity`` of them. Same interface as ``KVCache``.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device):
-        if capacity <= 0:
-            raise AttnkitError(f"a rolling KV cache needs a positive capacity, got {capacity}; pass the window size")
-        shape = (cfg.n_layer, batch, cfg.kv_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.capacity = capacity
-        self.length = 0  # tokens written so far (keeps counting past the capacity)
-        self.unpadded = True
-        self._step: tuple = ()
-
-    def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
-        T, C = positions.shape[1], self.capacity
-        n_old = min(self.length, C)
-        if T == 1:  # in place: the slot it takes held a token `capacity` positions back
-            slot = self.length % C
-            self.key_pos[:, slot] = positions[:, 0]
-            self.key_valid[:, slot] = valid[:, 0]
-            self.length += 1
-            n = min(self.length, C)
-            self._step = (slot, n)
-            return self.key_pos[:, :n], self.key_valid[:, :n]
-        key_pos = torch.cat([self.key_pos[:, :n_old], positions], dim=1)  # (B, n_old + T)
-        key_valid = torch.cat([self.key_valid[:, :n_old], valid], dim=1)
-        keep = min(T, C)  # the newest tokens that stay in the ring
-        slots = torch.arange(self.length + T - keep, self.length + T, device=positions.device) % C
-        self.key_pos[:, slots] = positions[:, T - keep:]
-        self.key_valid[:, slots] = valid[:, T - keep:]
-        self.length += T
-        self._step = (n_old, slots, T - keep)
-        return key_pos, key_valid
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return the keys and values to attend over."""
-        if k.shape[2] == 1:
-            slot, n = self._step
-            self.k[layer, :, :, slot] = k[:, :, 0]
-            self.v[layer, :, :, slot] = v[:, :, 0]
-            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
-        n_old, slots, first_kept = self._step
-        k_all = torch.cat([self.k[layer, :, :, :n_old], k], dim=2)  # (B, Hkv, n_old + T, hd)
-        v_all = torch.cat([self.v[layer, :, :, :n_old], v], dim=2)
-        self.k[layer][:, :, slots] = k[:, :, first_kept:]
-        self.v[layer][:, :, slots] = v[:, :, first_kept:]
-        return k_all, v_all
+            nn.init.normal_(p, 0.0, std)
 
 
 @dataclass
@@ -277,42 +203,39 @@ class PositionScheme(nn.Module):
         return AttentionFrame(mask=mask, causal=False, rope=rope, window=window)
 
 
-class MultiHeadAttention(nn.Module):
-    """Self-attention (fused qkv projection) or cross-attention (q from x, k/v from ``memory``)."""
+def _split_heads(x: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """(B, T, n_heads * hd) -> (B, n_heads, T, hd)"""
+    B, T, _ = x.shape
+    return x.view(B, T, n_heads, head_dim).transpose(1, 2)
 
-    def __init__(self, cfg: ModelConfig, cross: bool = False):
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: one fused qkv projection, RoPE from the frame, keys and values
+    through the cache, then the one ``attention`` (or a sparse kernel the frame names)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.cross, self.backend, self.dropout = cross, cfg.backend, cfg.dropout
+        self.backend, self.dropout = cfg.backend, cfg.dropout
         self.bigbird = dict(block_size=cfg.block_size, n_global_blocks=cfg.n_global_blocks,
                             n_random_blocks=cfg.n_random_blocks, seed=cfg.sparse_seed)
-        q_width, kv_width = self.n_head * self.head_dim, 2 * self.n_kv_head * self.head_dim
-        if cross:
-            self.q = Linear(cfg.d_model, q_width, bias=cfg.bias)
-            self.kv = Linear(cfg.d_model, kv_width, bias=cfg.bias)
-        else:
-            self.qkv = Linear(cfg.d_model, q_width + kv_width, bias=cfg.bias)
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv = Linear(cfg.d_model, q_width + 2 * kv_width, bias=cfg.bias)
         self.out = Linear(q_width, cfg.d_model, bias=cfg.bias)
 
     def forward(
         self,
         x: Tensor,
         frame: AttentionFrame,
-        cache: KVCache | None = None,
+        cache: KVCache | RollingKVCache | None = None,
         layer: int = 0,
-        memory: Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         B, T, _ = x.shape
-        hd = self.head_dim
-        if self.cross:
-            q = self.q(x)
-            k, v = self.kv(memory).split(self.n_kv_head * hd, dim=-1)
-        else:
-            q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, k.shape[1], self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, Tk, hd)
-        v = v.view(B, v.shape[1], self.n_kv_head, hd).transpose(1, 2)
+        hd, kv_width = self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, kv_width, kv_width], dim=-1)
+        q = _split_heads(q, self.n_head, hd)  # (B, nh, T, hd)
+        k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, T, hd)
         if frame.rope is not None:
             q, k = apply_rotary(q, *frame.rope), apply_rotary(k, *frame.rope)
         if cache is not None:
@@ -340,14 +263,56 @@ class MultiHeadAttention(nn.Module):
         return self.out(y), weights
 
 
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from a source (``memory``, an encoder's output).
+
+    No positional rotation: the source's positions were already encoded by its encoder. With a
+    ``CrossCache`` the source is projected once, by the first call, and only read afterwards.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.backend, self.dropout = cfg.backend, cfg.dropout
+        self.q = Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.kv = Linear(cfg.d_model, 2 * self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.out = Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        memory_valid: Tensor | None = None,
+        cache: CrossCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, d); memory (B, S, d) (unused once the cache holds this layer); memory_valid (B, S) bool."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = _split_heads(self.q(x), self.n_head, hd)  # (B, nh, T, hd)
+        if cache is not None and cache.filled(layer):
+            k, v = cache.get(layer)
+        else:
+            k, v = self.kv(memory).split(self.n_kv_head * hd, dim=-1)
+            k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, S, hd)
+            if cache is not None:
+                cache.store(layer, k, v)
+        mask = padding_mask(memory_valid) if memory_valid is not None else None  # (B, 1, 1, S)
+        y, weights = attention(q, k, v, mask, backend=self.backend,
+                               dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
+        return self.out(y), weights
+
+
 class Block(nn.Module):
-    """x + attn(norm(x)), [+ cross-attn], + mlp(norm(x)); post-norm puts the norms after the sums."""
+    """x + attn(norm(x)), [+ cross_attn(norm(x), memory)], + mlp(norm(x)); post-norm puts the norms after the sums."""
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.norm1, self.attn = make_norm(cfg), MultiHeadAttention(cfg)
-        self.cross_attn = MultiHeadAttention(cfg, cross=True) if cross_attention else None
+        self.norm1, self.attn = make_norm(cfg), SelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg) if cross_attention else None
         self.norm_cross = make_norm(cfg) if cross_attention else None
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -363,14 +328,42 @@ class Block(nn.Module):
         self,
         x: Tensor,
         frame: AttentionFrame,
-        cache: KVCache | None = None,
+        cache: KVCache | RollingKVCache | None = None,
         layer: int = 0,
         memory: Tensor | None = None,
-        memory_frame: AttentionFrame | None = None,
+        memory_valid: Tensor | None = None,
+        cross_cache: CrossCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        x, weights = self._residual(x, self.norm1, lambda h: self.attn(h, frame, cache, layer, need_weights=need_weights))
+        x, weights = self._residual(x, self.norm1, lambda h: self.attn(h, frame, cache, layer, need_weights))
         if self.cross_attn is not None:
-            x, _ = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, memory_frame, memory=memory))
+            x, _ = self._residual(x, self.norm_cross,
+                                  lambda h: self.cross_attn(h, memory, memory_valid, cross_cache, layer))
         x, _ = self._residual(x, self.norm2, lambda h: (self.mlp(h), None))
         return x, weights
+
+
+class Stack(nn.Module):
+    """N blocks, then the final norm of pre-norm models; returns the output and each layer's attention map."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int | None = None, cross_attention: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(cfg, cross_attention) for _ in range(n_layers or cfg.n_layer)])
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-norm blocks end normed
+
+    def forward(
+        self,
+        x: Tensor,
+        frame: AttentionFrame,
+        cache: KVCache | RollingKVCache | None = None,
+        memory: Tensor | None = None,
+        memory_valid: Tensor | None = None,
+        cross_cache: CrossCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """x (B, T, d) -> (B, T, d), [(B, H, T, Tk) or None per layer]."""
+        maps = []
+        for layer, block in enumerate(self.layers):
+            x, weights = block(x, frame, cache, layer, memory, memory_valid, cross_cache, need_weights)
+            maps.append(weights)
+        return (self.norm(x) if self.norm is not None else x), maps

@@ -16,7 +16,8 @@ from attnkit.attention import (
 )
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.layers import PositionScheme, RollingKVCache
+from attnkit.cache import RollingKVCache
+from attnkit.layers import PositionScheme
 from attnkit.models.decoder import DecoderLM
 from attnkit.positional import alibi_bias, alibi_slopes
 
@@ -259,7 +260,7 @@ def test_rolling_cache_decoding_equals_full_forward_past_several_wraps(positiona
     with torch.no_grad():
         full, _ = model(ids, need_weights=True)  # the explicit window mask
     stepped, cache = decode_in_steps(model, ids, steps)
-    assert isinstance(cache, RollingKVCache) and cache.k.shape[3] == 8 and cache.length == 40
+    assert isinstance(cache, RollingKVCache) and cache.k[0].shape[2] == 8 and cache.length == 40
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
 
 
@@ -279,12 +280,12 @@ def test_rolling_cache_with_left_padded_prompts_equals_full_forward(positional):
 def test_rolling_cache_memory_stays_constant():
     model = sliding_lm("rope", window=4, context=4096)
     cache = model.make_cache(1, 1000)
-    size = cache.k.numel()
+    size = sum(t.numel() for t in cache.k)
     with torch.no_grad():
         model(torch.randint(0, 53, (1, 9)), cache=cache)
         for _ in range(30):
             model(torch.randint(0, 53, (1, 1)), cache=cache)
-    assert cache.k.numel() == size == 2 * 1 * 2 * 4 * 8 and cache.length == 39
+    assert sum(t.numel() for t in cache.k) == size == 2 * 1 * 2 * 4 * 8 and cache.length == 39
 
 
 # --- errors -------------------------------------------------------------------------------------

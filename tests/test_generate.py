@@ -10,8 +10,8 @@ from attnkit.checkpoints import load_checkpoint, save_checkpoint
 from attnkit.cli import main
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.generate import Sampling, compiled_step, generate_text, generate_tokens, sample_next, stream_text
-from attnkit.models.decoder import DecoderLM
+from attnkit.generate import Sampling, generate_text, generate_tokens, sample_next, stream_text
+from attnkit.models.decoder import DecoderLM, compiled_step
 from attnkit.tokenizers import CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?\n"
@@ -173,11 +173,11 @@ def test_checkpoint_with_wrong_shapes_or_missing_keys_names_them(ckpt):
     config["model"]["d_model"] = 64
     (ckpt / "config.json").write_text(json.dumps(config))
     result = run("generate", "--ckpt", str(ckpt), "-p", "ab")
-    assert result.exit_code == 2 and "wrong shapes" in result.output and "tok_emb.weight" in result.output
+    assert result.exit_code == 2 and "wrong shapes" in result.output and "embed.tok.weight" in result.output
     config["model"]["d_model"], config["model"]["n_layer"] = 32, 3
     (ckpt / "config.json").write_text(json.dumps(config))
     result = run("generate", "--ckpt", str(ckpt), "-p", "ab")
-    assert result.exit_code == 2 and "missing blocks.2." in result.output
+    assert result.exit_code == 2 and "missing stack.layers.2." in result.output
 
 
 def test_info_prints_parameters_and_flops():

@@ -171,9 +171,9 @@ def test_norms_biases_and_embeddings_get_no_weight_decay():
     decayed = {names[id(p)] for p in decay["params"]}
     undecayed = {names[id(p)] for p in no_decay["params"]}
     assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n}
-    assert {"tok_emb.weight", "pos_emb.weight", "norm_f.weight", "norm_f.bias", "blocks.0.norm1.weight",
-            "blocks.0.attn.qkv.bias", "blocks.1.mlp.up.bias"} <= undecayed
-    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.down.weight" in decayed
+    assert {"embed.tok.weight", "embed.pos.weight", "stack.norm.weight", "stack.norm.bias",
+            "stack.layers.0.norm1.weight", "stack.layers.0.attn.qkv.bias", "stack.layers.1.mlp.up.bias"} <= undecayed
+    assert "stack.layers.0.attn.qkv.weight" in decayed and "stack.layers.1.mlp.down.weight" in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
 
 

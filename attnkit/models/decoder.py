@@ -1,61 +1,167 @@
 """Causal decoder LM: GPT-2 and Llama from one config (see ``attnkit.config.PRESETS``).
 
-tokens -> embeddings (+ learned / sinusoidal positions) -> N x Block -> norm -> lm_head.
+tokens -> Embeddings (+ learned / sinusoidal positions) -> Stack of N blocks (+ final norm) -> lm_head.
 RoPE and ALiBi act inside attention through the ``AttentionFrame``.
+
+Decoding (``attnkit.generate`` drives it): ``start`` prefills left-padded prompts into a KV cache
+sized for the whole generation and returns a ``DecoderState``; ``advance`` feeds one or more tokens.
+What only a decoder LM needs lives here: left padding, the compiled one-token step, and
+continuing past the context (a dense model re-encodes its latest half context once it fills).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+import contextlib
+import types
+import weakref
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from attnkit.cache import DecodeState, KVCache, RollingKVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.kernels import Linear
-from attnkit.layers import AttentionFrame, Block, KVCache, PositionScheme, RollingKVCache, make_norm
-from attnkit.positional import LearnedPositions, sinusoidal_positions
+from attnkit.kernels import Linear, native_available
+from attnkit.layers import AttentionFrame, Embeddings, PositionScheme, Stack, init_gpt2_style
+
+STATIC_CACHE_MULTIPLE = 256  # a compiled step's cache is rounded up to this many slots: few graphs serve many lengths
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """-> ids (B, T), valid (B, T) bool, positions (B, T): each row counts from 0 at its first real token."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+        valid[row, T - len(prompt):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    return ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DecoderState(DecodeState):
+    """A decoder LM's decode state: its self-attention cache, and every token fed so far
+    (left-padded, so that a dense model can re-encode its latest half context when it fills)."""
+
+    def __init__(self, cache, next_pos: Tensor, tokens: Tensor, valid: Tensor, length: int,
+                 compiled: Callable | None, lookahead: int):
+        super().__init__([cache], next_pos, length)
+        self.tokens, self.valid = tokens, valid  # (B, prompt + new tokens + lookahead)
+        self.compiled, self.lookahead = compiled, lookahead
+
+    @property
+    def cache(self) -> KVCache | RollingKVCache:
+        return self.caches[0]
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        self.tokens, self.valid = self.tokens.index_select(0, index), self.valid.index_select(0, index)
+
+
+# --- the compiled one-token step ---------------------------------------------------------------
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: compiled graph}
+# Inductor's CPU pass that turns an M = 1 matmul into a fused multiply-and-sum loop: batch-1
+# decoding is bound by reading the weights, and in fp32 that loop streams them near copy bandwidth
+# where torch's GEMV kernels do not (bf16 matmuls go to attnkit's own kernel, `attnkit.kernels`).
+# The pass reads these module globals at compile time; any M = 1 matmul qualifies.
+_GEMV_AS_REDUCTION = {"cpu_max_first_dimension_decomposition": 1, "cpu_max_other_dimension_decomposition": 1 << 30}
+_COMPILE_OPTIONS = {
+    "post_grad_fusion_options": {"decompose_mm_pass": dict(_GEMV_AS_REDUCTION)},
+    # Per step, dynamo's guard check and the wrapper's size asserts cost about 1 ms on a 30-layer
+    # model (8% of a SmolLM2-135M step). Both are dropped: the key in `compiled_step` decides which
+    # graph a step runs, and each graph only ever sees inputs of the shapes in its key.
+    "guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
+    "size_asserts": False,
+    # A C++ wrapper calls the ~10 kernels per layer without Python in between: measured 0.3-0.5 ms
+    # less per step on a 30-layer model, for a longer first compile (cached on disk like the rest).
+    "cpp_wrapper": True,
+}
+
+
+@contextlib.contextmanager
+def _gemv_as_reduction():
+    """Set the pass's globals for attnkit's own compile only, and put the process's values back."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as module
+
+    saved = {name: getattr(module, name) for name in _GEMV_AS_REDUCTION}
+    try:
+        for name, value in _GEMV_AS_REDUCTION.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _own_copy(fn):
+    """fn with a code object of its own: dynamo keeps compiled graphs per code object, and with the
+    guards dropped a graph must never be found through another key's function."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def compiled_step(model: "DecoderLM"):
+    """``model.decode_step`` compiled for one-token steps over a static ``KVCache``.
+
+    Shapes are static: one graph per (batch, cache size, dtype, device, mode), compiled the
+    first time it is needed and kept with the model; the inductor FX graph cache makes a second
+    process start fast. Returns a callable for ``model(..., compiled=...)``, which claims the
+    cache slots and then runs the graph (mask, RoPE, layers).
+    """
+    if not hasattr(model, "decode_step"):
+        raise AttnkitError(f"compiled decoding is for decoder LMs; {type(model).__name__} has no decode_step")
+    if model.cfg.attention == "sliding":
+        raise AttnkitError("compiled decoding needs dense attention; decode a sliding-window model without --compile")
+    graphs = _COMPILED.setdefault(model, {})
+
+    def step(input_ids, positions, cache, last_only=False):  # called by model(..., compiled=step)
+        key = (tuple(input_ids.shape), tuple(positions.shape), tuple(cache.k[0].shape), cache.k[0].dtype,
+               cache.k[0].device, model.embed.tok.weight.dtype, model.training, torch.is_inference_mode_enabled(),
+               torch.is_grad_enabled(), last_only)
+        graph = graphs.get(key)
+        if graph is not None:
+            return graph(model, input_ids, positions, cache, last_only)
+        if key[4].type == "cpu":
+            native_available()  # build / load the native kernels now: tracing cannot
+        graph = torch.compile(_own_copy(type(model).decode_step), dynamic=False, fullgraph=True,
+                              options=_COMPILE_OPTIONS)
+        with _gemv_as_reduction():  # torch.compile is lazy: the first call compiles
+            out = graph(model, input_ids, positions, cache, last_only)
+        graphs[key] = graph
+        return out
+
+    return step
 
 
 class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = LearnedPositions(cfg.context_length, cfg.d_model) if cfg.positional == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.embed = Embeddings(cfg)
         self.positions = PositionScheme(cfg, causal=True)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.norm_f = make_norm(cfg)
+        self.stack = Stack(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+            self.lm_head.weight = self.embed.tok.weight
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, 0.0, std)
+        init_gpt2_style(self, self.cfg.n_layer, std)
 
-    def make_cache(
-        self, batch: int, capacity: int, dtype: torch.dtype | None = None, static: bool = False
-    ) -> KVCache | RollingKVCache:
-        """A cache for ``capacity`` tokens; sliding-window models keep only the last ``window``, however many.
+    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None, static: bool = False,
+                   spare: int = 0) -> KVCache | RollingKVCache:
+        """A cache for ``capacity`` tokens; sliding-window models keep only the last ``window`` (plus
+        ``spare`` slots, so that that many rejected tokens can be cropped), however many.
         ``static``: fixed shapes for a compiled decode step (dense attention only)."""
-        p = self.tok_emb.weight
-        if self.cfg.attention == "sliding":
+        cfg, p = self.cfg, self.embed.tok.weight
+        shape = (cfg.n_layer, batch, cfg.kv_heads, cfg.head_dim)
+        if cfg.attention == "sliding":
             if static:
                 raise AttnkitError("the compiled decode step needs dense attention; decode a sliding-window "
                                    "model without compile")
-            return RollingKVCache(self.cfg, batch, self.cfg.window, dtype or p.dtype, p.device)
-        return KVCache(self.cfg, batch, capacity, dtype or p.dtype, p.device, static=static)
+            return RollingKVCache(*shape, cfg.window, dtype or p.dtype, p.device, spare=spare)
+        return KVCache(*shape, capacity, dtype or p.dtype, p.device, static=static)
 
     def forward(
         self,
@@ -63,7 +169,7 @@ class DecoderLM(nn.Module):
         *,
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RollingKVCache | None = None,
         need_weights: bool = False,
         last_only: bool = False,
         compiled: Callable | None = None,
@@ -77,12 +183,14 @@ class DecoderLM(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if self.pos_emb is not None and start + T > self.cfg.context_length:
-            raise AttnkitError(
-                f"{start + T} tokens exceed the model's context length {self.cfg.context_length}; "
-                "use a shorter prompt or fewer new tokens"
-            )
         valid = attention_mask.bool() if attention_mask is not None else None
+        if self.embed.pos is not None:  # learned positions end at the context
+            last = int(positions.max()) if positions is not None else start + T - 1
+            if last >= self.cfg.context_length:
+                raise AttnkitError(
+                    f"{last + 1} tokens exceed the model's context length {self.cfg.context_length}; "
+                    "use a shorter prompt or fewer new tokens"
+                )
         if positions is None:
             if valid is not None and cache is None:
                 positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -95,13 +203,13 @@ class DecoderLM(nn.Module):
                                    "(model.make_cache(..., static=True)), without padding or attention maps")
             cache.claim(T)
             return compiled(input_ids, positions, cache, last_only)
-        frame = self.positions.frame(positions, valid, cache, self.tok_emb.weight.dtype, explicit=need_weights)
+        frame = self.positions.frame(positions, valid, cache, self.embed.tok.weight.dtype, explicit=need_weights)
         return self.forward_frame(input_ids, positions, frame, cache, need_weights, last_only)
 
     def decode_step(self, input_ids: Tensor, positions: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
-        """What a compiled step runs (``attnkit.generate.compiled_step``): the frame over the slots that
+        """What a compiled step runs (``compiled_step``): the frame over the slots that
         ``cache.claim`` took, then the layers. input_ids, positions (B, T) -> logits (B, T, V)."""
-        frame = self.positions.frame(positions, None, cache, self.tok_emb.weight.dtype, claimed=True)
+        frame = self.positions.frame(positions, None, cache, self.embed.tok.weight.dtype, claimed=True)
         return self.forward_frame(input_ids, positions, frame, cache, False, last_only)
 
     def forward_frame(
@@ -109,32 +217,95 @@ class DecoderLM(nn.Module):
         input_ids: Tensor,
         positions: Tensor,
         frame: AttentionFrame,
-        cache: KVCache | None = None,
+        cache: KVCache | RollingKVCache | None = None,
         need_weights: bool = False,
         last_only: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """The forward after the bookkeeping (positions, masks, cache slots)."""
-        x = self.tok_emb(input_ids)  # (B, T, d)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        elif self.cfg.positional == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.cfg.d_model).to(x.dtype)
-        x = self.drop(x)
-        maps = []
-        for layer, block in enumerate(self.blocks):
-            x, weights = block(x, frame, cache, layer, need_weights=need_weights)
-            maps.append(weights)
-        x = self.norm_f(x)
+        x = self.embed(input_ids, positions)  # (B, T, d)
+        x, maps = self.stack(x, frame, cache, need_weights=need_weights)
         if last_only:
             x = x[:, -1:]  # (B, 1, d): prefill only needs the next-token logits
         logits = self.lm_head(x)  # (B, T, V)
         return (logits, maps) if need_weights else logits
 
-    # sizes, for `attnkit info` and MFU
+    # --- decoding: the interface attnkit.generate runs ------------------------------------------
+
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int = 0,
+              lookahead: int = 0, compile: bool = False) -> tuple[DecoderState, Tensor]:
+        """Prefill left-padded prompts -> (state, next-token logits (B, V)).
+
+        ``lookahead``: how many tokens beyond ``max_new_tokens`` a caller may feed and then crop
+        (speculative decoding); ``compile``: one-token steps run ``compiled_step`` (dense attention).
+        """
+        cfg = self.cfg
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise AttnkitError("a prompt is empty; give at least one token of text")
+        longest = max(len(p) for p in prompts)
+        if (cfg.attention != "sliding" or self.embed.pos is not None) and longest > cfg.context_length:
+            raise AttnkitError(
+                f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
+            )
+        if any(t < 0 or t >= cfg.vocab_size for p in prompts for t in p):
+            raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {cfg.vocab_size}")
+        device = self.embed.tok.weight.device
+        ids, valid, positions = left_pad(prompts, pad_id, device)
+        B, T = ids.shape
+        room = T + max_new_tokens + lookahead
+        state = DecoderState(None, positions[:, -1:] + 1, torch.full((B, room), pad_id, device=device),
+                             torch.zeros((B, room), dtype=torch.bool, device=device), 0,
+                             compiled_step(self) if compile else None, lookahead)
+        logits = self._encode(state, ids, valid, positions, new=T, last_only=True)
+        return state, logits[:, -1]
+
+    def advance(self, state: DecoderState, tokens: Tensor) -> Tensor:
+        """Feed tokens (B, T) -> their logits (B, T, V); re-encodes the latest half context when
+        the context would overflow (dense attention, or learned positions)."""
+        T, cache, cfg = tokens.shape[1], state.cache, self.cfg
+        rolling = isinstance(cache, RollingKVCache)
+        full = (not rolling and cache.length + T > cache.capacity) or (
+            rolling and self.embed.pos is not None and int(state.next_pos.max()) + T > cfg.context_length)
+        if full:
+            keep = max(0, cfg.context_length // 2 - T)  # the history kept, before the new tokens
+            L = state.length
+            ids = torch.cat([state.tokens[:, L - keep:L], tokens], dim=1)
+            valid = torch.cat([state.valid[:, L - keep:L], torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+            return self._encode(state, ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0), new=T)[:, -T:]
+        L = state.length
+        state.tokens[:, L:L + T], state.valid[:, L:L + T] = tokens, True
+        positions = state.next_pos + torch.arange(T, device=tokens.device)
+        logits = self(tokens, positions=positions, cache=cache, compiled=state.compiled if T == 1 else None)
+        state.next_pos, state.length = state.next_pos + T, L + T
+        return logits
+
+    def _encode(self, state: DecoderState, ids: Tensor, valid: Tensor, positions: Tensor, new: int,
+                last_only: bool = False) -> Tensor:
+        """Run ids (B, T) into a fresh cache sized for the rest of the generation; the last ``new``
+        of them are new tokens of the state. -> logits (B, T or 1, V)."""
+        B, T = ids.shape
+        capacity = T + state.tokens.shape[1] - state.length - new  # what may still be fed
+        kw = {}
+        if self.cfg.attention == "sliding":
+            kw = {"spare": state.lookahead} if state.lookahead else {}
+        else:
+            if state.compiled is not None:
+                capacity = -(-capacity // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+                kw = {"static": True}
+            capacity = min(capacity, self.cfg.context_length)
+        state.caches[0] = self.make_cache(B, capacity, **kw)
+        L = state.length
+        state.tokens[:, L:L + new], state.valid[:, L:L + new] = ids[:, T - new:], valid[:, T - new:]
+        logits = self(ids, positions=positions, attention_mask=None if bool(valid.all()) else valid,
+                      cache=state.cache, last_only=last_only)
+        state.next_pos, state.length = positions[:, -1:] + 1, L + new
+        return logits
+
+    # --- sizes, for `attnkit info` and MFU -------------------------------------------------------
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= self.embed.tok.weight.numel() + (self.embed.pos.weight.numel() if self.embed.pos is not None else 0)
         return n
 
     def flops_per_token(self, context: int | None = None) -> int:

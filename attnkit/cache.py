@@ -1,0 +1,270 @@
+"""Every KV cache behind one interface, and the decode state that bundles a model's caches.
+
+A cache holds, per layer, keys and values of shape (B, Hkv, capacity, hd) in one tensor per layer
+(the same layout for every kind), plus each slot's position and whether it is a real token
+(``key_pos``, ``key_valid``), so attention masks come from positions and the order of the slots
+never matters. The interface every kind answers:
+
+- ``reserve(positions, valid)``: take slots for T new tokens (B, T); return (key_pos, key_valid) to
+  attend over. ``claim(T)`` + ``record(...)`` are its two halves (a compiled step runs ``record``
+  inside its graph).
+- ``update(layer, k, v)``: store a layer's keys and values for those slots; return what to attend over.
+- ``reorder(index)``: keep, repeat or drop batch rows (beam search, continuous batching).
+- ``crop(length)``: forget every token after the first ``length`` (rejected draft tokens).
+
+Kinds: ``KVCache`` (growing, or ``static`` for a compiled step: fixed shapes, every slot read),
+``RollingKVCache`` (sliding-window decoding: a ring of the last ``capacity`` tokens) and
+``CrossCache`` (cross-attention keys/values of a source: computed once, afterwards only reordered).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.errors import AttnkitError
+
+
+def _take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """t's batch rows (dim 0) at ``index``; in place when the batch size stays, so tensors a
+    compiled graph writes into keep their identity."""
+    picked = t.index_select(0, index)
+    if picked.shape == t.shape:
+        return t.copy_(picked)
+    return picked
+
+
+class KVCache:
+    """Keys and values of ``n_layers`` layers, preallocated for ``capacity`` tokens.
+
+    Slot i holds the i-th token written. Growing (default): attention reads slots [0, length).
+    ``static=True`` keeps every shape fixed for a compiled decode step: attention reads all
+    ``capacity`` slots (unwritten ones are invalid, so masked) and writes go through an index tensor.
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device, static: bool = False):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity = capacity
+        self.length = 0  # tokens written so far
+        self.static = static
+        self.unpadded = not static  # no padding written yet: attention may skip the mask
+        self._write: slice | Tensor = slice(0, 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_pos.shape[0]
+
+    def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
+        self.claim(positions.shape[1])
+        return self.record(positions, valid)
+
+    def claim(self, T: int) -> None:
+        """The Python half of ``reserve``: take the next T slots. A compiled step runs it before its graph."""
+        if self.length + T > self.capacity:
+            raise AttnkitError(
+                f"the KV cache holds {self.capacity} tokens and {self.length + T} were requested; "
+                "ask for fewer new tokens or a shorter prompt"
+            )
+        start, self.length = self.length, self.length + T
+        # static: an index tensor, so that a compiled step's graph does not depend on the length
+        self._write = torch.arange(start, start + T, device=self.key_pos.device) if self.static else slice(start, start + T)
+
+    def record(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The tensor half of ``reserve``: note the claimed slots' positions and validity."""
+        if self.static:  # every slot, always: unwritten ones are invalid
+            self.key_pos.index_copy_(1, self._write, positions)
+            self.key_valid.index_copy_(1, self._write, valid)
+            return self.key_pos, self.key_valid
+        self.key_pos[:, self._write] = positions
+        self.key_valid[:, self._write] = valid
+        return self.key_pos[:, : self.length], self.key_valid[:, : self.length]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return all keys and values to attend over."""
+        if self.static:
+            self.k[layer].index_copy_(2, self._write, k)
+            self.v[layer].index_copy_(2, self._write, v)
+            return self.k[layer], self.v[layer]
+        self.k[layer][:, :, self._write] = k
+        self.v[layer][:, :, self._write] = v
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
+        n = self.capacity if self.static else self.length  # slots past `length` hold nothing yet
+        for kv in (self.k, self.v):
+            for layer, t in enumerate(kv):
+                if t.shape[0] == len(index):
+                    t[:, :, :n] = t[:, :, :n].index_select(0, index)
+                else:
+                    kv[layer] = t.index_select(0, index)
+        self.key_pos = _take_rows(self.key_pos, index)
+        self.key_valid = _take_rows(self.key_valid, index)
+
+    def crop(self, length: int) -> None:
+        """Forget every token after the first ``length``."""
+        if not 0 <= length <= self.length:
+            raise AttnkitError(f"cannot crop a cache of {self.length} tokens to {length}")
+        if self.static:  # the compiled step reads every slot: the dropped ones must be masked
+            self.key_valid[:, length: self.length] = False
+        self.length = length
+
+
+class RollingKVCache:
+    """Sliding-window decoding: a ring of the last ``capacity`` tokens' keys and values.
+
+    Token number c (counting every token written, padding included) lives in slot c % capacity,
+    so memory stays constant however long generation runs. Masks come from ``key_pos``, so the
+    order of the slots does not matter; capacity must be at least the attention window, and
+    ``crop`` can forget up to ``capacity - window`` tokens (those slots only overwrote tokens that
+    were already out of every later query's window). One new token overwrites the oldest slot; a
+    step of T > 1 tokens attends over the old ring plus its own T keys (exact even when
+    T > capacity), then keeps the last ``capacity`` of them.
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, window: int,
+                 dtype: torch.dtype, device, spare: int = 0):
+        if window <= 0 or spare < 0:
+            raise AttnkitError(f"a rolling KV cache needs a positive window, got {window}")
+        capacity = window + spare
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity, self.window = capacity, window
+        self.length = 0  # tokens written so far (keeps counting past the capacity)
+        self.unpadded = True
+        self.static = False
+        self._step: tuple = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_pos.shape[0]
+
+    def reserve(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Claim slots for T new tokens (B, T); return the (key_pos, key_valid) to attend over."""
+        T, C = positions.shape[1], self.capacity
+        n_old = min(self.length, C)
+        if T == 1:  # in place: the slot it takes held a token `capacity` positions back
+            slot = self.length % C
+            self.key_pos[:, slot] = positions[:, 0]
+            self.key_valid[:, slot] = valid[:, 0]
+            self.length += 1
+            n = min(self.length, C)
+            self._step = (slot, n)
+            return self.key_pos[:, :n], self.key_valid[:, :n]
+        key_pos = torch.cat([self.key_pos[:, :n_old], positions], dim=1)  # (B, n_old + T)
+        key_valid = torch.cat([self.key_valid[:, :n_old], valid], dim=1)
+        keep = min(T, C)  # the newest tokens that stay in the ring
+        slots = torch.arange(self.length + T - keep, self.length + T, device=positions.device) % C
+        self.key_pos[:, slots] = positions[:, T - keep:]
+        self.key_valid[:, slots] = valid[:, T - keep:]
+        self.length += T
+        self._step = (n_old, slots, T - keep)
+        return key_pos, key_valid
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v (B, Hkv, T, hd) for ``layer``; return the keys and values to attend over."""
+        if k.shape[2] == 1:
+            slot, n = self._step
+            self.k[layer][:, :, slot] = k[:, :, 0]
+            self.v[layer][:, :, slot] = v[:, :, 0]
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        n_old, slots, first_kept = self._step
+        k_all = torch.cat([self.k[layer][:, :, :n_old], k], dim=2)  # (B, Hkv, n_old + T, hd)
+        v_all = torch.cat([self.v[layer][:, :, :n_old], v], dim=2)
+        self.k[layer][:, :, slots] = k[:, :, first_kept:]
+        self.v[layer][:, :, slots] = v[:, :, first_kept:]
+        return k_all, v_all
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
+        for kv in (self.k, self.v):
+            for layer, t in enumerate(kv):
+                kv[layer] = _take_rows(t, index)
+        self.key_pos = _take_rows(self.key_pos, index)
+        self.key_valid = _take_rows(self.key_valid, index)
+
+    def crop(self, length: int) -> None:
+        """Forget every token after the first ``length`` (at most ``capacity - window`` of them)."""
+        dropped = self.length - length
+        if not 0 <= dropped <= self.capacity - self.window:
+            raise AttnkitError(f"a rolling cache with {self.capacity - self.window} spare slots cannot forget "
+                               f"{dropped} tokens; make it with spare >= the tokens a step may reject")
+        slots = torch.arange(length, self.length, device=self.key_pos.device) % self.capacity
+        self.key_valid[:, slots] = False  # the ring keeps no older copy of these slots: mask them
+        self.length = length
+
+
+class CrossCache:
+    """Cross-attention keys and values of a source (B, Hkv, S, hd) per decoder layer.
+
+    Filled once per source by the first decoding step (``store``), then only read (``get``) and
+    reordered with the rows of the decode state; ``crop`` keeps everything (the source does not grow).
+    ``source_valid`` (B, S) bool marks the source's real tokens.
+    """
+
+    def __init__(self, n_layers: int, source_valid: Tensor | None = None):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.source_valid = source_valid
+
+    def filled(self, layer: int) -> bool:
+        return self.k[layer] is not None
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer], self.v[layer]
+
+    def reorder(self, index: Tensor) -> None:
+        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
+        if self.source_valid is not None:
+            self.source_valid = self.source_valid.index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        """The source stays whole: nothing to forget."""
+
+
+class DecodeState:
+    """What a generative model keeps between decoding steps: its caches and each row's next position.
+
+    ``generate.py`` only ever calls ``reorder`` (beam search) and ``crop`` (speculative decoding)
+    on it and passes it back to the model's ``advance``. Rows are independent: ``reorder`` may
+    repeat, drop or permute them. ``length`` counts the tokens fed so far (each row the same).
+    A family that needs more (a decoder's token history, a GRU's hidden state) subclasses it.
+    """
+
+    def __init__(self, caches: list, next_pos: Tensor, length: int):
+        self.caches = caches
+        self.next_pos = next_pos  # (B, 1) long: the position of each row's next token
+        self.length = length
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_pos.shape[0]
+
+    def reorder(self, index: Tensor) -> None:
+        for cache in self.caches:
+            cache.reorder(index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        """Forget the tokens fed after the first ``length`` (only those of the latest ``advance``)."""
+        dropped = self.length - length
+        if dropped < 0:
+            raise AttnkitError(f"cannot crop a decode state of {self.length} tokens to {length}")
+        for cache in self.caches:
+            cache.crop(cache.length - dropped if hasattr(cache, "length") else length)
+        self.next_pos = self.next_pos - dropped
+        self.length = length
