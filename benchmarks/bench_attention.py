@@ -231,14 +231,14 @@ def extrapolation() -> str:
     for name, overrides in SCHEMES.items():
         cfg = TrainConfig(model="gpt2-char-tiny", model_overrides={"context_length": TRAIN_CONTEXT, **overrides},
                           batch_size=TRAIN_BATCH, lr=2e-3, warmup_steps=25, max_steps=TRAIN_STEPS,
-                          eval_interval=TRAIN_STEPS, eval_batches=4, log_interval=100, device="cpu",
+                          eval_interval=TRAIN_STEPS, eval_batches=4, log_interval=100, device="cpu", precision="fp32",
                           out_dir=tempfile.mkdtemp(prefix="bench-attn-"), sample_tokens=0, seed=1337)
         trainer = Trainer(cfg, train_text=train_text, val_text=val_text, quiet=True)
         t0 = time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - t0
         model = trainer.raw_model
-        val = trainer.val_tokens
+        val = trainer.task.val_tokens
         ppl = []
         for length in EVAL_LENGTHS:
             if model.cfg.positional == "learned" and length > model.cfg.context_length:

@@ -41,7 +41,7 @@ def quality(args) -> None:
     result = trainer.fit()
     wall = time.perf_counter() - t0
     model = trainer.raw_model
-    full = evaluate_tokens(model, trainer.val_tokens, batch_size=64, precision="fp32")
+    full = evaluate_tokens(model, trainer.task.val_tokens, batch_size=64, precision="fp32")
     try:
         sample = sample_text(model, trainer.tokenizer, cfg.sample_prompt, 300, cfg.seed)
     except Exception as e:  # a sampling failure must not throw away a 10-minute measurement
@@ -186,7 +186,7 @@ def _same_steps_quality(args) -> list[list]:
                 warmup_steps=20, batch_size=16, eval_interval=10**9, out_dir=tmp)
             trainer = Trainer(cfg, quiet=True)
             trainer.fit()
-            results[precision] = evaluate_tokens(trainer.raw_model, trainer.val_tokens, batch_size=64,
+            results[precision] = evaluate_tokens(trainer.raw_model, trainer.task.val_tokens, batch_size=64,
                                                  max_tokens=100_000)["loss"]
     return [[p, args.quality_steps, f"{loss:.4f}", f"{100 * (loss / results['fp32'] - 1):+.2f}%"]
             for p, loss in results.items()]

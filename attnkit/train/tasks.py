@@ -1,0 +1,179 @@
+"""Tasks: what a run learns. A task owns its data, its batches, its loss and its metrics; the
+loop (attnkit.train.loop) owns everything else and never looks inside a batch.
+
+A new task (masked LM, classification, seq2seq, ...) is a small subclass of ``Task``: build the
+data and tokenizer, say which model config it trains, then answer three questions — the next
+training batch, the loss of a batch, and the metrics of an evaluation.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnkit.config import ModelConfig, preset
+from attnkit.errors import AttnkitError
+from attnkit.train.config import TrainConfig, autocast
+
+
+def always() -> bool:
+    return True
+
+
+class Task(abc.ABC):
+    """The part of training that knows what is being learned.
+
+    Attributes a task sets: ``tokenizer`` (saved with every checkpoint, or None), ``model_config``
+    (the model it trains), ``tokens_per_batch`` (tokens in one global training batch, for the
+    tokens/s report) and ``eval_batches`` (batches in one full evaluation).
+    """
+
+    tokenizer: Any
+    model_config: ModelConfig
+    tokens_per_batch: int
+    eval_batches: int
+
+    @abc.abstractmethod
+    def train_batch(self, generator: torch.Generator, *, device: torch.device, rank: int = 0,
+                    world: int = 1) -> Any:
+        """This rank's share of the next global training batch, drawn from ``generator`` only (the
+        loop saves its state, so a resumed run draws the same batches); every rank draws the same
+        global batch and keeps part ``rank`` of ``world``."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """The scalar loss of a batch (the loop runs this under its autocast and backpropagates it)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, *, device: torch.device,
+                 next_batch_fits: Callable[[], bool] = always) -> dict:
+        """Metrics on the held-out data: ``{"val_loss": ..., ...}`` (lower val_loss is better: it picks
+        best/). The loop calls it in eval mode, without grad, under its autocast; it asks
+        ``next_batch_fits()`` before every batch after the first and stops when told no (a time
+        budget), saying how many batches it used as ``val_batches``."""
+
+
+# --- next-token language modelling ------------------------------------------------------------
+
+def next_token_losses(model: nn.Module, windows: Tensor) -> Tensor:
+    """The loss of predicting each token of ``windows`` (B, T + 1) from the ones before it: (B, T)."""
+    logits = model(windows[:, :-1])  # (B, T, V)
+    targets = windows[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def random_windows(tokens: Tensor, context: int, n: int, generator: torch.Generator) -> Tensor:
+    """(n, context + 1) windows at uniformly random starts."""
+    starts = torch.randint(len(tokens) - context, (n,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(context + 1)]
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+class LanguageModelingTask(Task):
+    """Next-token prediction on random windows of context + 1 tokens of a token stream; evaluation
+    on fixed val windows (the same ones at every evaluation, drawn from seed + 1)."""
+
+    def __init__(self, tokenizer, train_tokens: Tensor, val_tokens: Tensor, model_config: ModelConfig, *,
+                 batch_size: int, eval_batches: int, seed: int):
+        self.tokenizer, self.model_config = tokenizer, model_config
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.context = model_config.context_length
+        for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
+            if len(tokens) < self.context + 2:
+                raise AttnkitError(f"the {split} text has {len(tokens)} tokens, fewer than the context length "
+                                   f"{self.context} + 2; give more text or a smaller context_length")
+        self.batch_size = batch_size
+        self.tokens_per_batch = batch_size * self.context
+        self.eval_batches = eval_batches
+        eval_rng = torch.Generator().manual_seed(seed + 1)
+        self.eval_starts = torch.randint(len(val_tokens) - self.context, (eval_batches, batch_size), generator=eval_rng)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
+                    checkpoint: Path | None = None) -> "LanguageModelingTask":
+        """Text from ``cfg.data`` (unless given), a tokenizer trained on it (or the one in
+        ``checkpoint``, for a resumed run), the preset with the tokenizer's vocabulary size."""
+        from attnkit.tokenizers import load_tokenizer, make_tokenizer
+
+        if train_text is None or val_text is None:
+            from attnkit.data.text import load_text
+
+            train_text, val_text = load_text(cfg.data, cfg.val_fraction)
+        if checkpoint is not None:
+            tokenizer = load_tokenizer(checkpoint)
+        else:
+            tokenizer = make_tokenizer(cfg.tokenizer, train_text, vocab_size=cfg.vocab_size)
+        encode = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long)  # noqa: E731
+        model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": tokenizer.vocab_size})
+        return cls(tokenizer, encode(train_text), encode(val_text), model_config, batch_size=cfg.batch_size,
+                   eval_batches=cfg.eval_batches, seed=cfg.seed)
+
+    def train_batch(self, generator, *, device, rank=0, world=1) -> Tensor:
+        windows = random_windows(self.train_tokens, self.context, self.batch_size, generator)
+        per = self.batch_size // world
+        return windows[rank * per:(rank + 1) * per].to(device, non_blocking=True)
+
+    def loss(self, model, batch: Tensor) -> Tensor:
+        return next_token_losses(model, batch).mean()
+
+    def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
+        total, used = 0.0, 0
+        for starts in self.eval_starts:
+            if used and not next_batch_fits():
+                break
+            windows = self.val_tokens[starts[:, None] + torch.arange(self.context + 1)].to(device)
+            total += next_token_losses(model, windows).mean().item()
+            used += 1
+        loss = total / used
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_batches": used}
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, tokens: Tensor, *, batch_size: int = 32, precision: str = "fp32",
+                    max_tokens: int | None = None) -> dict:
+    """Mean next-token loss over a token sequence, every target scored once (windows of the
+    model's context, stride = context). Returns {"loss", "perplexity", "tokens"}."""
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    n = len(tokens)
+    if n < 2:
+        raise AttnkitError("the evaluation text is shorter than two tokens; give it more text")
+    device = next(model.parameters()).device
+    length = min(model.cfg.context_length, n - 1)
+    starts = list(range(0, n - 1, length))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        rows, keep = [], []
+        for s in starts[i:i + batch_size]:
+            end = min(s + length, n - 1)  # last target index
+            rows.append(tokens[end - length:end + 1])
+            keep.append(end - s)  # the last `keep` targets are new
+        with autocast(device, precision):
+            losses = next_token_losses(model, torch.stack(rows).to(device))  # (B, T)
+        scored = torch.arange(length, device=device)[None, :] >= (length - torch.tensor(keep, device=device))[:, None]
+        total += losses[scored].sum().item()
+        count += int(scored.sum())
+    model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, temperature: float = 0.8) -> str:
+    """The end-of-training sample (generation, including past the context, is attnkit.generate's)."""
+    from attnkit.generate import Sampling, generate_text
+
+    model.eval()
+    ids = tokenizer.encode(prompt)[-model.cfg.context_length:]  # the prompt may be a recipe's long text
+    return generate_text(model, tokenizer, tokenizer.decode(ids), max_new_tokens=max_new_tokens,
+                         sampling=Sampling(temperature=temperature), seed=seed)
