@@ -1,5 +1,6 @@
 """Training: exact resume, DDP == one process, the CLI path on the user's own text, bad input,
-NaN stops, the lr schedule and which parameters decay."""
+NaN stops, the lr schedule and which parameters decay; SIGTERM / Ctrl-C save and resume, timed
+saves, the time budget, the automatic precision, sliding windows with RoPE."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,9 @@ import torch
 from click.testing import CliRunner
 
 from attnkit.cli import main
-from attnkit.train import (TrainConfig, Trainer, TrainingStopped, load_recipe, lr_at, param_groups,
-                           read_train_state)
+import attnkit.train.loop as loop
+from attnkit.train import (TrainConfig, Trainer, TrainingInterrupted, TrainingStopped, load_recipe, lr_at,
+                           param_groups, read_train_state, resolve_config, resolve_precision)
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = [
@@ -297,3 +301,180 @@ def test_bad_input_prints_one_sentence_and_exits_2_leaving_checkpoints_alone(cli
     error_lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert {p: sha(p) for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+# --- interruptions, timed saves, the time budget -------------------------------------------------
+
+def train_losses(run_folder: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_last_and_resume_gives_identical_losses(tmp_path, stop_signal,
+                                                                                          exit_code):
+    with_dropout = dict(model_overrides={**TINY, "dropout": 0.1})  # dropout draws from the loop's RNG
+    straight = run(tiny_config(tmp_path / "a", **with_dropout))
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path / "b", **with_dropout), train_text=train_text, val_text=val_text,
+                      quiet=True)
+    forwards = {"n": 0}
+
+    def signal_during_step_7(module, args, output):
+        if module.training:
+            forwards["n"] += 1
+            if forwards["n"] == 7:
+                os.kill(os.getpid(), stop_signal)
+        return output
+
+    trainer.raw_model.register_forward_hook(signal_during_step_7)
+    handler_before = signal.getsignal(stop_signal)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit()
+    assert stop.value.exit_code == exit_code
+    assert f"saved {tmp_path / 'b' / 'last'}" in str(stop.value) and "--resume" in str(stop.value)
+    assert signal.getsignal(stop_signal) is handler_before  # the loop's handler is gone again
+    assert read_train_state(tmp_path / "b" / "last")["step"] == 7  # step 7 was finished, not abandoned
+    rest = run(tiny_config(tmp_path / "b", **with_dropout), resume=True)
+    assert len(rest) == 13 and train_losses(tmp_path / "b") == straight  # bit-identical
+
+
+def test_training_leaves_the_callers_global_rng_alone(tmp_path):
+    cfg = tiny_config(tmp_path / "a", max_steps=3, model_overrides={**TINY, "dropout": 0.1})
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = run(cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # another caller state: the same run
+    assert run(cfg.replace(out_dir=str(tmp_path / "b"))) == first
+
+
+SIGNAL_RECIPE = """
+name: sig
+tokenizer: {kind: char}
+model: {preset: gpt2-char-tiny, n_layer: 2, n_head: 2, d_model: 32, context_length: 32}
+train: {batch_size: 4, lr_decay_steps: 1000, warmup_steps: 3, max_steps: 100000, eval_interval: 100000,
+        eval_batches: 2, log_interval: 1, precision: fp32, device: cpu, seed: 5, sample_tokens: 0}
+"""
+
+
+def test_cli_sigterm_exits_143_after_saving_last_and_resume_matches_an_uninterrupted_run(tmp_path):
+    recipe, corpus = tmp_path / "sig.yaml", tmp_path / "text.txt"
+    recipe.write_text(SIGNAL_RECIPE)
+    corpus.write_text(TEXT)
+    given = ["--config", str(recipe), "--data", str(corpus), "--threads", "1"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "attnkit", "train", *given, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "metrics.jsonl").exists() and len(train_losses(out)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert f"continue with `attnkit train --out {out} --resume`" in stderr
+    step = read_train_state(out / "last")["step"]
+    assert step >= 3
+    resumed = CliRunner().invoke(main, ["train", "--out", str(out), "--resume", "--max-steps", str(step + 3),
+                                        "--threads", "1"])
+    assert resumed.exit_code == 0, resumed.output
+    straight = CliRunner().invoke(main, ["train", *given, "--out", str(tmp_path / "straight"), "--max-steps",
+                                         str(step + 3)])
+    assert straight.exit_code == 0, straight.output
+    assert train_losses(out) == train_losses(tmp_path / "straight") and len(train_losses(out)) == step + 3
+
+
+class FakeClock:
+    """loop.clock for tests: time moves only when a test says so (a slow step, a slow eval batch)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def slow_trainer(tmp_path, monkeypatch, *, step_s: float, eval_batch_s: float, **changes) -> tuple[Trainer, FakeClock]:
+    """A trainer on a fake clock where each training forward takes step_s and each eval batch eval_batch_s."""
+    fake = FakeClock()
+    monkeypatch.setattr(loop, "clock", fake)
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path, **changes), train_text=train_text, val_text=val_text, quiet=True)
+
+    def take_time(module, args, output):
+        fake.now += step_s if module.training else eval_batch_s
+        return output
+
+    trainer.raw_model.register_forward_hook(take_time)
+    return trainer, fake
+
+
+def test_save_every_minutes_writes_last_when_the_minutes_have_passed(tmp_path, monkeypatch):
+    trainer, fake = slow_trainer(tmp_path, monkeypatch, step_s=40, eval_batch_s=0, max_steps=5, eval_interval=100,
+                                 save_every_minutes=1)
+    saves, save = [], trainer.save
+    trainer.save = lambda name, metrics: (saves.append((name, trainer.step)), save(name, metrics))[1]
+    trainer.fit()
+    assert saves == [("last", 2), ("last", 4), ("best", 5), ("last", 5)]  # at 80 s and 160 s, then the end
+    assert TrainConfig(save_every_minutes=5).config_hash() == TrainConfig().config_hash()  # a resume may change it
+
+
+def test_max_time_stops_before_a_step_or_a_cadence_eval_that_would_pass_it(tmp_path, monkeypatch):
+    # steps take 5 s, eval batches 2 s (2 per eval): steps 1-4 end at 20 s + one eval (4 s) = 24 s; a
+    # 5th step would leave no room for the final eval, and the cadence eval at step 4 would eat into it
+    trainer, fake = slow_trainer(tmp_path, monkeypatch, step_s=5, eval_batch_s=2, max_time=30, max_steps=100,
+                                 eval_interval=2)
+    result = trainer.fit()
+    assert result["step"] == 4 and result["stopped_by"] == "max_time" and "final evaluation" in result["why"]
+    evals = [r for r in trainer.run.history if r["kind"] == "eval"]
+    assert [(r["step"], r["val_batches"]) for r in evals] == [(2, 2), (4, 2)]  # step 4's is the final one
+    assert fake.now == 28 <= 30 and result["elapsed_s"] == 28
+    assert read_train_state(tmp_path / "last")["step"] == 4
+
+
+def test_an_evaluation_slower_than_the_budget_allows_is_cut_short_and_the_final_save_still_happens(
+        tmp_path, monkeypatch):
+    # eval batches take 10 s: the final eval (4 batches) is cut to the one batch that fits in 30 s
+    trainer, fake = slow_trainer(tmp_path, monkeypatch, step_s=5, eval_batch_s=10, max_time=30, max_steps=100,
+                                 eval_interval=100, eval_batches=4)
+    result = trainer.fit()
+    assert result["step"] == 4 and result["stopped_by"] == "max_time"
+    assert result["val_batches"] == 1 and math.isfinite(result["val_loss"])
+    assert fake.now == 30
+    assert read_train_state(tmp_path / "last")["step"] == 4
+
+
+# --- precision and positional defaults ----------------------------------------------------------------
+
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(tmp_path, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_config(data="my_text.txt", device="cpu").precision == "bf16"  # stored, hashed, printed resolved
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_config(data="my_text.txt", device="cpu").precision == "fp32"
+    train_text, val_text = split()
+    assert Trainer(tiny_config(tmp_path, precision="auto"), train_text=train_text, val_text=val_text,
+                   quiet=True).cfg.precision == "fp32"
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, ok=supported, **k: ok)
+        assert resolve_precision("auto", cuda) == expected
+    assert resolve_precision("fp32", cuda) == "fp32" and TrainConfig().precision == "auto"
+    with pytest.raises(Exception, match="precision 'fp16' is not one of"):
+        TrainConfig(precision="fp16").validate()
+
+
+def test_a_sliding_window_without_a_positional_scheme_trains_with_rope():
+    sliding = {"attention": "sliding", "window": 32}
+    assert resolve_config(data="my_text.txt", model_overrides=sliding).model_overrides["positional"] == "rope"
+    explicit = resolve_config(data="my_text.txt", model_overrides={**sliding, "positional": "learned"})
+    assert explicit.model_overrides["positional"] == "learned"
+    from_recipe = resolve_config(recipe="shakespeare-char-gpu", model_overrides=sliding)  # its model says learned
+    assert from_recipe.model_overrides["positional"] == "learned"
+    assert "positional" not in resolve_config(data="my_text.txt").model_overrides  # dense keeps the preset's
