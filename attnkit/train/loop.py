@@ -351,16 +351,17 @@ class Trainer:
                     bar.update(1)
                     if self.step % cfg.log_interval == 0 or self.step == end:
                         now = clock()
-                        tps = self.task.tokens_per_batch * cfg.grad_accum * steps_since_log / (now - last_log)
+                        tokens = self.task.tokens_per_batch * cfg.grad_accum * steps_since_log
+                        tps = tokens / max(now - last_log, 1e-9)
                         self.run.log({"kind": "train", "step": self.step, "loss": loss,
                                       "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tps,
                                       "elapsed_s": now - start})
-                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", eta=self._eta(start, first_step, end,
-                                                                                                   budget))
+                        eta = self._eta(start, first_step, end, budget)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", eta=eta)
                         last_log, steps_since_log = now, 0
                     if self.step % cfg.eval_interval == 0:
                         self._eval_and_save(budget, final=False)
-                    if self.main and cfg.save_every_minutes and clock() - self.last_save_at >= 60 * cfg.save_every_minutes:
+                    if self._timed_save_due():
                         self.save("last", {})  # a hard kill loses at most save_every_minutes of training
                 else:
                     stopped_by = "max_steps" if self.step >= cfg.max_steps else "stop_at"
@@ -372,6 +373,11 @@ class Trainer:
         return {"step": self.step, "stopped_by": stopped_by, "why": why, "losses": losses,
                 "elapsed_s": clock() - start, "best_val_loss": self.best_val, **self.last_eval,
                 "out": str(self.out), "loss_curve": str(self.run.loss_curve)}
+
+    def _timed_save_due(self) -> bool:
+        """save_every_minutes have passed since last/ was written (rank 0 alone decides: only it saves)."""
+        minutes = self.cfg.save_every_minutes
+        return self.main and minutes is not None and clock() - self.last_save_at >= 60 * minutes
 
     def _agree(self, stop_reason: str | None, signal_number: int | None) -> tuple[str | None, int]:
         """Rank 0's clock and budget decision, and any rank's stop signal, on every rank (one small
