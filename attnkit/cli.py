@@ -56,37 +56,86 @@ def _dtype(name: str):
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(), help="attnkit checkpoint or Hugging Face GPT-2/Llama folder.")
+@click.option("--ckpt", required=True, type=click.Path(),
+              help="attnkit checkpoint, a run folder (uses its best/) or a Hugging Face GPT-2/Llama folder.")
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=200, show_default=True, type=int)
-@click.option("--temperature", default=0.8, show_default=True, type=float, help="0 is greedy.")
+@click.option("--temperature", default=None, type=float, help="0 is greedy.  [default: 0.8; beam search: 0]")
 @click.option("--top-k", default=None, type=int, help="Sample from the k most likely tokens.")
 @click.option("--top-p", default=None, type=float, help="Nucleus sampling: smallest set with this mass, in (0, 1].")
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
+              help="Never repeat an n-gram of this size (0 is off).")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--beams", default=None, type=int, help="Beam search with this many beams (deterministic).")
+@click.option("--num-return", default=1, show_default=True, type=int, help="Beam search: how many hypotheses to print.")
+@click.option("--length-penalty", default=1.0, show_default=True, type=float,
+              help="Beam search: scores are log-probabilities / length ** this (> 0 favours longer text).")
+@click.option("--early-stopping/--no-early-stopping", default=True, show_default=True,
+              help="Beam search: stop once --beams hypotheses have finished.")
+@click.option("--draft", default=None, type=click.Path(),
+              help="Speculative decoding: a smaller checkpoint with the same tokenizer proposes tokens.")
+@click.option("--draft-tokens", default=4, show_default=True, type=int,
+              help="Speculative decoding: tokens proposed per round.")
+@click.option("--prompt-lookup", default=0, show_default=True, type=int,
+              help="Speculative decoding without a draft: propose what followed the latest earlier match of the "
+                   "last N tokens (good when the output copies the input).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--compile", "compile_step", is_flag=True,
               help="Compile the one-token step (dense attention): faster decoding after a one-off compile, "
                    "cached on disk for the next run.")
-def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, device,
-             dtype_name, compile_step):
+def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, stop, seed,
+             beams, num_return, length_penalty, early_stopping, draft, draft_tokens, prompt_lookup, device, dtype_name,
+             compile_step):
     """Continue a prompt, printing the text as it is generated.
 
     \b
-    Example:
-      attnkit generate --ckpt runs/shakespeare-char/best -p "ROMEO:" --max-new-tokens 300 --seed 1
+    Examples:
+      attnkit generate --ckpt runs/shakespeare-char -p "ROMEO:" --max-new-tokens 300 --seed 1
+      attnkit generate --ckpt runs/shakespeare-char -p "ROMEO:" --beams 4 --num-return 2 --length-penalty 0.8
+      attnkit generate --ckpt runs/big -p "ROMEO:" --temperature 0 --draft runs/small --draft-tokens 4
+      attnkit generate --ckpt runs/x -p "$(cat notes.txt)" --temperature 0 --prompt-lookup 3
     """
     from attnkit.checkpoints import load_checkpoint
-    from attnkit.generate import Sampling, stream_text
+    from attnkit.generate import Beams, Sampling, Speculation, beam_search_text, stream_text
+    from attnkit.tokenizers import same_tokenizer
 
-    sampling = Sampling(temperature, top_k, top_p, repetition_penalty).validate()
+    speculative = draft is not None or prompt_lookup > 0
+    if beams is not None:
+        if temperature not in (None, 0) or top_k is not None or top_p is not None:
+            raise AttnkitError("beam search is deterministic here; drop --temperature/--top-k/--top-p, or sample "
+                               "without --beams")
+        if speculative:
+            raise AttnkitError("beam search does not combine with --draft or --prompt-lookup; choose one")
+        beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
+    elif num_return != 1:
+        raise AttnkitError("--num-return needs beam search; add --beams N (N >= --num-return)")
+    sampling = Sampling(0.8 if temperature is None else temperature, top_k, top_p, repetition_penalty,
+                        no_repeat_ngram).validate()
+    speculation = Speculation(None, draft_tokens, prompt_lookup) if speculative else None
+    if speculation is not None and draft_tokens < 1:
+        raise AttnkitError(f"--draft-tokens must be at least 1, got {draft_tokens}")
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
+    if draft is not None:
+        speculation.draft, draft_tokenizer = load_checkpoint(draft, device=_device(device), dtype=_dtype(dtype_name))
+        if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
+            raise AttnkitError(f"the draft {draft} does not use the same tokenizer as {ckpt}; train the draft on the "
+                               "same tokenizer (or use --prompt-lookup, which needs no draft)")
+        speculation.validate(model)
+    if beams is not None:
+        hypotheses = beam_search_text(model, tokenizer, prompt, beams=beam_settings, max_new_tokens=max_new_tokens,
+                                      stop=stop, compile=compile_step)
+        for rank, (text, score) in enumerate(hypotheses, start=1):
+            if len(hypotheses) > 1:
+                click.echo(f"--- beam {rank} (score {score:.4f}) ---")
+            click.echo(prompt + text)
+        return
     pieces = stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                         stop=stop, seed=seed, compile=compile_step)
+                         stop=stop, seed=seed, compile=compile_step, speculation=speculation)
     first = next(pieces, "")  # the prompt's checks run here, so an error is printed alone
     click.echo(prompt + first, nl=False)
     for piece in pieces:

@@ -457,8 +457,9 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> lis
     return ([bos_id] if bos_id is not None and not ids else []) + ids
 
 
-def _stop_ids(tokenizer: Tokenizer) -> list[int]:
-    return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+def _stop_ids(tokenizer: Tokenizer, model) -> list[int]:
+    """The tokenizer's end token and the model's (a Hugging Face config names its own)."""
+    return sorted({t for t in (tokenizer.eos_id, model.cfg.eos_id) if t is not None and t < tokenizer.vocab_size})
 
 
 def generate_text(
@@ -482,7 +483,7 @@ def generate_text(
         outputs = ["".join(stream_text(model, tokenizer, p, stop=stop, **options)) for p in batch]
     else:
         encoded = [_encode_prompt(tokenizer, p, model.cfg.bos_id) for p in batch]
-        stop_ids = _stop_ids(tokenizer)
+        stop_ids = _stop_ids(tokenizer, model)
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for token, finished in generate_tokens(model, encoded, stop_ids=stop_ids, pad_id=tokenizer.eos_id or 0,
@@ -496,13 +497,17 @@ def generate_text(
 
 
 def beam_search_text(model, tokenizer: Tokenizer, prompt: str, *, beams: Beams | None = None,
-                     max_new_tokens: int = 100, compile: bool = False) -> list[tuple[str, float]]:
-    """The best continuations of one prompt by beam search, as (text, score), best first."""
-    stop_ids = _stop_ids(tokenizer)
+                     max_new_tokens: int = 100, stop: Sequence[str] = (), compile: bool = False
+                     ) -> list[tuple[str, float]]:
+    """The best continuations of one prompt by beam search, as (text, score), best first; each
+    text ends before its first stop string."""
+    stop_ids = _stop_ids(tokenizer, model)
     hypotheses = beam_search(model, [_encode_prompt(tokenizer, prompt, model.cfg.bos_id)], beams=beams,
                              max_new_tokens=max_new_tokens, eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0,
                              compile=compile)[0]
-    return [(tokenizer.decode([t for t in tokens if t not in stop_ids]), score) for tokens, score in hypotheses]
+    texts = [tokenizer.decode([t for t in tokens if t not in stop_ids]) for tokens, _ in hypotheses]
+    texts = [min((text[: text.find(s)] for s in stop if s and s in text), key=len, default=text) for text in texts]
+    return [(text, score) for text, (_, score) in zip(texts, hypotheses)]
 
 
 def stream_text(
@@ -523,7 +528,7 @@ def stream_text(
     generation ends at the first stop string (not included) or the tokenizer's end token.
     """
     stop = [s for s in stop if s]
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = _stop_ids(tokenizer, model)
     decoder, pending = StreamDecoder(tokenizer), ""
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,

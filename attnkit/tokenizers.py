@@ -169,6 +169,13 @@ def make_tokenizer(kind: str, train_text: str | Iterable[str] | None = None, voc
     return train_bpe(train_text, vocab_size)
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """True when both map every id to the same text (a draft model must share its target's tokens)."""
+    if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
+        return False
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
 class StreamDecoder:
     """Turns ids arriving one at a time into text as soon as it is complete.
 

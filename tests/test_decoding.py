@@ -1,0 +1,378 @@
+"""Decoding methods over the one model interface (start / advance / reorder / crop): beam search
+(Hugging Face parity, cached == uncached), speculative and prompt-lookup decoding (greedy is
+token-identical to the target's greedy; sampling keeps the target's distribution), and the caches'
+reorder / crop against recomputing from scratch."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnkit.cache import CrossCache, DecodeState, KVCache, RollingKVCache
+from attnkit.checkpoints import load_checkpoint, save_checkpoint
+from attnkit.cli import main
+from attnkit.config import ModelConfig
+from attnkit.errors import AttnkitError
+from attnkit.generate import Beams, Sampling, Speculation, beam_search, generate_tokens
+from attnkit.layers import Stack
+from attnkit.models.decoder import DecoderLM, left_pad
+from attnkit.tokenizers import CharTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, EOS = 40, 3
+BEAMS = dict(num_beams=4, length_penalty=0.8, early_stopping=True, num_return_sequences=2, no_repeat_ngram_size=3)
+
+
+def hf_model(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS, initializer_range=0.3)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_positions=64, n_layer=2, n_head=4, n_embd=32, **common)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, hidden_size=32, intermediate_size=48, rope_theta=500.0,
+                                   **common)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def load_ours(hf, tmp_path):
+    hf.save_pretrained(tmp_path / "hf")
+    CharTokenizer([chr(c) for c in range(60, 60 + VOCAB - 1)]).save(tmp_path / "hf")
+    model, _ = load_checkpoint(tmp_path / "hf")
+    return model
+
+
+def small_lm(seed, n_layer=2, d_model=32, vocab=VOCAB, std=0.3, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, context_length=96, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=d_model,
+               positional="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    model = DecoderLM(ModelConfig(**{**cfg, **kw})).eval()
+    model.reset_parameters(std=std)
+    return model
+
+
+PROMPTS = [[5, 9, 11, 7, 22, 30, 14], [8, 19, 4], [27, 6, 13, 13, 2]]
+
+
+def hf_beams(hf, prompts, max_new_tokens):
+    ids, valid, _ = left_pad(prompts, EOS, "cpu")
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=valid.long(), max_new_tokens=max_new_tokens, do_sample=False,
+                          **BEAMS)[:, ids.shape[1]:]
+    rows = []
+    for row in out.tolist():  # cut HF's padding after the end token
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_beam_search_matches_hf_generate_on_a_padded_batch(kind, tmp_path):
+    hf = hf_model(kind)
+    ours = load_ours(hf, tmp_path)
+    theirs = hf_beams(hf, PROMPTS, 24)
+    mine = beam_search(ours, PROMPTS, beams=Beams(**BEAMS), max_new_tokens=24, eos_ids=[EOS], pad_id=EOS)
+    assert [tokens for hyps in mine for tokens, _ in hyps] == theirs
+    assert any(EOS in row for row in theirs) and any(len(row) >= 12 for row in theirs)  # ends and long beams
+    assert all(a >= b for hyps in mine for (_, a), (_, b) in zip(hyps, hyps[1:]))  # best first
+
+
+def test_cli_beam_search_prints_hf_s_hypotheses(tmp_path):
+    hf = hf_model("llama")
+    load_ours(hf, tmp_path)
+    tok = CharTokenizer([chr(c) for c in range(60, 60 + VOCAB - 1)])
+    prompt = tok.decode(PROMPTS[0])
+    theirs = hf_beams(hf, [PROMPTS[0]], 20)
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(tmp_path / "hf"), "-p", prompt, "--beams", "4",
+                                       "--num-return", "2", "--length-penalty", "0.8", "--no-repeat-ngram", "3",
+                                       "--max-new-tokens", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    texts = [tok.decode([t for t in row if t != EOS]) for row in theirs]
+    assert lines[0].startswith("--- beam 1 (score -") and lines[2].startswith("--- beam 2 (score -")
+    assert [lines[1], lines[3]] == [prompt + text for text in texts]
+
+
+class RowsState(DecodeState):
+    """The reference's state: just the token rows."""
+
+    def __init__(self, rows):
+        super().__init__([], torch.zeros(len(rows), 1, dtype=torch.long), 0)
+        self.rows = rows
+
+    def reorder(self, index):
+        self.rows = [list(self.rows[i]) for i in index.tolist()]
+
+
+class Uncached:
+    """A reference model: every step re-runs the whole sequence, no cache at all."""
+
+    def __init__(self, model):
+        self.model, self.cfg = model, model.cfg
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def start(self, prompts, *, max_new_tokens, pad_id=0, **_):
+        state = RowsState([list(p) for p in prompts])
+        return state, self._last(state.rows)
+
+    def _last(self, rows):
+        ids, valid, _ = left_pad(rows, 0, "cpu")
+        return self.model(ids, attention_mask=valid)[:, -1]
+
+    def advance(self, state, tokens):
+        state.rows = [r + t for r, t in zip(state.rows, tokens.tolist())]
+        return self._last(state.rows)[:, None]
+
+
+def test_cached_beam_search_equals_uncached():
+    model = small_lm(5)
+    slow = beam_search(Uncached(model), PROMPTS, beams=Beams(**BEAMS), max_new_tokens=16, eos_ids=[EOS])
+    fast = beam_search(model, PROMPTS, beams=Beams(**BEAMS), max_new_tokens=16, eos_ids=[EOS])
+    assert [t for h in fast for t, _ in h] == [t for h in slow for t, _ in h]
+    assert any(EOS in t for h in fast for t, _ in h)
+    for (_, a), (_, b) in zip([x for h in fast for x in h], [x for h in slow for x in h]):
+        assert math.isclose(a, b, abs_tol=1e-4)
+
+
+def test_beam_search_runs_the_prompt_once_then_one_token_per_beam():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=VOCAB, context_length=64, n_layer=1, n_head=2, d_model=16)).eval()
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    beam_search(model, PROMPTS[:2], beams=Beams(num_beams=3), max_new_tokens=5)
+    handle.remove()
+    assert shapes == [(2, 7)] + [(6, 1)] * 4  # 2 prompts once; then 2 x 3 beams, one token each
+
+
+# --- speculative decoding ---------------------------------------------------------------------------
+
+def tokens_of(model, prompts, n, **kw):
+    return torch.stack([t for t, _ in generate_tokens(model, prompts, max_new_tokens=n, **kw)], 1).tolist()
+
+
+SPEC_PROMPTS = [[5, 9, 11, 7, 22], [8, 19, 4, 4, 4, 4, 30, 2, 17], [27]]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_speculative_greedy_equals_the_target_s_greedy(k, positional):
+    target = small_lm(0, positional=positional)
+    draft = small_lm(1, n_layer=1, d_model=16, positional="rope")  # a different random model: disagrees often
+    greedy = Sampling(temperature=0)
+    plain = tokens_of(target, SPEC_PROMPTS, 64, sampling=greedy)
+    spec = tokens_of(target, SPEC_PROMPTS, 64, sampling=greedy, speculation=Speculation(draft=draft, tokens=k))
+    assert spec == plain
+    one = [tokens_of(target, [p], 64, sampling=greedy, speculation=Speculation(draft=draft, tokens=k))[0]
+           for p in SPEC_PROMPTS]
+    assert one == plain
+
+
+def test_speculative_greedy_stops_at_a_stop_id_like_plain_greedy():
+    target, draft = small_lm(0), small_lm(1, n_layer=1, d_model=16)
+    greedy = Sampling(temperature=0)
+    plain = tokens_of(target, SPEC_PROMPTS, 40, sampling=greedy)
+    stop = plain[0][5]  # row 0 stops early; the others maybe later
+    kw = dict(sampling=greedy, stop_ids=[stop], pad_id=0)
+    assert tokens_of(target, SPEC_PROMPTS, 40, speculation=Speculation(draft=draft, tokens=3), **kw) == \
+        tokens_of(target, SPEC_PROMPTS, 40, **kw)
+
+
+def test_speculative_greedy_on_a_sliding_window_target_crops_its_rolling_cache():
+    target = small_lm(0, attention="sliding", window=8, context_length=32)
+    draft = small_lm(1, n_layer=1, d_model=16)
+    greedy = Sampling(temperature=0)
+    plain = tokens_of(target, SPEC_PROMPTS, 64, sampling=greedy)  # past the context: the ring wraps
+    assert tokens_of(target, SPEC_PROMPTS, 64, sampling=greedy, speculation=Speculation(draft=draft, tokens=4)) == plain
+
+
+def test_prompt_lookup_greedy_equals_plain_greedy_and_drafts_from_the_context():
+    target = small_lm(0)
+    greedy = Sampling(temperature=0)
+    prompts = [[5, 9, 11, 7, 22, 5, 9, 11, 7, 22, 5, 9], [8, 19, 4, 8, 19]]
+    forwards = []
+    handle = target.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
+    spec = tokens_of(target, prompts, 48, sampling=greedy, speculation=Speculation(prompt_lookup=3, tokens=5))
+    handle.remove()
+    assert spec == tokens_of(target, prompts, 48, sampling=greedy)
+    assert max(forwards[1:]) > 1  # proposals were checked several tokens at a time
+
+
+@pytest.mark.parametrize("draft_kind", ["another model", "the same model"])
+def test_speculative_sampling_keeps_the_target_s_distribution(draft_kind):
+    """Chi-square of the first two sampled tokens (a 6 x 6 table) against the target's own
+    probabilities: 12,000 draws see a 5% shift in any cell. Another model as draft exercises the
+    residual draws (rejections); the same model as draft accepts everything (the bonus token)."""
+    vocab, draws = 6, 12_000
+    target = small_lm(0, vocab=vocab, n_layer=1, d_model=16, std=0.6)
+    draft = small_lm(5, vocab=vocab, n_layer=1, d_model=16, std=0.6) if draft_kind == "another model" else target
+    prompt = [1, 4, 2]
+    with torch.no_grad():  # the exact joint of the first two tokens, from the target alone
+        p1 = target(torch.tensor([prompt]))[0, -1].softmax(-1)
+        seconds = target(torch.tensor([prompt + [t] for t in range(vocab)]))[:, -1].softmax(-1)
+    expected = (p1[:, None] * seconds).flatten() * draws
+    pairs = torch.tensor(tokens_of(target, [prompt] * draws, 2, sampling=Sampling(temperature=1.0), seed=0,
+                                   speculation=Speculation(draft=draft, tokens=2)))
+    observed = torch.bincount(pairs[:, 0] * vocab + pairs[:, 1], minlength=vocab * vocab).double()
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    dof = vocab * vocab - 1
+    p_value = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi2 / 2)).item()
+    assert p_value > 0.01, (chi2, p_value)
+    if draft_kind == "another model":  # the draft's own distribution is far from the target's: the test can fail
+        draft_alone = torch.tensor(tokens_of(draft, [prompt] * 4000, 1, sampling=Sampling(temperature=1.0), seed=0))
+        assert (torch.bincount(draft_alone[:, 0], minlength=vocab) / 4000 - p1).abs().max() > 0.05
+
+
+def test_bad_speculation_settings_are_refused():
+    target, draft = small_lm(0), small_lm(1)
+    for bad, words in [(Speculation(draft=draft, tokens=0), "at least 1"), (Speculation(), "exactly one"),
+                       (Speculation(draft=draft, prompt_lookup=2), "exactly one"),
+                       (Speculation(draft=small_lm(1, vocab=VOCAB + 1)), "vocabulary")]:
+        with pytest.raises(AttnkitError, match=words):
+            tokens_of(target, [[1, 2]], 4, speculation=bad)
+
+
+# --- caches: reorder and crop equal recomputing -------------------------------------------------------
+
+def cache_lm(kind):
+    extra = dict(attention="sliding", window=6) if kind == "rolling" else {}
+    return small_lm(3, context_length=64, **extra)
+
+
+@pytest.mark.parametrize("kind", ["growing", "static", "rolling"])
+def test_reorder_and_crop_give_the_logits_of_recomputing_from_scratch(kind):
+    model = cache_lm(kind)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 14), generator=g)
+    cache = model.make_cache(3, 32, static=kind == "static", **({"spare": 4} if kind == "rolling" else {}))
+    with torch.no_grad():
+        model(ids[:, :10], cache=cache)
+        index = torch.tensor([2, 0, 2])  # permute, repeat and drop rows
+        cache.reorder(index)
+        picked = ids.index_select(0, index)
+        model(picked[:, 10:14], cache=cache)  # 4 tokens, then forget 3 of them
+        cache.crop(11)
+        new = torch.randint(0, VOCAB, (3, 2), generator=g)
+        got = model(new, cache=cache, positions=torch.arange(11, 13).expand(3, 2))
+        want = model(torch.cat([picked[:, :11], new], 1))[:, 11:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cache.length == 13
+
+
+def test_a_rolling_cache_refuses_to_forget_more_than_its_spare_slots():
+    model = cache_lm("rolling")
+    cache = model.make_cache(1, 32, spare=2)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 12)), cache=cache)
+    with pytest.raises(AttnkitError, match="spare"):
+        cache.crop(9)
+
+
+def test_cross_attention_projects_the_source_once_and_reorders_with_the_beams():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, context_length=32, n_layer=2, n_head=4, d_model=32, positional="rope",
+                      norm="rmsnorm", mlp="swiglu", bias=False)
+    stack = Stack(cfg, n_layers=3, cross_attention=True).eval()  # deeper than the 2-layer config
+    scheme = DecoderLM(cfg).positions  # masks and RoPE of a causal frame
+    projections = []
+    for block in stack.layers:
+        block.cross_attn.kv.register_forward_hook(lambda m, i, o: projections.append(i[0].shape))
+    memory = torch.randn(2, 7, 32)
+    memory_valid = torch.ones(2, 7, dtype=torch.bool)
+    memory_valid[1, 5:] = False  # a shorter source in row 1
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        full, _ = stack(x, scheme.frame(torch.arange(5).expand(2, 5), None, None, torch.float32),
+                        memory=memory, memory_valid=memory_valid)
+        projections.clear()
+        cache = KVCache(3, 2, cfg.kv_heads, cfg.head_dim, 8, torch.float32, "cpu")
+        cross = CrossCache(3, memory_valid)
+        steps = []
+        for t in range(5):
+            if t == 3:  # beams trade places: both caches follow the rows
+                cache.reorder(torch.tensor([1, 0]))
+                cross.reorder(torch.tensor([1, 0]))
+                x, full = x.flip(0), full.flip(0)
+            frame = scheme.frame(torch.full((2, 1), t), None, cache, torch.float32)
+            out, _ = stack(x[:, t:t + 1], frame, cache, memory=memory if t == 0 else None,
+                           memory_valid=cross.source_valid, cross_cache=cross)
+            steps.append(out)
+    assert len(projections) == 3  # the source was projected once per layer, for the whole decode
+    torch.testing.assert_close(torch.cat(steps[:3], 1), full.flip(0)[:, :3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps[3:], 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_of_format_version_1_load_with_today_s_names(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = small_lm(0, positional="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
+    directory = save_checkpoint(tmp_path / "v2", model, None)
+    config = json.loads((directory / "config.json").read_text())
+    config["version"], config["model"]["mlp"] = 1, "gelu"
+    old = {k.replace("embed.tok.", "tok_emb.").replace("embed.pos.", "pos_emb.").replace("stack.layers.", "blocks.")
+            .replace("stack.norm.", "norm_f."): v for k, v in load_file(directory / "model.safetensors").items()}
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(config))
+    save_file(old, tmp_path / "v1" / "model.safetensors")
+    loaded, _ = load_checkpoint(tmp_path / "v1")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert loaded.cfg.mlp == "gelu_tanh"
+    torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_rolling_cache_needs_a_positive_window():
+    with pytest.raises(AttnkitError, match="window"):
+        RollingKVCache(1, 1, 1, 4, 0, torch.float32, "cpu")
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    tok = CharTokenizer(list(ALPHABET))
+    save_checkpoint(root / "target", small_lm(0, vocab=tok.vocab_size), tok)
+    save_checkpoint(root / "draft", small_lm(1, vocab=tok.vocab_size, n_layer=1, d_model=16), tok)
+    other = CharTokenizer(list(reversed(ALPHABET)))  # same size, other characters per id
+    save_checkpoint(root / "foreign", small_lm(1, vocab=other.vocab_size, n_layer=1, d_model=16), other)
+    (root / "run" / "last").mkdir(parents=True)
+    return root
+
+
+def generate_cli(*args):
+    return CliRunner().invoke(main, ["generate", "--device", "cpu", "--max-new-tokens", "24", *map(str, args)])
+
+
+@pytest.mark.parametrize("flags", [["--draft", "{root}/draft", "--draft-tokens", "3"], ["--prompt-lookup", "2"]])
+def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, flags):
+    plain = generate_cli("--ckpt", checkpoints / "target", "-p", "to be or not to be", "--temperature", "0")
+    flags = [f.format(root=checkpoints) for f in flags]
+    spec = generate_cli("--ckpt", checkpoints / "target", "-p", "to be or not to be", "--temperature", "0", *flags)
+    assert plain.exit_code == spec.exit_code == 0, spec.output
+    assert spec.output == plain.output and len(plain.output) > len("to be or not to be") + 10
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--beams", "0"], "at least 1"),
+    (["--beams", "2", "--temperature", "0.7"], "deterministic"),
+    (["--beams", "2", "--num-return", "3"], "between 1 and the number of beams"),
+    (["--num-return", "2"], "needs beam search"),
+    (["--draft", "{root}/foreign"], "same tokenizer"),
+    (["--draft", "{root}/draft", "--draft-tokens", "0"], "at least 1"),
+    (["--beams", "2", "--prompt-lookup", "2"], "does not combine"),
+    (["--ckpt", "{root}/run"], "best"),
+])
+def test_cli_bad_decoding_input_is_one_sentence_and_exit_2(checkpoints, args, words):
+    args = [a.format(root=checkpoints) for a in args]
+    ckpt = [] if "--ckpt" in args else ["--ckpt", checkpoints / "target"]
+    result = generate_cli(*ckpt, "-p", "to be", *args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
