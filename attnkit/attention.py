@@ -342,7 +342,7 @@ def sliding_window_attention(
         if c0 // nb == (c1 - 1) // nb:
             out[c0 // nb, :, :, c0 % nb:c0 % nb + n] = y.permute(1, 2, 0, 3, 4)
         else:
-            out[seq, :, :, torch.arange(c0, c1, device=dev) % nb] = y
+            out[seq, :, :, torch.arange(c0, c1, device=dev) % nb] = y.to(out.dtype)  # autocast: y may be bf16
     out = out.view(B, H, Tb, D)[:, :, :T]
 
     if global_tokens is not None:  # the global rows see every key: dense over T, only G rows

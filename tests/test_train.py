@@ -478,3 +478,10 @@ def test_a_sliding_window_without_a_positional_scheme_trains_with_rope():
     from_recipe = resolve_config(recipe="shakespeare-char-gpu", model_overrides=sliding)  # its model says learned
     assert from_recipe.model_overrides["positional"] == "learned"
     assert "positional" not in resolve_config(data="my_text.txt").model_overrides  # dense keeps the preset's
+
+
+def test_a_sliding_window_model_trains_under_bf16_autocast(tmp_path):
+    # --data with --attention sliding is bf16 by default on an AVX512 CPU: the windowed attention must take it
+    sliding = {**TINY, "attention": "sliding", "window": 8, "positional": "rope"}
+    losses = run(tiny_config(tmp_path, precision="bf16", max_steps=2, model_overrides=sliding))
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
