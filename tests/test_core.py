@@ -159,6 +159,8 @@ def test_presets_build_with_the_documented_sizes():
     (dict(positional="xpos"), "positional"),
     (dict(attention="sliding", window=0), "window"),
     (dict(attention="sliding", window=10_000), "window"),
+    (dict(backend="flash"), "backend 'flash' is not one of"),
+    (dict(mlp="gelu_new"), "mlp"),
 ])
 def test_bad_config_names_the_problem(change, message):
     with pytest.raises(AttnkitError, match=message):

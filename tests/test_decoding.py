@@ -376,3 +376,24 @@ def test_cli_bad_decoding_input_is_one_sentence_and_exit_2(checkpoints, args, wo
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and words in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_a_sliding_window_model_generates_past_its_context(positional):
+    """RoPE: the rolling cache never fills. Learned positions end at the context: the model then
+    re-encodes its latest half context, as a dense model does."""
+    model = small_lm(0, attention="sliding", window=8, context_length=24, positional=positional)
+    tokens = tokens_of(model, [[5, 9, 11]], 60, sampling=Sampling(temperature=0))[0]
+    assert len(tokens) == 60
+    if positional == "learned":  # 3 + 21 fed tokens fill the 24 positions: then a fresh start on the last 12
+        tail = ([5, 9, 11] + tokens[:22])[-12:]
+        assert tokens[22:34] == tokens_of(model, [tail], 12, sampling=Sampling(temperature=0))[0]
+
+
+def test_the_compiled_step_leaves_inductor_s_settings_as_they_were():
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as module
+
+    before = (module.cpu_max_first_dimension_decomposition, module.cpu_max_other_dimension_decomposition)
+    model = small_lm(0, n_layer=1, d_model=16)
+    tokens_of(model, [[1, 2, 3]], 3, sampling=Sampling(temperature=0), compile=True)
+    assert (module.cpu_max_first_dimension_decomposition, module.cpu_max_other_dimension_decomposition) == before
