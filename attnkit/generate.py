@@ -60,6 +60,8 @@ class Speculation:
     draft: object | None = None
     tokens: int = 4
     prompt_lookup: int = 0
+    proposed: int = 0  # counters over every round so far (rows summed): the acceptance rate is their ratio
+    accepted: int = 0
 
     def validate(self, target) -> "Speculation":
         if self.tokens < 1:
@@ -303,6 +305,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
             drawn = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
             last = torch.where(per_row > kept, proposal[:, kept], drawn) if kept < k else drawn
         out = torch.cat([proposal[:, :kept], last[:, None]], 1)  # (B, kept + 1)
+        spec.proposed, spec.accepted = spec.proposed + B * k, spec.accepted + B * kept
         # 4. forget what was not kept: the target saw the whole proposal, the draft all but its last token
         if k:
             target_state.crop(target_state.length - (k - kept))

@@ -185,7 +185,9 @@ class DecoderLM(nn.Module):
         start = cache.length if cache is not None else 0
         valid = attention_mask.bool() if attention_mask is not None else None
         if self.embed.pos is not None:  # learned positions end at the context
-            last = int(positions.max()) if positions is not None else start + T - 1
+            last = start + T - 1  # a row's positions never run ahead of the tokens written before it
+            if last >= self.cfg.context_length and positions is not None:
+                last = int(positions.max())  # a rolling cache counts more tokens than positions
             if last >= self.cfg.context_length:
                 raise AttnkitError(
                     f"{last + 1} tokens exceed the model's context length {self.cfg.context_length}; "
@@ -273,7 +275,7 @@ class DecoderLM(nn.Module):
             return self._encode(state, ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0), new=T)[:, -T:]
         L = state.length
         state.tokens[:, L:L + T], state.valid[:, L:L + T] = tokens, True
-        positions = state.next_pos + torch.arange(T, device=tokens.device)
+        positions = state.next_pos if T == 1 else state.next_pos + torch.arange(T, device=tokens.device)
         logits = self(tokens, positions=positions, cache=cache, compiled=state.compiled if T == 1 else None)
         state.next_pos, state.length = state.next_pos + T, L + T
         return logits
