@@ -331,12 +331,13 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
 class Beams:
     """Beam search settings, as in Hugging Face ``generate``: scores are sums of log-probabilities
     divided by (generated length ** length_penalty); ``early_stopping`` True stops a prompt once it
-    has ``num_beams`` finished hypotheses, False when no running beam can still beat them
-    (estimated at the current length), "never" when none can at the longest length."""
+    has ``num_beams`` finished hypotheses (transformers' default is False), False when no running
+    beam can still beat them (estimated at the current length), "never" when none can at the
+    longest length."""
 
     num_beams: int = 4
     length_penalty: float = 1.0
-    early_stopping: bool | str = False
+    early_stopping: bool | str = True
     num_return_sequences: int = 1
     no_repeat_ngram_size: int = 0
 
