@@ -153,8 +153,8 @@ def generate_tokens(
     """Yields (next_ids (B,), finished (B,) bool) once per new token, for prompts of any lengths.
 
     A row that emits a stop id is finished and its later tokens are ``pad_id``; generation stops
-    early when every row is finished. ``compile``: the model's compiled one-token step (decoder
-    LMs, dense attention). ``speculation``: draft-and-verify rounds that give the same tokens as
+    early when every row is finished. ``compile``: the model's (and a draft's) compiled one-token
+    step (decoder LMs, dense attention). ``speculation``: draft-and-verify rounds that give the same tokens as
     greedy decoding of the model alone (greedy), or samples of the same distribution (sampling).
     ``inputs`` go to ``model.start`` (a source sentence, for instance).
     """
@@ -238,7 +238,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
     if draft is not None:
         _prepare(draft)
         draft_state, draft_next = draft.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                              lookahead=lookahead, **inputs)
+                                              lookahead=lookahead, compile=compile, **inputs)
     rows = [list(p) for p in prompts]
     B, device = len(prompts), target_next.device
     target_pending = torch.zeros((B, 0), dtype=torch.long, device=device)  # kept tokens the target has not seen

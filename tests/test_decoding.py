@@ -397,3 +397,12 @@ def test_the_compiled_step_leaves_inductor_s_settings_as_they_were():
     model = small_lm(0, n_layer=1, d_model=16)
     tokens_of(model, [[1, 2, 3]], 3, sampling=Sampling(temperature=0), compile=True)
     assert (module.cpu_max_first_dimension_decomposition, module.cpu_max_other_dimension_decomposition) == before
+
+
+def test_compiled_speculative_greedy_equals_greedy():
+    """Both models' one-token steps compiled (static caches, cropped by masking)."""
+    target, draft = small_lm(0, n_layer=1, d_model=16), small_lm(1, n_layer=1, d_model=16)
+    greedy = Sampling(temperature=0)
+    plain = tokens_of(target, SPEC_PROMPTS[:2], 24, sampling=greedy)
+    assert tokens_of(target, SPEC_PROMPTS[:2], 24, sampling=greedy, compile=True,
+                     speculation=Speculation(draft=draft, tokens=3)) == plain
