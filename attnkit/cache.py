@@ -34,6 +34,40 @@ def _take_rows(t: Tensor, index: Tensor) -> Tensor:
     return picked
 
 
+def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool) -> list[Tensor]:
+    """One (B, Hkv, capacity, hd) tensor per layer, zeroed: views of one buffer, so that a reorder is
+    one copy for all layers, or (``separate``) tensors of their own, which a compiled graph can
+    write into in place (a view would be copied)."""
+    if separate:
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    return _views(torch.zeros((n_layers, *shape), dtype=dtype, device=device))
+
+
+def _views(buffer: Tensor) -> list[Tensor]:
+    return [buffer[i] for i in range(buffer.shape[0])]  # not unbind: its views refuse in-place writes under grad
+
+
+def _reorder_layers(layers: list[Tensor], index: Tensor, length: int | None) -> list[Tensor]:
+    """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
+    rest hold nothing yet). Views of one buffer are reordered through the buffer, in one copy."""
+    base = layers[0]._base
+    if base is not None and all(t._base is base for t in layers) and base.shape[0] == len(layers):
+        if base.shape[1] != len(index):
+            return _views(base.index_select(1, index))
+        view = base if length is None else base[:, :, :, :length]
+        view.copy_(view.index_select(1, index))
+        return layers
+    out = []
+    for t in layers:
+        if t.shape[0] != len(index):
+            out.append(t.index_select(0, index))
+        else:
+            view = t if length is None else t[:, :, :length]
+            view.copy_(view.index_select(0, index))
+            out.append(t)
+    return out
+
+
 class KVCache:
     """Keys and values of ``n_layers`` layers, preallocated for ``capacity`` tokens.
 
@@ -45,8 +79,8 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device, static: bool = False):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = _layer_tensors(n_layers, shape, dtype, device, separate=static)
+        self.v = _layer_tensors(n_layers, shape, dtype, device, separate=static)
         self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
@@ -97,13 +131,8 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
-        n = self.capacity if self.static else self.length  # slots past `length` hold nothing yet
-        for kv in (self.k, self.v):
-            for layer, t in enumerate(kv):
-                if t.shape[0] == len(index):
-                    t[:, :, :n] = t[:, :, :n].index_select(0, index)
-                else:
-                    kv[layer] = t.index_select(0, index)
+        filled = None if self.static else self.length  # a growing cache's later slots hold nothing yet
+        self.k, self.v = _reorder_layers(self.k, index, filled), _reorder_layers(self.v, index, filled)
         self.key_pos = _take_rows(self.key_pos, index)
         self.key_valid = _take_rows(self.key_valid, index)
 
@@ -134,8 +163,8 @@ class RollingKVCache:
             raise AttnkitError(f"a rolling KV cache needs a positive window, got {window}")
         capacity = window + spare
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = _layer_tensors(n_layers, shape, dtype, device, separate=False)
+        self.v = _layer_tensors(n_layers, shape, dtype, device, separate=False)
         self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity, self.window = capacity, window
@@ -186,9 +215,7 @@ class RollingKVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
-        for kv in (self.k, self.v):
-            for layer, t in enumerate(kv):
-                kv[layer] = _take_rows(t, index)
+        self.k, self.v = _reorder_layers(self.k, index, None), _reorder_layers(self.v, index, None)
         self.key_pos = _take_rows(self.key_pos, index)
         self.key_valid = _take_rows(self.key_valid, index)
 
