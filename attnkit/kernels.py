@@ -1,6 +1,7 @@
 """Native CPU kernels for batch-1 decoding, where torch's and inductor's general loops are slow
 (``csrc/decode_kernels.cpp``): the bf16 linear over one row of activations (every matmul of a
-decode step) and attention for one query per head.
+decode step), its fp32 twin (used for large matrices only, where it beats torch's), and attention
+for one query per head.
 
 The kernels are built on first use with the machine's C++ compiler against torch's stable C ABI
 (about a second), into ``cache_dir()/kernels`` under a name that hashes the source, torch's version
@@ -91,6 +92,8 @@ def native_available() -> bool:
             else:
                 torch.library.register_fake("attnkit::linear_bf16")(
                     lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
+                torch.library.register_fake("attnkit::linear_fp32")(
+                    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
                 torch.library.register_fake("attnkit::decode_attention")(
                     lambda q, k, v, mask, scale: torch.empty_like(q))
                 _loaded, _status = True, f"loaded from {library}"
@@ -112,19 +115,39 @@ def _no_grad_needed(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _native_linear_applies(x: Tensor, weight: Tensor) -> bool:
-    """One row of bf16 activations on the CPU, nothing to differentiate, the kernels loaded."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() == x.shape[-1] and weight.stride(-1) == 1 and _no_grad_needed(x, weight)
-            and _loaded_now())
+# fp32 one row, native vs torch's F.linear, weights streamed from memory, interleaved A/B medians, 2 threads:
+# 3072x576 / 49152x576 / 1152x384 / 1536x384 1.07-1.09x, 576x576 / 576x1536 / 384x1536 1.01x, but
+# 384x384 0.91x, 192x576 0.98x, 65x384 0.85x (the native call costs ~1 us more): so only from 256 Ki values
+_FP32_NATIVE_MIN_WEIGHTS = 1 << 18
+
+
+def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs: one row of
+    activations on the CPU, weight of the same dtype with unit stride along K, nothing to
+    differentiate, the kernels loaded; bf16 (bias added after), or fp32 for matrices of at least
+    ``_FP32_NATIVE_MIN_WEIGHTS`` values (bias None or (N,) fp32 contiguous, added in the kernel)."""
+    if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dtype == x.dtype
+            and weight.stride(-1) == 1 and _no_grad_needed(x, weight)):
+        return None
+    if x.dtype == torch.bfloat16:
+        return torch.ops.attnkit.linear_bf16 if _loaded_now() else None
+    if (x.dtype == torch.float32 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS
+            and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
+                                  and _no_grad_needed(bias)))
+            and _loaded_now()):
+        return torch.ops.attnkit.linear_fp32
+    return None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, through the native kernel where it applies (see ``_native_linear_applies``)."""
-    if _native_linear_applies(x, weight):
-        y = torch.ops.attnkit.linear_bf16(x.contiguous(), weight)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    """``F.linear``, through a native kernel where one applies (see ``_native_linear``)."""
+    op = _native_linear(x, weight, bias)
+    if op is None:
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.float32:
+        return op(x.contiguous(), weight, bias)
+    y = op(x.contiguous(), weight)
+    return y if bias is None else y + bias
 
 
 def _one_mask_row_per_batch_row(mask: Tensor, B: int, S: int) -> bool:

@@ -17,6 +17,13 @@ BUILDABLE = kernels._cpu_has_flags() and shutil.which("g++") is not None
 needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an x86-64 CPU with AVX512-BF16 and g++")
 
 
+@pytest.fixture(autouse=True)
+def kernels_loaded_where_buildable():
+    """torch.ops.attnkit exists once the library is loaded: so that any test selected alone can call it."""
+    if BUILDABLE:
+        kernels.native_available()
+
+
 def test_the_kernels_build_and_load_where_the_cpu_and_a_compiler_allow():
     assert kernels.native_available() == BUILDABLE
 
@@ -47,10 +54,69 @@ def test_linear_routes_one_bf16_row_to_the_kernel_and_everything_else_to_torch()
     row, rows = torch.randn(1, 1, 40, generator=g).bfloat16(), torch.randn(1, 3, 40, generator=g).bfloat16()
     assert torch.equal(kernels.linear(row, w, b), torch.ops.attnkit.linear_bf16(row, w) + b)
     assert torch.equal(kernels.linear(rows, w, b), F.linear(rows, w, b))  # several rows: torch's
-    assert torch.equal(kernels.linear(row.float(), w.float()), F.linear(row.float(), w.float()))  # fp32: torch's
+    assert torch.equal(kernels.linear(row.float(), w.float()), F.linear(row.float(), w.float()))  # small fp32: torch's
     w_trained = w.clone().requires_grad_()
     out = kernels.linear(row, w_trained)  # something to differentiate: torch's, with a graph
     assert out.grad_fn is not None and torch.equal(out.detach(), F.linear(row, w))
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", [(960, 576), (576, 1536), (7, 33), (130, 100), (5, 1), (64, 64), (3, 16)])
+@pytest.mark.parametrize("lead", [(1, 1), (1,), ()])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_fp32_is_the_exact_product_within_fp32_rounding(N, K, lead, with_bias):
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    x, w = torch.randn(*lead, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if with_bias else None
+    got = torch.ops.attnkit.linear_fp32(x, w, b)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (*lead, N) and got.dtype == torch.float32
+    # each of the kernel's 16 fp32 partial sums adds K/16 products, then 4 sums combine them: the error is
+    # at most ~(K/16 + 5) fp32 roundings of |w| |x| (+ |b|), under 6e-6 of it for K <= 1536
+    scale = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert ((got.double() - exact).abs() <= 1e-5 * scale).all()
+
+
+@needs_native
+def test_linear_fp32_rejects_what_it_does_not_compute():
+    w, x = torch.randn(8, 16), torch.randn(1, 16)
+    for bad in [(torch.randn(2, 16), w, None),  # two rows
+                (torch.randn(1, 32)[:, ::2], w, None),  # a strided row
+                (x, torch.randn(16, 8).t(), None),  # weight strided along K
+                (x, w, torch.randn(9)),  # bias of the wrong size
+                (x.double(), w.double(), None)]:  # fp64
+        with pytest.raises(RuntimeError):
+            torch.ops.attnkit.linear_fp32(*bad)
+
+
+def ops_called(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as trace:
+        fn()
+    return {event.name for event in trace.events()}
+
+
+@needs_native
+def test_linear_routes_one_large_fp32_row_to_the_kernel_and_everything_else_to_torch():
+    g = torch.Generator().manual_seed(1)
+    N, K = 2048, kernels._FP32_NATIVE_MIN_WEIGHTS // 2048  # the smallest matrix the kernel is used for
+    layer = kernels.Linear(K, N)
+    row, rows = torch.randn(1, 1, K, generator=g), torch.randn(1, 3, K, generator=g)
+    with torch.no_grad():
+        assert "attnkit::linear_fp32" in ops_called(lambda: layer(row))
+        assert torch.equal(layer(row), torch.ops.attnkit.linear_fp32(row, layer.weight, layer.bias))
+        assert torch.allclose(layer(row), F.linear(row, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert "attnkit::linear_fp32" not in ops_called(lambda: layer(rows))  # several rows: torch's
+        small = kernels.Linear(64, 64)  # below the size where the kernel beats torch's: torch's
+        assert "attnkit::linear_fp32" not in ops_called(lambda: small(row[..., :64]))
+        strided = torch.randn(1, 2 * K, generator=g)[:, ::2]  # one row, not contiguous: copied, then the kernel
+        assert "attnkit::linear_fp32" in ops_called(lambda: layer(strided))
+        assert torch.allclose(layer(strided), F.linear(strided, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    out = layer(row)  # grad enabled, trainable weights: torch's, with a graph
+    assert out.grad_fn is not None and "attnkit::linear_fp32" not in ops_called(lambda: layer(row))
+    out.sum().backward()
+    assert layer.weight.grad is not None
 
 
 def decode_case(B, H, Hkv, S, D, dtype, seed=0):
@@ -126,6 +192,8 @@ def test_without_the_kernels_everything_runs_on_torchs_ops(monkeypatch):
     assert kernels.decode_attention(q, k, v, mask, 0.25) is None
     x, w = torch.randn(1, 1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    x, w = torch.randn(1, 1, 512), torch.randn(kernels._FP32_NATIVE_MIN_WEIGHTS // 512, 512)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
     model = tiny().to(torch.bfloat16)
     tokens = [t.tolist() for t, _ in generate_tokens(model, [[1, 2, 3]], max_new_tokens=4, sampling=Sampling(0.0))]
     assert len(tokens) == 4
@@ -156,7 +224,7 @@ def test_weights_on_huge_pages_keeps_parameters_values_ties_and_training():
     assert kernels.weights_on_huge_pages(model)
     first = next(model.parameters()).data_ptr()
     assert first % (2 << 20) == 0  # the arena starts on a huge-page boundary
-    assert list(model.parameters()) == params and model.lm_head.weight is model.tok_emb.weight
+    assert list(model.parameters()) == params and model.lm_head.weight is model.embed.tok.weight
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(ids), before)
     assert kernels.weights_on_huge_pages(model) and next(model.parameters()).data_ptr() == first  # once
@@ -172,7 +240,7 @@ def test_weights_on_huge_pages_keeps_parameters_values_ties_and_training():
     model.float()
     kernels.weights_on_huge_pages(model)
     model(ids).sum().backward()
-    assert model.tok_emb.weight.grad is not None and torch.isfinite(model.tok_emb.weight.grad).all()
+    assert model.embed.tok.weight.grad is not None and torch.isfinite(model.embed.tok.weight.grad).all()
 
 
 def test_weights_that_share_a_buffer_are_left_where_they_are():
@@ -192,7 +260,7 @@ def test_a_compiled_bf16_step_runs_the_kernels_and_matches_the_eager_step():
     """The graph calls both kernels (through inductor's C++ wrapper) and gives the eager step's logits."""
     from torch.profiler import profile
 
-    from attnkit.generate import compiled_step
+    from attnkit.models.decoder import compiled_step
 
     model = tiny(n_head=4, n_kv_head=2, d_model=64).to(torch.bfloat16)
     with torch.inference_mode():
