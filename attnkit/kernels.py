@@ -117,7 +117,8 @@ def _no_grad_needed(*tensors: Tensor) -> bool:
 
 # fp32 one row, native vs torch's F.linear, weights streamed from memory, interleaved A/B medians, 2 threads:
 # 3072x576 / 49152x576 / 1152x384 / 1536x384 1.07-1.09x, 576x576 / 576x1536 / 384x1536 1.01x, but
-# 384x384 0.91x, 192x576 0.98x, 65x384 0.85x (the native call costs ~1 us more): so only from 256 Ki values
+# 384x384 0.91x, 192x576 0.98x, 65x384 0.85x (the native call costs ~1 us more): so only from 256 Ki values.
+# Not in compiled graphs: inductor's fp32 loops there measured faster (the kernel: 0.91x gpt2-char-small, 0.98x smollm2).
 _FP32_NATIVE_MIN_WEIGHTS = 1 << 18
 
 
@@ -125,13 +126,14 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
     """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs: one row of
     activations on the CPU, weight of the same dtype with unit stride along K, nothing to
     differentiate, the kernels loaded; bf16 (bias added after), or fp32 for matrices of at least
-    ``_FP32_NATIVE_MIN_WEIGHTS`` values (bias None or (N,) fp32 contiguous, added in the kernel)."""
+    ``_FP32_NATIVE_MIN_WEIGHTS`` values outside torch.compile (bias None or (N,) fp32 contiguous, added
+    in the kernel)."""
     if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dtype == x.dtype
             and weight.stride(-1) == 1 and _no_grad_needed(x, weight)):
         return None
     if x.dtype == torch.bfloat16:
         return torch.ops.attnkit.linear_bf16 if _loaded_now() else None
-    if (x.dtype == torch.float32 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS
+    if (x.dtype == torch.float32 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS and not torch.compiler.is_compiling()
             and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
                                   and _no_grad_needed(bias)))
             and _loaded_now()):

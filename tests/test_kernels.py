@@ -119,6 +119,18 @@ def test_linear_routes_one_large_fp32_row_to_the_kernel_and_everything_else_to_t
     assert layer.weight.grad is not None
 
 
+@needs_native
+def test_compiled_graphs_keep_inductors_fp32_products():
+    """Measured faster than the fp32 kernel inside a compiled step: the graph does not call it."""
+    layer = kernels.Linear(512, 1024)
+    row = torch.randn(1, 1, 512)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)
+        want = layer(row)
+        assert "attnkit::linear_fp32" not in ops_called(lambda: compiled(row))
+        assert torch.allclose(compiled(row), want, rtol=1e-5, atol=1e-5)
+
+
 def decode_case(B, H, Hkv, S, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, 1, D, generator=g).to(dtype)
