@@ -287,3 +287,35 @@ def test_a_compiled_bf16_step_runs_the_kernels_and_matches_the_eager_step():
             assert (got.float() - want.float()).abs().max().item() < 0.05
     called = {event.name for event in trace.events()}
     assert {"attnkit::linear_bf16", "attnkit::decode_attention"} <= called
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8])
+def test_linear_rows_is_the_product_within_rounding_for_2_to_8_rows(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    op = torch.ops.attnkit.linear_rows_fp32 if dtype == torch.float32 else torch.ops.attnkit.linear_rows_bf16
+    for N, K in [(7, 1), (9, 33), (64, 100), (576, 576), (5, 1536)]:  # row groups of 4 and 2 with tails
+        x, w = torch.randn(rows, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+        exact = x.double() @ w.double().T
+        scale = x.double().abs() @ w.double().abs().T
+        got = op(x.view(1, rows, K), w).double().view(rows, N)
+        # fp32: sums in another order; bf16: one rounding of the fp32 sum to bf16 (2^-8 relative)
+        bound = 1e-5 * scale if dtype == torch.float32 else 2 ** -8 * exact.abs() + 1e-5 * scale
+        assert ((got - exact).abs() <= bound).all(), (N, K)
+
+
+@needs_native
+def test_linear_routes_a_few_rows_to_the_rows_kernel_and_more_to_torch():
+    g = torch.Generator().manual_seed(2)
+    N, K = 2048, kernels._FP32_NATIVE_MIN_WEIGHTS // 2048
+    layer = kernels.Linear(K, N)
+    with torch.no_grad():
+        four, nine = torch.randn(4, 1, K, generator=g), torch.randn(9, 1, K, generator=g)
+        assert "attnkit::linear_rows_fp32" in ops_called(lambda: layer(four))
+        torch.testing.assert_close(layer(four), F.linear(four, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(nine))
+        half = kernels.Linear(K, N).to(torch.bfloat16)
+        two = torch.randn(2, K, generator=g).to(torch.bfloat16)
+        assert "attnkit::linear_rows_bf16" in ops_called(lambda: half(two))
+    assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(four))  # grad enabled: torch's
