@@ -281,6 +281,12 @@ class DecodeState:
     def batch_size(self) -> int:
         return self.next_pos.shape[0]
 
+    def room(self) -> int | None:
+        """How many more tokens fit before the model must start afresh on a shorter history (a dense
+        decoder at its context length), or None for no such limit. A proposal checked in one
+        ``advance`` stays within it, so that the restart comes at the same token as one at a time."""
+        return None
+
     def reorder(self, index: Tensor) -> None:
         for cache in self.caches:
             cache.reorder(index)

@@ -250,6 +250,9 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
 
     while produced < max_new_tokens:
         k = min(k_max, max_new_tokens - produced - 1)
+        room = target_state.room()  # a proposal never straddles a restart of the target's context
+        if room is not None:
+            k = max(0, min(k, room - target_pending.shape[1]))
         # 1. propose k tokens (B, k), with the draft's distributions q (B, k, V) when sampling
         if draft is not None and k > 0:
             if draft_pending.shape[1]:

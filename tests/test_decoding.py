@@ -170,6 +170,20 @@ def test_speculative_greedy_equals_the_target_s_greedy(k, positional):
     assert one == plain
 
 
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+@pytest.mark.parametrize("lookup", [False, True])
+def test_speculative_greedy_equals_greedy_past_the_context(positional, lookup):
+    """A dense model restarts on its latest half context when the context fills: speculative
+    rounds must restart at the same token as one token at a time."""
+    target = small_lm(0, positional=positional, context_length=24)
+    spec = Speculation(prompt_lookup=2, tokens=6) if lookup else Speculation(draft=small_lm(1, n_layer=1, d_model=16),
+                                                                             tokens=5)
+    greedy = Sampling(temperature=0)
+    prompts = [[5, 9, 11, 7, 5, 9, 11, 7], [8, 19, 4]]
+    assert tokens_of(target, prompts, 70, sampling=greedy, speculation=spec) == tokens_of(target, prompts, 70,
+                                                                                           sampling=greedy)
+
+
 def test_speculative_greedy_stops_at_a_stop_id_like_plain_greedy():
     target, draft = small_lm(0), small_lm(1, n_layer=1, d_model=16)
     greedy = Sampling(temperature=0)

@@ -45,14 +45,23 @@ class DecoderState(DecodeState):
     (left-padded, so that a dense model can re-encode its latest half context when it fills)."""
 
     def __init__(self, cache, next_pos: Tensor, tokens: Tensor, valid: Tensor, length: int,
-                 compiled: Callable | None, lookahead: int):
+                 compiled: Callable | None, lookahead: int, context_length: int, learned_positions: bool):
         super().__init__([cache], next_pos, length)
         self.tokens, self.valid = tokens, valid  # (B, prompt + new tokens + lookahead)
         self.compiled, self.lookahead = compiled, lookahead
+        self.context_length, self.learned_positions = context_length, learned_positions
 
     @property
     def cache(self) -> KVCache | RollingKVCache:
         return self.caches[0]
+
+    def room(self) -> int | None:
+        """Dense: the free slots (at the context length, the next token restarts on the latest half
+        context). Rolling: unbounded, except that learned positions end at the context."""
+        cache = self.cache
+        if not isinstance(cache, RollingKVCache):
+            return cache.capacity - cache.length
+        return self.context_length - int(self.next_pos.max()) if self.learned_positions else None
 
     def reorder(self, index: Tensor) -> None:
         super().reorder(index)
@@ -256,7 +265,8 @@ class DecoderLM(nn.Module):
         room = T + max_new_tokens + lookahead
         state = DecoderState(None, positions[:, -1:] + 1, torch.full((B, room), pad_id, device=device),
                              torch.zeros((B, room), dtype=torch.bool, device=device), 0,
-                             compiled_step(self) if compile else None, lookahead)
+                             compiled_step(self) if compile else None, lookahead, cfg.context_length,
+                             self.embed.pos is not None)
         logits = self._encode(state, ids, valid, positions, new=T, last_only=True)
         return state, logits[:, -1]
 
