@@ -131,8 +131,8 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
-        filled = None if self.static else self.length  # a growing cache's later slots hold nothing yet
-        self.k, self.v = _reorder_layers(self.k, index, filled), _reorder_layers(self.v, index, filled)
+        # slots from `length` on hold nothing a query may see (never written, or cropped and masked)
+        self.k, self.v = _reorder_layers(self.k, index, self.length), _reorder_layers(self.v, index, self.length)
         self.key_pos = _take_rows(self.key_pos, index)
         self.key_valid = _take_rows(self.key_valid, index)
 
