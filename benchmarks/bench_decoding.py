@@ -66,6 +66,10 @@ def bench_beams(args) -> None:
             results["ours"] = [beam_search(model, [p], beams=Beams(**settings), max_new_tokens=args.new_tokens,
                                            eos_ids=[eos], pad_id=eos)[0][0][0] for p in prompts]
 
+        def compiled():
+            results["compiled"] = [beam_search(model, [p], beams=Beams(**settings), max_new_tokens=args.new_tokens,
+                                               eos_ids=[eos], pad_id=eos, compile=True)[0][0][0] for p in prompts]
+
         def theirs():
             out = []
             for p in prompts:
@@ -75,12 +79,14 @@ def bench_beams(args) -> None:
                 out.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
             results["theirs"] = out
 
-        seconds = best_times({"attnkit": ours, "transformers": theirs}, args.rounds)
+        seconds = best_times({"attnkit": ours, "compiled": compiled, "transformers": theirs}, args.rounds)
         same = sum(a == b for a, b in zip(results["ours"], results["theirs"]))
+        same_compiled = sum(a == b for a, b in zip(results["compiled"], results["ours"]))
         lengths = [len(r) for r in results["ours"]]
         n = len(prompts)
-        rows.append([name, f"{n / seconds['attnkit']:.2f}", f"{n / seconds['transformers']:.2f}",
-                     f"**{seconds['transformers'] / seconds['attnkit']:.2f}x**", f"{same}/{n}",
+        rows.append([name, f"{n / seconds['attnkit']:.2f}", f"{n / seconds['compiled']:.2f}",
+                     f"{n / seconds['transformers']:.2f}", f"**{seconds['transformers'] / seconds['attnkit']:.2f}x**",
+                     f"**{seconds['transformers'] / seconds['compiled']:.2f}x**", f"{same}/{n}, {same_compiled}/{n}",
                      f"{min(lengths)}-{max(lengths)}"])
         print(rows[-1], flush=True)
     body = (
@@ -89,8 +95,9 @@ def bench_beams(args) -> None:
         "one prompt per call, fp32, random weights (N(0, 0.1): peaked next-token distributions) exported to the "
         "transformers class (`generate(num_beams=4, ...)`, sdpa attention). Best of "
         f"{args.rounds} interleaved rounds. attnkit runs the prompt once and reorders its cache; transformers "
-        "runs the prompt once per beam.\n\n"
-        + table(["model", "attnkit sentences/s", "transformers sentences/s", "ratio", "same best hypothesis",
+        "runs the prompt once per beam. `--compile`: the one-step graph for 4 rows (compiled in the warm-up).\n\n"
+        + table(["model", "attnkit sentences/s", "attnkit --compile sentences/s", "transformers sentences/s",
+                 "ratio", "ratio, --compile", "same best hypothesis: vs transformers, compiled vs eager",
                  "best hypothesis length"], rows)
     )
     write_section("decoding-beams", f"Beam search: attnkit vs transformers generate ({args.threads} threads)", body,
