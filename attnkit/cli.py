@@ -115,8 +115,6 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition
     sampling = Sampling(0.8 if temperature is None else temperature, top_k, top_p, repetition_penalty,
                         no_repeat_ngram).validate()
     speculation = Speculation(None, draft_tokens, prompt_lookup) if speculative else None
-    if speculation is not None and draft_tokens < 1:
-        raise AttnkitError(f"--draft-tokens must be at least 1, got {draft_tokens}")
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")

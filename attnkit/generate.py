@@ -239,7 +239,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
         _prepare(draft)
         draft_state, draft_next = draft.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
                                               lookahead=lookahead, compile=compile, **inputs)
-    rows = [list(p) for p in prompts]
+    rows = [list(p) for p in prompts] if draft is None else None  # prompt lookup searches them
     B, device = len(prompts), target_next.device
     target_pending = torch.zeros((B, 0), dtype=torch.long, device=device)  # kept tokens the target has not seen
     draft_pending = target_pending
@@ -254,7 +254,9 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
         if room is not None:
             k = max(0, min(k, room - target_pending.shape[1]))
         # 1. propose k tokens (B, k), with the draft's distributions q (B, k, V) when sampling
-        if draft is not None and k > 0:
+        if k == 0:  # the last token, or the target's context restarts next: one plain step
+            proposal, q = torch.zeros((B, 0), dtype=torch.long, device=device), None
+        elif draft is not None:
             if draft_pending.shape[1]:
                 draft_next = draft.advance(draft_state, draft_pending)[:, -1]
             proposal, q = [], []
@@ -270,7 +272,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
             proposal = torch.stack(proposal, 1)
             q = torch.stack(q, 1) if q else None
         else:
-            found = [_lookup_proposal(r, spec.prompt_lookup, k) for r in rows] if k > 0 else [[]]
+            found = [_lookup_proposal(r, spec.prompt_lookup, k) for r in rows]
             k = min(len(f) for f in found)
             proposal = torch.tensor([f[:k] for f in found], dtype=torch.long, device=device).view(B, k)
             q = torch.nn.functional.one_hot(proposal, target_next.shape[-1]).float() if not greedy else None
@@ -324,8 +326,9 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
         for t in out.T:
             yield t
         produced += kept + 1
-        for r, toks in zip(rows, out.tolist()):
-            r.extend(toks)
+        if rows is not None:
+            for r, toks in zip(rows, out.tolist()):
+                r.extend(toks)
 
 
 # --- beam search ------------------------------------------------------------------------------------
