@@ -97,3 +97,30 @@ def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96)
         paths.append(_save(fig, out / f"layer_{layer}.png"))
         plt.close(fig)
     return paths
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path, title: str = "") -> Path:
+    """A confusion-matrix heatmap (rows gold, columns predicted) with the count in every cell."""
+    n = len(labels)
+    if len(matrix) != n or any(len(row) != n for row in matrix):
+        raise ValueError(f"the confusion matrix must be {n} x {n} for {n} labels")
+    plt = _pyplot()
+    size = max(3.5, 0.6 * n + 2.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=110)
+    image = ax.imshow(matrix, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    peak = max((v for row in matrix for v in row), default=0)
+    font = max(5, min(10, 120 // max(1, n)))
+    for g, row in enumerate(matrix):
+        for p, count in enumerate(row):
+            ax.text(p, g, str(count), ha="center", va="center", fontsize=font,
+                    color="white" if peak and count > peak / 2 else "black")
+    ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+    return Path(path)

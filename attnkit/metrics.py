@@ -1,0 +1,95 @@
+"""Classification metrics in plain Python (no scikit-learn): confusion matrix, accuracy, macro F1.
+
+Classes are integer ids 0..n_classes-1 (the index of a label in `label_names`). Inputs may be
+lists or 1-D tensors. Zero divisions count as 0, as scikit-learn's `zero_division=0` does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _ints(values) -> list[int]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    return [int(v) for v in values]
+
+
+def _pair(gold, pred) -> tuple[list[int], list[int]]:
+    gold, pred = _ints(gold), _ints(pred)
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} labels but pred has {len(pred)}; they must be the same length")
+    if not gold:
+        raise ValueError("no labels to score")
+    return gold, pred
+
+
+def confusion_matrix(gold: Sequence[int], pred: Sequence[int], n_classes: int) -> list[list[int]]:
+    """matrix[g][p] = how many examples of gold class g were predicted as class p."""
+    gold, pred = _pair(gold, pred)
+    matrix = [[0] * n_classes for _ in range(n_classes)]
+    for g, p in zip(gold, pred):
+        if not (0 <= g < n_classes and 0 <= p < n_classes):
+            raise ValueError(f"class ids must be in 0..{n_classes - 1}, got gold {g}, pred {p}")
+        matrix[g][p] += 1
+    return matrix
+
+
+def accuracy(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """The fraction of examples whose prediction equals the gold class."""
+    gold, pred = _pair(gold, pred)
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold)
+
+
+def _per_class(matrix: list[list[int]]) -> list[tuple[float, float, float, int]]:
+    """(precision, recall, f1, support) of each class; 0 wherever a denominator is 0."""
+    n = len(matrix)
+    out = []
+    for c in range(n):
+        tp = matrix[c][c]
+        support = sum(matrix[c])                      # gold c
+        predicted = sum(matrix[g][c] for g in range(n))  # predicted c
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        denominator = support + predicted              # 2tp + fp + fn
+        f1 = 2 * tp / denominator if denominator else 0.0
+        out.append((precision, recall, f1, support))
+    return out
+
+
+def macro_f1(gold: Sequence[int], pred: Sequence[int], n_classes: int) -> float:
+    """The unweighted mean of the per-class F1 over ALL classes 0..n_classes-1.
+
+    Same as scikit-learn's `f1_score(gold, pred, labels=range(n_classes), average="macro",
+    zero_division=0)`: a class's F1 is 2tp / (2tp + fp + fn), and 0 when it has no gold and no
+    predicted examples (so a class absent from both still counts, as 0, in the mean)."""
+    return sum(f1 for _, _, f1, _ in _per_class(confusion_matrix(gold, pred, n_classes))) / n_classes
+
+
+def classification_report(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> dict:
+    """accuracy, macro_f1, confusion (rows gold, columns predicted), labels, n, and per_class
+    {label: {precision, recall, f1, support}} for class ids 0..len(labels)-1."""
+    gold, pred = _pair(gold, pred)
+    matrix = confusion_matrix(gold, pred, len(labels))
+    per_class = _per_class(matrix)
+    return {
+        "accuracy": accuracy(gold, pred),
+        "macro_f1": sum(f1 for _, _, f1, _ in per_class) / len(labels),
+        "confusion": matrix,
+        "labels": list(labels),
+        "per_class": {label: {"precision": p, "recall": r, "f1": f, "support": s}
+                      for label, (p, r, f, s) in zip(labels, per_class)},
+        "n": len(gold),
+    }
+
+
+def format_confusion(matrix: list[list[int]], labels: list[str], max_label: int = 16) -> str:
+    """A text table: one row per gold class, one column per predicted class."""
+    names = [label if len(label) <= max_label else label[:max_label - 1] + "…" for label in labels]
+    corner = "gold \\ pred"
+    first = max([len(corner)] + [len(n) for n in names])
+    widths = [max(len(name), *(len(str(row[c])) for row in matrix)) for c, name in enumerate(names)]
+    lines = ["  ".join([corner.ljust(first)] + [name.rjust(w) for name, w in zip(names, widths)])]
+    for name, row in zip(names, matrix):
+        lines.append("  ".join([name.ljust(first)] + [str(v).rjust(w) for v, w in zip(row, widths)]))
+    return "\n".join(lines)
