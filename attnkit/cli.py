@@ -202,56 +202,61 @@ def export(ckpt, out):
 
 # --- train, eval, attend ----------------------------------------------------------------------
 
-@main.command()
-@click.option("--recipe", default=None, help="A named recipe (attnkit/recipes/NAME.yaml), e.g. shakespeare-char.")
-@click.option("--config", "config_file", default=None, type=click.Path(), help="A recipe-style YAML file.")
-@click.option("--data", default=None, help="Text recipe name or your own .txt/.jsonl file or folder.")
-@click.option("--model", "model_name", default=None, help="Model preset (see `attnkit info`), e.g. gpt2-char-tiny.")
-@click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "gpt2"]))
-@click.option("--vocab-size", default=None, type=int, help="BPE vocabulary size.")
-@click.option("--out", default=None, type=click.Path(), help="Run folder (default runs/<recipe or data name>).")
-@click.option("--max-steps", default=None, type=int)
-@click.option("--max-time", default=None, type=float,
-              help="Seconds of training and evaluation; no step or evaluation starts that would pass it.")
-@click.option("--save-every-minutes", default=None, type=float,
-              help="Also write last/ every M minutes, so a hard kill loses at most M minutes of training.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
-              help="bf16 = autocast, fp32 weights; auto (the default) = bf16 where the device runs it fast.")
-@click.option("--attention", default=None, type=click.Choice(["dense", "sliding", "bigbird"]))
-@click.option("--window", default=None, type=int, help="Sliding-window size in tokens (implies RoPE unless --positional).")
-@click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
-@click.option("--seed", default=None, type=int)
-@click.option("--threads", default=None, type=int, help="CPU threads (torch.set_num_threads).")
-def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max_steps, max_time, save_every_minutes,
-          resume, device, precision, attention, window, positional, seed, threads):
-    """Train a language model from scratch, then print a sample.
+def _options(*options):
+    """Apply click options in the order written (one list shared by several commands)."""
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
 
-    Ctrl-C or SIGTERM finishes the current step, writes last/ and exits (130 / 143); continue
-    with --resume.
 
-    \b
-    Examples:
-      attnkit train --recipe shakespeare-char
-      attnkit train --data my_corpus.txt --model gpt2-char-tiny --max-time 120 --out runs/mine
-      attnkit train --out runs/mine --resume --max-steps 4000
-      torchrun --nproc_per_node 2 -m attnkit train --recipe shakespeare-char
-    """
-    import torch
+RUN_OPTIONS = _options(
+    click.option("--recipe", default=None, help="A named recipe (attnkit/recipes/NAME.yaml), e.g. shakespeare-char."),
+    click.option("--config", "config_file", default=None, type=click.Path(), help="A recipe-style YAML file."),
+    click.option("--out", default=None, type=click.Path(), help="Run folder (default runs/<recipe or data name>)."),
+    click.option("--max-steps", default=None, type=int),
+    click.option("--max-time", default=None, type=float,
+                 help="Seconds of training and evaluation; the run stops itself and saves in time."),
+    click.option("--save-every-minutes", default=None, type=float,
+                 help="Also write last/ this often (a hard kill loses at most this much)."),
+    click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
+    click.option("--batch-size", default=None, type=int, help="Examples per optimizer step (all processes)."),
+    click.option("--lr", default=None, type=float, help="Peak learning rate."),
+    click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
+                 help="auto: bf16 autocast where the device runs it fast, else fp32."),
+    click.option("--seed", default=None, type=int),
+    click.option("--threads", default=None, type=int, help="CPU threads (torch.set_num_threads)."),
+)
+DATA_OPTIONS = _options(
+    click.option("--val", "val_data", default=None, type=click.Path(),
+                 help="classify / qa: held-out data (default: a seeded --val-fraction of --data)."),
+    click.option("--val-fraction", default=None, type=float),
+    click.option("--text-column", default=None, help="classify: the text column  [default: text]."),
+    click.option("--label-column", default=None, help="classify: the label column  [default: label]."),
+    click.option("--pair-column", default=None, help="classify: a second text column (sentence pairs)."),
+    click.option("--max-length", default=None, type=int, help="Encoder tasks: tokens per example (specials included)."),
+    click.option("--no-truncate", is_flag=True, default=None, help="Refuse examples longer than --max-length."),
+    click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]),
+                 help="classify: the pooled [CLS] (BERT) or the mean of the tokens."),
+)
 
-    from attnkit.train import Trainer, TrainingInterrupted, resolve_config, sample_text
 
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data,
-                         model=model_name, tokenizer=tokenizer, vocab_size=vocab_size, max_steps=max_steps,
-                         max_time=max_time, save_every_minutes=save_every_minutes, device=device,
-                         precision=precision, seed=seed,
-                         model_overrides={"attention": attention, "window": window, "positional": positional})
+def _fit_and_report(cfg, resume: bool) -> None:
+    """Train (or fine-tune) as ``cfg`` says and print where things went; an LM also prints a sample."""
+    from attnkit.train import Trainer, TrainingInterrupted, sample_text
+
     with Trainer(cfg, resume=resume) as trainer:  # the trainer sets up and tears down DDP
         if trainer.main:
-            click.echo(f"training {cfg.model} on {trainer.device} in {trainer.cfg.precision} into {cfg.out_dir}")
+            what = f"fine-tuning {cfg.init}" if cfg.init else f"training {cfg.model}"
+            lora = f" with LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
+            click.echo(f"{what} ({cfg.task}){lora} on {trainer.device} in {trainer.cfg.precision} into {cfg.out_dir}")
+            if cfg.lora_rank:
+                from attnkit.lora import trainable_parameters
+
+                trainable, total = trainable_parameters(trainer.raw_model)
+                click.echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         try:
             result = trainer.fit()
         except TrainingInterrupted as stop:
@@ -262,12 +267,111 @@ def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max
         return
     why = f": {result['why']}" if result.get("why") else ""
     click.echo(f"step {result['step']} ({result['stopped_by']}{why}, {result['elapsed_s']:.0f} s): "
-               f"val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, best {result['best_val_loss']:.4f}")
+               f"{trainer.task.describe(result)}, best val loss {result['best_val_loss']:.4f}")
     click.echo(f"checkpoints: {cfg.out_dir}/best, {cfg.out_dir}/last; loss curve: {result['loss_curve']}")
-    if cfg.sample_tokens > 0:
+    if cfg.task == "lm" and cfg.sample_tokens > 0:
         text = sample_text(trainer.raw_model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
         click.echo("--- sample ---")
         click.echo(cfg.sample_prompt + text)
+
+
+def _data_overrides(val_data, val_fraction, text_column, label_column, pair_column, max_length, no_truncate,
+                    pooling) -> dict:
+    return dict(val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
+                pair_column=pair_column, max_length=max_length, truncate=False if no_truncate else None,
+                pooling=pooling)
+
+
+@main.command()
+@RUN_OPTIONS
+@click.option("--task", default=None, type=click.Choice(["lm", "mlm", "classify", "qa"]),
+              help="What to learn: next-token LM, masked LM, classification, span QA  [default: lm].")
+@click.option("--data", default=None, help="Text recipe name or your .txt/.jsonl file or folder; "
+                                           "classify: CSV/TSV/JSONL; qa: SQuAD JSON.")
+@DATA_OPTIONS
+@click.option("--model", "model_name", default=None, help="Model preset (see `attnkit info`), e.g. gpt2-char-tiny, bert-tiny.")
+@click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "wordpiece", "gpt2"]))
+@click.option("--vocab-size", default=None, type=int, help="BPE / WordPiece vocabulary size.")
+@click.option("--attention", default=None, type=click.Choice(["dense", "sliding", "bigbird"]))
+@click.option("--window", default=None, type=int, help="Sliding-window size in tokens (implies RoPE unless --positional).")
+@click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
+def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device, precision,
+          seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column, max_length,
+          no_truncate, pooling, model_name, tokenizer, vocab_size, attention, window, positional):
+    """Train a model from scratch: a language model (then print a sample), or an encoder.
+
+    Ctrl-C or SIGTERM finishes the current step, writes last/ and exits (130 / 143); continue
+    with --resume.
+
+    \b
+    Examples:
+      attnkit train --recipe shakespeare-char
+      attnkit train --data my_corpus.txt --model gpt2-char-tiny --max-time 120 --out runs/mine
+      attnkit train --out runs/mine --resume --max-steps 4000
+      attnkit train --task mlm --data my_corpus.txt --model bert-tiny --max-time 300
+      attnkit train --task classify --data reviews.csv --model bert-tiny
+      torchrun --nproc_per_node 2 -m attnkit train --recipe shakespeare-char
+    """
+    import torch
+
+    from attnkit.train import resolve_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data, task=task,
+                         model=model_name, tokenizer=tokenizer, vocab_size=vocab_size, max_steps=max_steps,
+                         max_time=max_time, save_every_minutes=save_every_minutes, device=device,
+                         precision=precision, seed=seed, batch_size=batch_size, lr=lr,
+                         **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
+                                           max_length, no_truncate, pooling),
+                         model_overrides={"attention": attention, "window": window, "positional": positional})
+    _fit_and_report(cfg, resume)
+
+
+@main.command()
+@click.option("--ckpt", default=None, help="The checkpoint to fine-tune: a folder, or a named one (minilm-l6).")
+@RUN_OPTIONS
+@click.option("--task", default=None, type=click.Choice(["classify", "qa", "mlm"]), help="[default: classify]")
+@click.option("--data", default=None, help="classify: CSV/TSV/JSONL (or rotten-tomatoes); qa: SQuAD JSON; mlm: text.")
+@DATA_OPTIONS
+@click.option("--lora-rank", default=None, type=int, help="Train rank-R adapters (and the head) instead of every weight.")
+@click.option("--lora-alpha", default=None, type=float, help="LoRA scaling numerator  [default: 16].")
+@click.option("--lora-targets", default=None, help="Comma-separated projections to adapt  [default: q,v].")
+def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
+             precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
+             max_length, no_truncate, pooling, lora_rank, lora_alpha, lora_targets):
+    """Fine-tune a pretrained encoder: classification of your labelled texts, or span QA.
+
+    The run folder gets best/ and last/ (with LoRA: the merged model, and the adapters alone in
+    adapter/); Ctrl-C or SIGTERM saves last/, continue with --resume.
+
+    \b
+    Examples:
+      attnkit finetune --ckpt minilm-l6 --data train.csv --task classify --max-time 600
+      attnkit finetune --ckpt minilm-l6 --data train.csv --val val.csv --label-column sentiment
+      attnkit finetune --ckpt minilm-l6 --data train.csv --lora-rank 8
+      attnkit finetune --ckpt minilm-l6 --data squad_format.json --task qa
+      attnkit finetune --recipe sentiment-minilm
+    """
+    import torch
+
+    from attnkit.train import resolve_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not (ckpt or recipe or config_file or resume):
+        raise AttnkitError("give --ckpt (the checkpoint to fine-tune, e.g. minilm-l6) or --recipe NAME")
+    targets = [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None
+    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data,
+                         task=task or (None if recipe or config_file or resume else "classify"), init=ckpt,
+                         max_steps=max_steps, max_time=max_time, save_every_minutes=save_every_minutes,
+                         device=device, precision=precision, seed=seed, batch_size=batch_size, lr=lr,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=targets,
+                         **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
+                                           max_length, no_truncate, pooling))
+    if cfg.init is None:
+        raise AttnkitError(f"{recipe or config_file or out} names no checkpoint to fine-tune; give --ckpt")
+    _fit_and_report(cfg, resume)
 
 
 @main.command(name="eval")
@@ -280,13 +384,22 @@ def train(recipe, config_file, data, model_name, tokenizer, vocab_size, out, max
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json):
-    """Print the next-token loss and perplexity of a checkpoint on a text.
+@click.option("--text-column", default="text", show_default=True, help="Classifier: the text column.")
+@click.option("--label-column", default="label", show_default=True, help="Classifier: the label column.")
+@click.option("--pair-column", default=None, help="Classifier: a second text column (sentence pairs).")
+@click.option("--no-truncate", is_flag=True, help="Classifier: refuse texts longer than the position limit.")
+@click.option("--plot", default=None, type=click.Path(), help="Classifier: write the confusion matrix as this PNG.")
+def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json, text_column, label_column,
+          pair_column, no_truncate, plot):
+    """Score a checkpoint: a language model's loss and perplexity on a text, or a classifier's
+    accuracy, macro-F1 and confusion matrix on labelled data.
 
     \b
     Examples:
       attnkit eval --ckpt runs/shakespeare-char/best --data shakespeare
       attnkit eval --ckpt runs/mine/best --data held_out.txt --json
+      attnkit eval --ckpt runs/sentiment-minilm --data test.csv --plot confusion.png
+      attnkit eval --ckpt runs/sentiment-minilm --data pang-lee --json
     """
     import json
 
@@ -299,6 +412,26 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json)
     model, tokenizer = load_checkpoint(ckpt, device=_device(device))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; evaluate a checkpoint written by `attnkit train`")
+    if model.cfg.family == "encoder":
+        from attnkit.encoding import evaluate_classifier
+
+        examples = _labelled_examples(data, text_column, label_column, pair_column)
+        with torch.autocast(model.embed.tok.weight.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            report = evaluate_classifier(model, tokenizer, examples, batch_size=batch_size, truncate=not no_truncate)
+        if plot:
+            from attnkit.plots import plot_confusion
+
+            plot_confusion(report["confusion"], report["labels"], plot, title=f"{ckpt} on {data}")
+        if as_json:
+            click.echo(json.dumps({"ckpt": str(ckpt), "data": str(data), **report}))
+            return
+        from attnkit.metrics import format_confusion
+
+        click.echo(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  ({report['n']:,} examples)")
+        click.echo(format_confusion(report["confusion"], report["labels"]))
+        if plot:
+            click.echo(f"wrote {plot}")
+        return
     split = split or ("val" if data in RECIPES else "all")
     if split == "all":
         text = read_corpus(data) if data not in RECIPES else "\n\n".join(load_text(data))
@@ -311,6 +444,193 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json)
         click.echo(json.dumps(result))
     else:
         click.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
+
+
+def _labelled_examples(data: str, text_column: str, label_column: str, pair_column: str | None):
+    """A named labelled set's test split (rotten-tomatoes, pang-lee) or the user's CSV / TSV / JSONL."""
+    from attnkit.data import labelled
+
+    if data in labelled.NAMED_SETS:
+        return labelled.NAMED_SETS[data]()[2]
+    return labelled.read_labelled(data, text_column=text_column, label_column=label_column, pair_column=pair_column)
+
+
+# --- encoders: classify, embed, search, answer --------------------------------------------------
+
+def _texts(texts, input_file) -> list[str]:
+    """TEXT arguments, or the lines of --input (``-``: stdin); empty lines are refused."""
+    if texts and input_file:
+        raise AttnkitError("give texts as arguments or --input FILE, not both")
+    if input_file:
+        from pathlib import Path
+
+        try:
+            raw = sys.stdin.read() if input_file == "-" else Path(input_file).read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise AttnkitError(f"input file {input_file} does not exist; pass a text file with one text per line") from None
+        except UnicodeDecodeError:
+            raise AttnkitError(f"{input_file} is not UTF-8 text; convert it to UTF-8") from None
+        texts = raw.splitlines()
+    texts = list(texts)
+    if not texts:
+        raise AttnkitError("no texts given; pass TEXT arguments or --input FILE")
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise AttnkitError(f"text {empty[0]} is empty; remove empty lines or give it some text")
+    return texts
+
+
+def _encoder(ckpt, device):
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.encoding import require_encoder
+
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device))
+    require_encoder(model, source=str(ckpt))
+    if tokenizer is None:
+        raise AttnkitError(f"{ckpt} has no tokenizer.json; an encoder checkpoint needs its tokenizer")
+    return model, tokenizer
+
+
+def _warn_truncated(count: int, limit: int) -> None:
+    if count:
+        click.echo(f"warning: {count} text(s) were longer than {limit} tokens and were truncated "
+                   "(--no-truncate refuses them)", err=True)
+
+
+@main.command()
+@click.option("--ckpt", required=True, help="A classifier (a run of `attnkit finetune --task classify`).")
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_file", default=None, help="A file with one text per line (- for stdin).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--no-truncate", is_flag=True, help="Refuse texts longer than the position limit.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: text, label, probability, probabilities.")
+def classify(ckpt, texts, input_file, batch_size, no_truncate, device, as_json):
+    """Print the label of each text and its probability, one line per text, in order.
+
+    \b
+    Examples:
+      attnkit classify --ckpt runs/sentiment-minilm "a gorgeous, moving film" "tedious and flat"
+      attnkit classify --ckpt runs/sentiment-minilm --input reviews.txt --json
+    """
+    import json
+
+    from attnkit.data.encoder_inputs import EncoderInputs
+    from attnkit.encoding import class_probabilities, require_encoder
+
+    model, tokenizer = _encoder(ckpt, device)
+    require_encoder(model, "classify", source=str(ckpt))
+    texts = _texts(texts, input_file)
+    counter = EncoderInputs(tokenizer, model.cfg.context_length, truncate=not no_truncate)
+    probs = class_probabilities(model, tokenizer, texts, batch_size=batch_size, truncate=not no_truncate)
+    _warn_truncated(sum(len(tokenizer.encode(t)) + 2 > counter.max_length for t in texts), counter.max_length)
+    for text, p in zip(texts, probs):
+        best = int(p.argmax())
+        if as_json:
+            click.echo(json.dumps({"text": text, "label": model.labels[best], "probability": float(p[best]),
+                                   "probabilities": dict(zip(model.labels, p.tolist()))}))
+        else:
+            click.echo(f"{model.labels[best]}\t{float(p[best]):.4f}\t{text}")
+
+
+@main.command()
+@click.option("--ckpt", required=True, help="An encoder: minilm-l6 or a folder.")
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_file", default=None, help="A file with one text per line (- for stdin).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: text, embedding.")
+def embed(ckpt, texts, input_file, batch_size, device, as_json):
+    """Print sentence embeddings (mean-pooled, L2-normalised), one line per text.
+
+    \b
+    Examples:
+      attnkit embed --ckpt minilm-l6 "A man is playing a guitar." --json
+      attnkit embed --ckpt minilm-l6 --input sentences.txt > vectors.tsv
+    """
+    import json
+
+    from attnkit.encoding import embed_texts
+
+    model, tokenizer = _encoder(ckpt, device)
+    texts = _texts(texts, input_file)
+    vectors = embed_texts(model, tokenizer, texts, batch_size=batch_size)
+    for text, v in zip(texts, vectors.tolist()):
+        if as_json:
+            click.echo(json.dumps({"text": text, "embedding": [round(x, 6) for x in v]}))
+        else:
+            click.echo("\t".join(f"{x:.6f}" for x in v))
+
+
+@main.command()
+@click.option("--ckpt", required=True, help="An encoder: minilm-l6 or a folder.")
+@click.option("--corpus", required=True, type=click.Path(), help="A text file; every non-empty line is a document.")
+@click.argument("query")
+@click.option("--top-k", default=5, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: query, results [{line, score, text}].")
+def search(ckpt, corpus, query, top_k, batch_size, device, as_json):
+    """Print the lines of a file nearest a query by cosine similarity, with their scores.
+
+    \b
+    Example:
+      attnkit search --ckpt minilm-l6 --corpus faq.txt --top-k 3 "how do I reset my password"
+    """
+    import json
+    from pathlib import Path
+
+    from attnkit.encoding import embed_texts, nearest
+
+    if top_k < 1:
+        raise AttnkitError(f"--top-k must be at least 1, got {top_k}")
+    if not query.strip():
+        raise AttnkitError("the query is empty; give some text to search for")
+    model, tokenizer = _encoder(ckpt, device)
+    path = Path(corpus)
+    if not path.is_file():
+        raise AttnkitError(f"corpus {corpus} does not exist; pass a text file with one document per line")
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise AttnkitError(f"{corpus} has no non-empty lines to search")
+    vectors = embed_texts(model, tokenizer, [line for _, line in lines], batch_size=batch_size)
+    hits = nearest(embed_texts(model, tokenizer, [query])[0], vectors, top_k)
+    results = [{"line": lines[i][0], "score": score, "text": lines[i][1]} for i, score in hits]
+    if as_json:
+        click.echo(json.dumps({"query": query, "results": results}))
+        return
+    for r in results:
+        click.echo(f"{r['score']:.4f}\t{r['line']}\t{r['text']}")
+
+
+@main.command()
+@click.option("--ckpt", required=True, help="A span-QA model (a run of `attnkit finetune --task qa`).")
+@click.option("--context", required=True, help="The passage: text, or a path to a text file.")
+@click.argument("question")
+@click.option("--stride", default=128, show_default=True, type=int, help="Context tokens shared by neighbouring windows.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: answer, score, start, end.")
+def answer(ckpt, context, question, stride, device, as_json):
+    """Print the span of the context that answers the question, and its score.
+
+    \b
+    Example:
+      attnkit answer --ckpt runs/qa --context article.txt "Who founded the company?"
+    """
+    import json
+    from pathlib import Path
+
+    from attnkit.encoding import answer_question, require_encoder
+
+    model, tokenizer = _encoder(ckpt, device)
+    require_encoder(model, "qa", source=str(ckpt))
+    if len(context) < 4096 and Path(context).is_file():
+        context = Path(context).read_text(encoding="utf-8-sig")
+    result = answer_question(model, tokenizer, question, context, stride=stride)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['answer']}\t{result['score']:.3f}")
 
 
 @main.command()

@@ -104,6 +104,27 @@ class Embeddings(nn.Module):
         return self.drop(x)
 
 
+class ModelSize:
+    """Parameter counts and forward FLOPs per token of a model made of ``embed`` + ``stack`` (+ heads)."""
+
+    def tied_output_params(self) -> int:
+        """Weights of an output matmul that are the token embeddings (counted as FLOPs, not parameters)."""
+        return 0
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed.tok.weight.numel() + (self.embed.pos.weight.numel() if self.embed.pos is not None else 0)
+        return n
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        """Forward FLOPs per token at a context length: 2 x matmul weights + attention (QK^T and AV)."""
+        cfg, T = self.cfg, context or self.cfg.context_length
+        matmul_params = self.num_params(embeddings=False) + self.tied_output_params()
+        attn_span = min(T, cfg.window) if cfg.attention == "sliding" and cfg.window else T
+        return 2 * matmul_params + 2 * 2 * cfg.n_layer * attn_span * cfg.d_model
+
+
 def init_gpt2_style(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
     """N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 * n_layer)
     (GPT-2); norms start at 1, biases at 0."""

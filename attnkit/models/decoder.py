@@ -23,7 +23,7 @@ from attnkit.cache import DecodeState, KVCache, RollingKVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear, native_available
-from attnkit.layers import AttentionFrame, Embeddings, PositionScheme, Stack, init_gpt2_style
+from attnkit.layers import AttentionFrame, Embeddings, ModelSize, PositionScheme, Stack, init_gpt2_style
 
 STATIC_CACHE_MULTIPLE = 256  # a compiled step's cache is rounded up to this many slots: few graphs serve many lengths
 
@@ -143,7 +143,7 @@ def compiled_step(model: "DecoderLM"):
     return step
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(ModelSize, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -314,17 +314,5 @@ class DecoderLM(nn.Module):
 
     # --- sizes, for `attnkit info` and MFU -------------------------------------------------------
 
-    def num_params(self, embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.embed.tok.weight.numel() + (self.embed.pos.weight.numel() if self.embed.pos is not None else 0)
-        return n
-
-    def flops_per_token(self, context: int | None = None) -> int:
-        """Forward FLOPs per token at a context length: 2 x matmul weights + attention (QK^T and AV)."""
-        cfg, T = self.cfg, context or self.cfg.context_length
-        matmul_params = self.num_params(embeddings=False)
-        if cfg.tie_embeddings:
-            matmul_params += self.lm_head.weight.numel()  # the head is a matmul even when tied
-        attn_span = min(T, cfg.window) if cfg.attention == "sliding" and cfg.window else T
-        return 2 * matmul_params + 2 * 2 * cfg.n_layer * attn_span * cfg.d_model
+    def tied_output_params(self) -> int:
+        return self.lm_head.weight.numel() if self.cfg.tie_embeddings else 0

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
-from attnkit.layers import MLP, Embeddings, PositionScheme, Stack, init_gpt2_style, make_norm
+from attnkit.layers import MLP, Embeddings, ModelSize, PositionScheme, Stack, init_gpt2_style, make_norm
 
 HEADS = ("none", "mlm", "classify", "tokens", "qa")
 POOLINGS = ("cls", "mean")
@@ -73,7 +73,7 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(cls_state))
 
 
-class EncoderModel(nn.Module):
+class EncoderModel(ModelSize, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -109,6 +109,9 @@ class EncoderModel(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         init_gpt2_style(self, self.cfg.n_layer, std)
+
+    def tied_output_params(self) -> int:
+        return self.embed.tok.weight.numel() if self.head_kind == "mlm" and self.cfg.tie_embeddings else 0
 
     def with_head(self, head: str, labels: list[str] | None = None, pooling: str | None = None) -> "EncoderModel":
         """A model with this body's weights and a new, freshly initialised head (fine-tuning)."""

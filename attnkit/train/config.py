@@ -24,14 +24,37 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
               "sample_prompt", "sample_tokens", "name", "save_every_minutes")
 
 
+TASKS = ("lm", "mlm", "classify", "qa")
+LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
+                "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
 @dataclass
 class TrainConfig:
     name: str = ""
+    # what is learned (attnkit.train.tasks): next-token LM, masked LM, classification, span QA
+    task: str = "lm"
+    init: str | None = None  # fine-tune this checkpoint (a folder, or a named one such as minilm-l6)
     # data and tokenizer
     data: str = "shakespeare"  # a text recipe name (attnkit.data.text.RECIPES) or a path to your text
+    val_data: str | None = None  # classify / qa: a held-out file; None: a seeded val_fraction of data
     val_fraction: float = 0.1
-    tokenizer: str = "char"  # char | bpe | gpt2
-    vocab_size: int = 8192  # bpe only; char and gpt2 set their own
+    tokenizer: str = "char"  # char | bpe | wordpiece | gpt2
+    vocab_size: int = 8192  # bpe / wordpiece only; char and gpt2 set their own
+    # labelled data (classify): the columns of the CSV / TSV / JSONL
+    text_column: str = "text"
+    label_column: str = "label"
+    pair_column: str | None = None
+    max_length: int | None = None  # encoder tasks: tokens per example, specials included (None: the context)
+    truncate: bool = True  # cut longer examples (counted in the log); False refuses them
+    pooling: str = "cls"  # classify: the pooled [CLS] (BERT) or the mean of the tokens
+    mask_prob: float = 0.15  # mlm
+    doc_stride: int = 128  # qa: context tokens shared by consecutive windows of a long context
+    # LoRA (attnkit.lora): rank 0 trains every weight
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q", "v"])
     # model: a preset plus overrides (vocab_size comes from the tokenizer)
     model: str = "gpt2-char-small"
     model_overrides: dict = field(default_factory=dict)
@@ -71,7 +94,13 @@ class TrainConfig:
         need(self.schedule in ("steps", "time"), f"schedule {self.schedule!r} is not 'steps' or 'time'")
         need(self.schedule == "steps" or self.max_time is not None, "schedule 'time' needs max_time (seconds)")
         need(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {PRECISIONS}")
-        need(self.tokenizer in ("char", "bpe", "gpt2"), f"tokenizer {self.tokenizer!r} is not char, bpe or gpt2")
+        need(self.tokenizer in ("char", "bpe", "wordpiece", "gpt2"),
+             f"tokenizer {self.tokenizer!r} is not char, bpe, wordpiece or gpt2")
+        need(self.task in TASKS, f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        need(self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} is not cls or mean")
+        need(0.0 < self.mask_prob < 1.0, f"mask_prob must be between 0 and 1, got {self.mask_prob}")
+        need(self.lora_rank >= 0, f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        need(self.max_length is None or self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is not auto, cpu or cuda")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}")
@@ -122,8 +151,11 @@ class TrainConfig:
         return dataclasses.replace(self, **changes).validate()
 
     def config_hash(self) -> str:
-        """What makes two runs the same run (resume refuses a different one)."""
-        kept = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        """What makes two runs the same run (resume refuses a different one). Fields added after
+        runs existed count only when set, so those runs still resume."""
+        defaults = TrainConfig()
+        kept = {k: v for k, v in self.to_dict().items()
+                if k not in NOT_HASHED and not (k in LATER_FIELDS and v == getattr(defaults, k))}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def changed_from(self, other: "TrainConfig") -> list[str]:
@@ -210,6 +242,9 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
         cfg = TrainConfig.from_dict(json.loads(read_train_state(Path(out) / "last")["train_config"]))
     elif "data" in overrides:
         cfg = TrainConfig(name=Path(overrides["data"]).stem or "train", data=overrides["data"])
+        if overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
+            cfg = cfg.replace(model="bert-tiny", tokenizer="wordpiece", lr=1e-4 if "init" in overrides else 5e-4,
+                              max_steps=1000, warmup_steps=50, eval_interval=100)
     else:
         raise AttnkitError("nothing to train on; give --recipe NAME, --config FILE.yaml or --data PATH")
     cfg = cfg.replace(**overrides)

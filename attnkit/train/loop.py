@@ -43,7 +43,7 @@ from torch import nn
 from attnkit.errors import AttnkitError
 from attnkit.train.config import TrainConfig, autocast, resolve_device, resolve_precision
 from attnkit.train.run_folder import RunFolder
-from attnkit.train.tasks import LanguageModelingTask, Task
+from attnkit.train.tasks import Task, make_task
 
 clock = time.perf_counter  # every duration the loop measures (tests replace it with a fake clock)
 FINAL_EVAL_SHARE = 0.2  # at most this share of max_time is kept for the final evaluation
@@ -90,17 +90,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_seeded_model(model_config, seed: int):
-    """The model initialised from ``seed`` on the CPU, leaving the caller's RNG as it was; also the
-    RNG state right after, which training's dropout continues from."""
-    from attnkit.checkpoints import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)  # the CPU's only: the model is built there
-        model = build_model(model_config)
-        return model, torch.get_rng_state()
 
 
 # --- the time budget and stop requests ------------------------------------------------------------
@@ -189,8 +178,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, train_text: str | None = None,
                  val_text: str | None = None, quiet: bool = False, task: Task | None = None):
-        from attnkit.checkpoints import load_state, read_weights
-
         self.device = resolve_device(cfg.device)
         self.cfg = cfg.replace(precision=resolve_precision(cfg.precision, self.device))  # stored and hashed resolved
         cfg = self.cfg
@@ -204,10 +191,9 @@ class Trainer:
         state = self.run.open(cfg, resume)  # a bad folder or a foreign resume fails before any heavy work
         self.out = self.run.path
         last = self.out / "last"
-        self.task = task or LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text,
-                                                             checkpoint=last if resume else None)
+        self.task = task or make_task(cfg, train_text=train_text, val_text=val_text, checkpoint=last if resume else None)
         self.model_cfg = self.task.model_config
-        model, cpu_rng = build_seeded_model(self.model_cfg, cfg.seed)
+        model, cpu_rng = self.task.build_model(cfg.seed)
         self.model = model.to(self.device)
         self.rng = {"torch_rng": cpu_rng, "cuda_rng": None}  # the loop's global RNG (dropout) while fit runs
         self._rng_is_live = False
@@ -218,7 +204,7 @@ class Trainer:
         self.step, self.best_val, self.batches_drawn = 0, float("inf"), 0
         self.last_good = None  # (step, folder) of the newest checkpoint
         if state is not None:
-            load_state(self.model, read_weights(last), last)
+            self.task.restore(self.model, last)
             self.optimizer.load_state_dict(state["optimizer"])
             self.elapsed = state["scheduler"]["elapsed"]
             self.data_rng.set_state(state["data_rng"])
@@ -303,7 +289,7 @@ class Trainer:
         """Write <run>/<name> atomically (rank 0 only): checkpoint directory + train_state.pt."""
         training = {"step": self.step, **metrics, "config_hash": self.cfg.config_hash(),
                     "train_config": self.cfg.to_dict()}
-        folder = self.run.save(name, self.raw_model, self.tokenizer, self.train_state(), training)
+        folder = self.run.save(name, self.raw_model, self.train_state(), training, write=self.task.write_checkpoint)
         if name == "last":
             self.last_good, self.last_save_at = (self.step, folder), clock()
         return folder
@@ -454,8 +440,7 @@ class Trainer:
                 if not self.quiet:
                     from tqdm.auto import tqdm
 
-                    tqdm.write(f"step {self.step}: val loss {metrics['val_loss']:.4f} "
-                               f"(perplexity {metrics['val_ppl']:.2f}), best {self.best_val:.4f}")
+                    tqdm.write(f"step {self.step}: {self.task.describe(metrics)}, best val loss {self.best_val:.4f}")
         if self.ddp:
             dist.barrier()
 

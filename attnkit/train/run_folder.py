@@ -68,14 +68,15 @@ class RunFolder:
                                "choose a new --out")
         return state
 
-    def save(self, name: str, model, tokenizer, train_state: dict, training: dict) -> Path:
-        """Write <run>/<name> atomically: the checkpoint directory plus train_state.pt. ``training``
-        goes into config.json (step, metrics, config) for people and tools reading the checkpoint."""
-        from attnkit.checkpoints import atomic_directory, save_checkpoint
+    def save(self, name: str, model, train_state: dict, training: dict, write) -> Path:
+        """Write <run>/<name> atomically: the checkpoint directory (``write(folder, model, extra_json)``,
+        the task's ``write_checkpoint``) plus train_state.pt. ``training`` goes into config.json (step,
+        metrics, config) for people and tools reading the checkpoint."""
+        from attnkit.checkpoints import atomic_directory
 
         folder = self.path / name
         with atomic_directory(folder) as tmp:
-            save_checkpoint(tmp, model, tokenizer, extra_json={"training": training})
+            write(tmp, model, {"training": training})
             torch.save(train_state, tmp / STATE_FILE)
         return folder
 

@@ -26,6 +26,17 @@ def always() -> bool:
     return True
 
 
+def build_seeded_model(model_config, seed: int):
+    """The model initialised from ``seed`` on the CPU, leaving the caller's RNG as it was; also the
+    RNG state right after, which training's dropout continues from."""
+    from attnkit.checkpoints import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # the CPU's only: the model is built there
+        model = build_model(model_config)
+        return model, torch.get_rng_state()
+
+
 class Task(abc.ABC):
     """The part of training that knows what is being learned.
 
@@ -38,6 +49,28 @@ class Task(abc.ABC):
     model_config: ModelConfig
     tokens_per_batch: int
     eval_batches: int
+
+    # -- the model: built, checkpointed and restored (a fine-tuning task starts from pretrained weights)
+
+    def build_model(self, seed: int) -> tuple[nn.Module, Tensor]:
+        """The model to train, initialised from ``seed``, and the CPU RNG state after (see build_seeded_model)."""
+        return build_seeded_model(self.model_config, seed)
+
+    def write_checkpoint(self, folder: Path, model: nn.Module, extra_json: dict) -> None:
+        """Write the checkpoint of ``model`` into ``folder`` (best/ and last/ of the run)."""
+        from attnkit.checkpoints import save_checkpoint
+
+        save_checkpoint(folder, model, self.tokenizer, extra_json=extra_json)
+
+    def restore(self, model: nn.Module, folder: Path) -> None:
+        """Load the weights ``write_checkpoint`` wrote (resuming a run)."""
+        from attnkit.checkpoints import load_state, read_weights
+
+        load_state(model, read_weights(folder), folder)
+
+    def describe(self, metrics: dict) -> str:
+        """One line for the terminal after an evaluation."""
+        return f"val loss {metrics['val_loss']:.4f}"
 
     @abc.abstractmethod
     def train_batch(self, generator: torch.Generator, *, device: torch.device, rank: int = 0,
@@ -135,6 +168,22 @@ class LanguageModelingTask(Task):
             used += 1
         loss = total / used
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_batches": used}
+
+    def describe(self, metrics: dict) -> str:
+        return f"val loss {metrics['val_loss']:.4f} (perplexity {metrics['val_ppl']:.2f})"
+
+
+def make_task(cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
+              checkpoint: Path | None = None) -> Task:
+    """The task ``cfg.task`` names, built from the config (``checkpoint``: the last/ of a resumed run)."""
+    if cfg.task == "lm":
+        if cfg.init is not None:
+            raise AttnkitError("fine-tuning a language model (--ckpt with task lm) is not supported yet; "
+                               "train it from scratch, or fine-tune an encoder with --task classify / qa / mlm")
+        return LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text, checkpoint=checkpoint)
+    from attnkit.train import encoder_tasks
+
+    return encoder_tasks.TASKS[cfg.task].from_config(cfg, checkpoint=checkpoint)
 
 
 @torch.no_grad()
