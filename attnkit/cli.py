@@ -28,12 +28,14 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attnkit")
 def main():
-    """attnkit: train, sample from and look inside self-attention models.
+    """attnkit: train, fine-tune, sample from and look inside self-attention models.
 
     \b
     Examples:
       attnkit train --recipe shakespeare-char --max-time 300
       attnkit generate --ckpt runs/shakespeare-char/best -p "ROMEO:"
+      attnkit finetune --ckpt minilm-l6 --data train.csv --task classify
+      attnkit classify --ckpt runs/train "a gorgeous, moving film"
       attnkit info --model gpt2
     """
 
@@ -186,12 +188,13 @@ def info(ckpt, preset_name, as_json):
 @click.option("--ckpt", required=True, type=click.Path(), help="An attnkit checkpoint folder.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the Hugging Face layout to.")
 def export(ckpt, out):
-    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama shapes).
+    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama decoders, BERT encoders).
 
     \b
     Example:
       attnkit export --ckpt runs/shakespeare-char/best --out hf-shakespeare
       python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf-shakespeare')"
+      attnkit export --ckpt runs/sentiment-minilm --out hf-sentiment   # BertForSequenceClassification
     """
     from attnkit.checkpoints import load_checkpoint, save_checkpoint
 

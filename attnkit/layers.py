@@ -210,7 +210,7 @@ class PositionScheme(nn.Module):
             k_pos, k_valid = cache.record(positions, valid) if claimed else cache.reserve(positions, valid)
         else:
             k_pos, k_valid = positions, valid
-        if unpadded and self.slopes is None and window is None:
+        if unpadded and self.slopes is None and window is None and kind != "bigbird":
             # the fused fast path: no mask tensor; `attention` aligns causal queries with the last keys
             return AttentionFrame(mask=None, causal=self.causal, rope=rope)
         mask = position_mask(positions, k_pos, k_valid, causal=self.causal, window=window)

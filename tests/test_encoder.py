@@ -299,13 +299,7 @@ def test_minilm_pair_truncation_without_ties_matches_transformers(minilm, hf_min
     assert ours.attention_mask.long().tolist() == theirs["attention_mask"]
 
 
-PAIR_TRUNCATION_BUG = (
-    "attnkit/data/encoder_inputs.py _truncate_pair: when both sides must be cut, HF's longest_first gives "
-    "the shorter side room // 2 and the longer room - room // 2 (the second on a length tie); attnkit's "
-    "one-at-a-time loop drops from b on ties and so keeps the extra token on the wrong side")
 
-
-@pytest.mark.xfail(strict=True, reason=PAIR_TRUNCATION_BUG)
 def test_minilm_pair_truncation_matches_transformers(minilm, hf_minilm_tokenizer):
     enc = EncoderInputs(minilm[1], max_length=16)
     ours = enc.batch(MIXED, PAIRS[::-1])
@@ -315,7 +309,6 @@ def test_minilm_pair_truncation_matches_transformers(minilm, hf_minilm_tokenizer
     assert ours.input_ids.tolist() == theirs["input_ids"]
 
 
-@pytest.mark.xfail(strict=True, reason=PAIR_TRUNCATION_BUG)
 def test_pair_truncation_over_a_grid_of_lengths_matches_transformers(minilm, hf_minilm_tokenizer):
     """The same rule, isolated: a words and b words (one token each), longest-first to 16 (room 13)."""
     enc = EncoderInputs(minilm[1], max_length=16)
@@ -409,15 +402,8 @@ SPARSE = {
 }
 
 
-EXPLICIT_BIGBIRD_BUG = (
-    "attnkit/layers.py PositionScheme.frame: with explicit=True (need_weights) and no padding, BigBird "
-    "(window None, no ALiBi) takes the fused unmasked fast path `if unpadded and self.slopes is None and "
-    "window is None`, so the explicit path is dense attention, not the BigBird pattern")
 
-
-@pytest.mark.parametrize("kind", [k if k.startswith("sliding") else
-                                  pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=EXPLICIT_BIGBIRD_BUG))
-                                  for k in SPARSE])
+@pytest.mark.parametrize("kind", list(SPARSE))
 def test_sparse_attention_kernels_equal_the_explicit_mask(kind):
     model = small_encoder(**SPARSE[kind])
     T = 32  # 8 BigBird blocks of 4: global + window + random leave some blocks out

@@ -47,15 +47,18 @@ class EncoderBatch:
 
 
 def _truncate_pair(a: list[int], b: list[int] | None, room: int) -> tuple[list[int], list[int] | None]:
-    """Longest-first: drop the last token of the longer one until both fit in ``room``."""
+    """Longest-first, as `transformers` cuts: the shorter text keeps what it can of half the room
+    (at least room // 2), the longer one the rest."""
     if b is None:
         return a[:room], None
     la, lb = len(a), len(b)
-    while la + lb > room:
-        if la > lb:
-            la -= 1
-        else:
-            lb -= 1
+    if la + lb <= room:
+        return a, b
+    short = min(la, lb)
+    long_ = max(short, room - short)
+    if short + long_ > room:
+        short, long_ = room // 2, room - room // 2
+    la, lb = (long_, short) if la > lb else (short, long_)
     return a[:la], b[:lb]
 
 
