@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,6 +54,7 @@ class EncoderTask(Task):
         from attnkit.tokenizers import load_tokenizer, make_tokenizer
 
         self.cfg, self.labels, self.base_state = cfg, labels, None
+        new_pooler = False  # a pooler the pretrained body lacks starts random, so LoRA must train it
         extra = {"head": self.head, "labels": labels or [], "pooling": cfg.pooling}
         if self.head == "classify" and cfg.pooling == "cls":
             extra["pooler"] = True  # BERT classifies the pooled [CLS]
@@ -71,6 +73,7 @@ class EncoderTask(Task):
             self.base_state = {k: v for k, v in base.state_dict().items() if same_head or not k.startswith("head.")}
             if self.head == "classify" and not base.cfg.extra.get("pooler") and extra.get("pooler"):
                 self.base_state = {k: v for k, v in self.base_state.items() if not k.startswith("pooler.")}
+                new_pooler = True
         else:
             if checkpoint is not None:
                 tokenizer = load_tokenizer(checkpoint)
@@ -93,7 +96,8 @@ class EncoderTask(Task):
 
             self.lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=tuple(cfg.lora_targets),
-                                   train_also=("head",) if self.head in ("classify", "tokens", "qa") else ())
+                                   train_also=(("head",) if self.head in ("classify", "tokens", "qa") else ())
+                                   + (("pooler",) if new_pooler else ()))
 
     def _check_head(self, base) -> None:
         if self.head == "classify" and base.head_kind == "classify" and sorted(base.labels) != sorted(self.labels):
@@ -114,7 +118,10 @@ class EncoderTask(Task):
         if self.lora is not None:
             from attnkit.lora import apply_lora
 
-            apply_lora(model, self.lora)
+            with torch.random.fork_rng(devices=[]):  # the adapters' init from the seed too, not the caller's RNG
+                torch.set_rng_state(rng)
+                apply_lora(model, self.lora)
+                rng = torch.get_rng_state()
         return model, rng
 
     def write_checkpoint(self, folder: Path, model: nn.Module, extra_json: dict) -> None:
@@ -263,8 +270,8 @@ class ClassificationTask(EncoderTask):
         task.train_rows, task.train_targets = task._rows(train)
         task.val_rows, task.val_targets = task._rows(val)
         if task.inputs.truncated:
-            print(f"attnkit: {task.inputs.truncated} examples were longer than {task.max_length} tokens and were "
-                  "truncated (--no-truncate refuses them)")
+            print(f"warning: {task.inputs.truncated} examples were longer than {task.max_length} tokens and were "
+                  "truncated (--no-truncate refuses them)", file=sys.stderr)
         task.tokens_per_batch = round(cfg.batch_size * sum(len(r[0]) for r in task.train_rows) / len(task.train_rows))
         task.val_groups = task._eval_groups([len(r[0]) for r in task.val_rows])
         task.eval_batches = len(task.val_groups)
