@@ -627,7 +627,11 @@ def answer(ckpt, context, question, stride, device, as_json):
 
     model, tokenizer = _encoder(ckpt, device)
     require_encoder(model, "qa", source=str(ckpt))
-    if len(context) < 4096 and Path(context).is_file():
+    try:
+        is_file = len(context) < 4096 and Path(context).is_file()
+    except OSError:  # a passage longer than a file name can be
+        is_file = False
+    if is_file:
         context = Path(context).read_text(encoding="utf-8-sig")
     result = answer_question(model, tokenizer, question, context, stride=stride)
     if as_json:

@@ -475,8 +475,6 @@ def test_finetune_qa_writes_best_and_answer_prints_a_span_of_the_context(world, 
         assert abs(answer["score"] - float(score)) < 1e-3
 
 
-@pytest.mark.xfail(reason="attnkit/cli.py answer: Path(context).is_file() raises OSError (File name too long) "
-                          "for a context text over 255 bytes", raises=AssertionError, strict=False)
 def test_answer_takes_a_long_context_given_as_text(world, tmp_path):
     out = tmp_path / "qa"
     ok(cli("finetune", "--task", "qa", "--data", world["squad"], "--ckpt", world["tiny"], "--out", out,

@@ -142,6 +142,13 @@ class TrainConfig:
         if unknown:
             raise AttnkitError(f"unknown training settings {unknown}; remove them or check the spelling "
                                f"(known: {', '.join(sorted(known))})")
+        floats = {f.name for f in dataclasses.fields(cls) if f.type in ("float", "float | None")}
+        for name in floats & set(data):
+            if isinstance(data[name], str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+                try:
+                    data[name] = float(data[name])
+                except ValueError:
+                    raise AttnkitError(f"training setting {name} must be a number, got {data[name]!r}") from None
         try:
             return cls(**data).validate()
         except TypeError as e:
