@@ -189,7 +189,7 @@ def bench_sentiment(args) -> None:
     set_threads(args.threads)
     limits = machine_limits()
     steps = args.steps or load_recipe("sentiment-minilm").max_steps
-    results = {}
+    results, process = {}, time.strftime("%Y-%m-%d %H:%M:%S")  # runs of one process are comparable
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = {
@@ -207,7 +207,8 @@ def bench_sentiment(args) -> None:
             if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             print(f"=== {name}", flush=True)
-            results[name] = {**run(), "run_at": time.strftime("%Y-%m-%d %H:%M"), "quiet": not args.under_load}
+            results[name] = {**run(), "run_at": time.strftime("%Y-%m-%d %H:%M"), "quiet": not args.under_load,
+                             "process": process}
             print(json.dumps(results[name]), flush=True)
     # runs are kept by name in RUNS_FILE, so a subset can be re-run and the table shows every run's latest
     kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
@@ -219,7 +220,7 @@ def bench_sentiment(args) -> None:
              f"{r['tokens_per_s']:.0f}" + ("" if r.get("quiet", True) else " (machine under load: not a speed figure)"),
              r["run_at"]] for name, r in results.items()]
     full, ref = results.get("attnkit full fine-tune"), results.get("transformers Trainer full fine-tune")
-    comparable = full and ref and full["quiet"] and ref["quiet"] and full["run_at"][:10] == ref["run_at"][:10]
+    comparable = full and ref and full["quiet"] and ref["quiet"] and full.get("process") == ref.get("process")
     ratio = f"{full['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if comparable else "n/a (not measured in one quiet run)"
     body = (f"{limits_line(limits)}\n\nRotten Tomatoes snippets, fixed seeded split 10,202 / 1,275 / 1,275; accuracy on "
             "the test split; Pang & Lee: 4,000 sentences, out of domain. Batch 32, the sentiment-minilm recipe's "

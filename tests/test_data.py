@@ -188,7 +188,7 @@ def test_read_corpus_jsonl(tmp_path):
     [
         ('{"text": "ok"}\n{"text": oops}\n', "line 2 is not valid JSON"),
         ('{"text": "ok"}\n{"body": "x"}\n', 'line 2 has no string field "text"'),
-        ('["text"]\n', 'line 1 has no string field "text"'),
+        ('["text"]\n', 'line 1 is not a JSON object'),
         ("\n\n", "is empty"),
     ],
 )

@@ -116,17 +116,11 @@ def _read_table(path: Path, delimiter: str, columns: dict[str, str]) -> list[Exa
 
 
 def _read_jsonl(path: Path, columns: dict[str, str]) -> list[Example]:
+    from attnkit.data.text import jsonl_objects
+
     examples = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AttnkitError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line.") from None
-        if not isinstance(record, dict):
-            raise AttnkitError(f"{path} line {number} is not a JSON object; give every line an object such as "
-                               f'{{"{columns["text"]}": "...", "{columns["label"]}": "..."}}.')
+    example = f'{{"{columns["text"]}": "...", "{columns["label"]}": "..."}}'
+    for number, record in jsonl_objects(path, _decode(path), example):
         for role, column in columns.items():
             if column not in record:
                 raise _missing_column(path, f" line {number}", role, column, record)

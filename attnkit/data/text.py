@@ -53,16 +53,25 @@ def _read_text_file(path: Path) -> str:
         raise AttnkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.") from None
 
 
-def _read_jsonl(path: Path) -> str:
-    texts = []
-    for number, line in enumerate(_read_text_file(path).splitlines(), start=1):
+def jsonl_objects(path: Path, text: str, example: str):
+    """(line number, object) for every non-empty line of a JSONL file's ``text``; a line that is not
+    a JSON object is a clear error (``example`` shows what a line should look like)."""
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise AttnkitError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise AttnkitError(f"{path} line {number} is not a JSON object; give every line an object such as {example}.")
+        yield number, record
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for number, record in jsonl_objects(path, _read_text_file(path), '{"text": "..."}'):
+        if not isinstance(record.get("text"), str):
             raise AttnkitError(f'{path} line {number} has no string field "text"; give every line {{"text": "..."}}.')
         texts.append(record["text"])
     return "\n\n".join(texts)
