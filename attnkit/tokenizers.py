@@ -141,6 +141,13 @@ def train_wordpiece(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTok
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
                                         show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    # the trainer numbers pieces in hash order, which changes from run to run: renumber them (the
+    # specials first, then sorted), so the same text gives the same ids (WordPiece matching only
+    # asks whether a piece is in the vocabulary, so encodings are otherwise unchanged)
+    pieces = sorted(set(tok.get_vocab()) - set(WORDPIECE_SPECIALS))
+    vocab = {piece: i for i, piece in enumerate([*WORDPIECE_SPECIALS, *pieces])}
+    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                 max_input_chars_per_word=100)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(  # what `transformers` adds for BERT inputs
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
