@@ -339,7 +339,7 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
 @DATA_OPTIONS
 @click.option("--lora-rank", default=None, type=int, help="Train rank-R adapters (and the head) instead of every weight.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA scaling numerator  [default: 16].")
-@click.option("--lora-targets", default=None, help="Comma-separated projections to adapt  [default: q,v].")
+@click.option("--lora-targets", default=None, help="Comma-separated projections to adapt (q, k, v, out, up, down, gate)  [default: all of q,k,v,out,up,down].")
 def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
              precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
              max_length, no_truncate, pooling, lora_rank, lora_alpha, lora_targets):

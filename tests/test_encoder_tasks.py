@@ -157,7 +157,7 @@ def classifier(world):
 @pytest.fixture(scope="module")
 def lora(world):
     """A LoRA rank-4 fine-tune through the Trainer (its raw model keeps the adapters)."""
-    cfg = classify_config(world, world["root"] / "lora", lora_rank=4, lr=1e-2)
+    cfg = classify_config(world, world["root"] / "lora", lora_rank=4, lora_targets=["q", "v"], lr=1e-2)
     trainer = Trainer(cfg, quiet=True)
     trainable_before = {n for n, p in trainer.raw_model.named_parameters() if p.requires_grad}
     result = trainer.fit()

@@ -54,7 +54,8 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["q", "v"])
+    # every projection: on the sentiment recipe 84.7% vs q,v alone 82.9% (full fine-tune 85.7%)
+    lora_targets: list = field(default_factory=lambda: ["q", "k", "v", "out", "up", "down"])
     # model: a preset plus overrides (vocab_size comes from the tokenizer)
     model: str = "gpt2-char-small"
     model_overrides: dict = field(default_factory=dict)
