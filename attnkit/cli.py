@@ -524,9 +524,9 @@ def classify(ckpt, texts, input_file, batch_size, no_truncate, device, as_json):
     model, tokenizer = _encoder(ckpt, device)
     require_encoder(model, "classify", source=str(ckpt))
     texts = _texts(texts, input_file)
-    counter = EncoderInputs(tokenizer, model.cfg.context_length, truncate=not no_truncate)
-    probs = class_probabilities(model, tokenizer, texts, batch_size=batch_size, truncate=not no_truncate)
-    _warn_truncated(sum(len(tokenizer.encode(t)) + 2 > counter.max_length for t in texts), counter.max_length)
+    inputs = EncoderInputs(tokenizer, model.cfg.context_length, truncate=not no_truncate)
+    probs = class_probabilities(model, tokenizer, texts, batch_size=batch_size, inputs=inputs)
+    _warn_truncated(inputs.truncated, inputs.max_length)
     for text, p in zip(texts, probs):
         best = int(p.argmax())
         if as_json:

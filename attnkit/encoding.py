@@ -53,10 +53,12 @@ def run_batches(model, inputs: EncoderInputs, texts: Sequence[str], pairs: Seque
 
 
 def class_probabilities(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
-                        batch_size: int = 32, max_length: int | None = None, truncate: bool = True) -> Tensor:
-    """(N, n_labels) softmax probabilities; ``model.labels`` names the columns."""
+                        batch_size: int = 32, max_length: int | None = None, truncate: bool = True,
+                        inputs: EncoderInputs | None = None) -> Tensor:
+    """(N, n_labels) softmax probabilities; ``model.labels`` names the columns. ``inputs``: the
+    EncoderInputs to use (its ``truncated`` then counts the texts that were cut)."""
     require_encoder(model, "classify")
-    inputs = EncoderInputs(tokenizer, max_length_of(model, max_length), truncate)
+    inputs = inputs or EncoderInputs(tokenizer, max_length_of(model, max_length), truncate)
     probs = run_batches(model, inputs, texts, pairs, batch_size,
                         lambda m, b: m(b.input_ids, b.attention_mask, b.token_types).float().softmax(-1))
     return torch.stack(probs)

@@ -86,7 +86,7 @@ def bench_embed(args) -> None:
                      f"{best['transformers'] / best['attnkit']:.2f}x", len(texts) / (flops / peak), f"{agree:.1e}"])
     body = (f"{limits_line(limits)}\n\n{len(texts)} Rotten Tomatoes test snippets, {sum(lengths) / len(lengths):.1f} "
             f"tokens on average ({min(lengths)}-{max(lengths)}), batch {args.batch_size} by length, tokenization "
-            "included, best of {args.repeats} interleaved runs.\n\n".replace("{args.repeats}", str(args.repeats))
+            f"included, best of {args.repeats} interleaved runs.\n\n"
             + table(["dtype", "attnkit sentences/s", "transformers sentences/s", "speed-up",
                      "matmul bound sentences/s", "max |diff| of embeddings"], rows)
             + "\n\nTarget: attnkit ≥ 2x transformers.")
@@ -224,7 +224,7 @@ def bench_sentiment(args) -> None:
     ratio = f"{full['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if comparable else "n/a (not measured in one quiet run)"
     body = (f"{limits_line(limits)}\n\nRotten Tomatoes snippets, fixed seeded split 10,202 / 1,275 / 1,275; accuracy on "
             "the test split; Pang & Lee: 4,000 sentences, out of domain. Batch 32, the sentiment-minilm recipe's "
-            "schedule for both libraries (LoRA: lr {lora}).\n\n".replace("{lora}", f"{args.lora_lr:g}")
+            f"schedule for both libraries (LoRA: lr {args.lora_lr:g}).\n\n"
             + table(["run", "test accuracy", "Pang & Lee accuracy", "trainable", "steps", "precision", "wall s",
                      "train tokens/s", "run at (UTC)"], rows)
             + f"\n\nattnkit / transformers training tokens/s (full fine-tune): {ratio}. Targets: full fine-tune ≥ 85% "

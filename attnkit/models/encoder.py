@@ -35,6 +35,15 @@ HEADS = ("none", "mlm", "classify", "tokens", "qa")
 POOLINGS = ("cls", "mean")
 
 
+def head_fields(head: str, labels: list[str] | None, pooling: str) -> dict:
+    """The ``cfg.extra`` fields of a head; BERT classifies the pooled [CLS], so a "cls" classifier
+    has a pooler (a new one starts random)."""
+    fields = {"head": head, "labels": list(labels or []), "pooling": pooling}
+    if head == "classify" and pooling == "cls":
+        fields["pooler"] = True
+    return fields
+
+
 def mean_pool(hidden: Tensor, valid: Tensor | None) -> Tensor:
     """The mean of the real tokens' states: (B, T, d), (B, T) bool -> (B, d)."""
     if valid is None:
@@ -115,11 +124,7 @@ class EncoderModel(ModelSize, nn.Module):
 
     def with_head(self, head: str, labels: list[str] | None = None, pooling: str | None = None) -> "EncoderModel":
         """A model with this body's weights and a new, freshly initialised head (fine-tuning)."""
-        extra = {**self.cfg.extra, "head": head, "labels": list(labels or [])}
-        if pooling is not None:
-            extra["pooling"] = pooling
-        if extra.get("pooling", "cls") == "cls" and head == "classify":
-            extra["pooler"] = True  # BERT classifies the pooled [CLS]; a new pooler starts random
+        extra = {**self.cfg.extra, **head_fields(head, labels, pooling or self.cfg.extra.get("pooling", "cls"))}
         model = EncoderModel(self.cfg.replace(extra=extra))
         body = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
         model.load_state_dict(body, strict=False)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from attnkit.config import ModelConfig, preset
 from attnkit.data.encoder_inputs import EncoderInputs, length_sorted_batches, pad_rows, special_ids
 from attnkit.errors import AttnkitError
+from attnkit.models.encoder import head_fields
 from attnkit.train.config import TrainConfig
 from attnkit.train.tasks import Task, always, build_seeded_model
 
@@ -55,9 +56,7 @@ class EncoderTask(Task):
 
         self.cfg, self.labels, self.base_state = cfg, labels, None
         new_pooler = False  # a pooler the pretrained body lacks starts random, so LoRA must train it
-        extra = {"head": self.head, "labels": labels or [], "pooling": cfg.pooling}
-        if self.head == "classify" and cfg.pooling == "cls":
-            extra["pooler"] = True  # BERT classifies the pooled [CLS]
+        extra = head_fields(self.head, labels, cfg.pooling)
         if cfg.init is not None:
             from attnkit.checkpoints import load_checkpoint
 
@@ -125,13 +124,11 @@ class EncoderTask(Task):
         return model, rng
 
     def write_checkpoint(self, folder: Path, model: nn.Module, extra_json: dict) -> None:
-        from attnkit.checkpoints import save_checkpoint
-
         if self.lora is None:
-            return save_checkpoint(folder, model, self.tokenizer, extra_json=extra_json)
+            return super().write_checkpoint(folder, model, extra_json)
         from attnkit.lora import merge_lora, save_adapters
 
-        save_checkpoint(folder, merge_lora(copy.deepcopy(model)), self.tokenizer, extra_json=extra_json)
+        super().write_checkpoint(folder, merge_lora(copy.deepcopy(model)), extra_json)  # an ordinary checkpoint
         save_adapters(folder / ADAPTER_DIR, model)
 
     def restore(self, model: nn.Module, folder: Path) -> None:
