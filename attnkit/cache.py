@@ -231,22 +231,29 @@ class RollingKVCache:
 
 
 class CrossCache:
-    """Cross-attention keys and values of a source (B, Hkv, S, hd) per decoder layer.
+    """Cross-attention keys and values of the sources (S_rows, Hkv, S, hd) per decoder layer.
 
-    Filled once per source by the first decoding step (``store``), then only read (``get``) and
-    reordered with the rows of the decode state; ``crop`` keeps everything (the source does not grow).
-    ``source_valid`` (B, S) bool marks the source's real tokens.
+    Filled once per source by the first decoding step (``store``), then only read (``get``).
+    Reordering never copies them: ``rows`` (B,) says which source each decode row reads, and when
+    every source's rows sit together in equal numbers (beams: ``arange(S_rows).repeat_interleave(g)``)
+    ``group`` = g lets attention run a source's g query rows against its keys at once, without
+    gathering (otherwise ``group`` is None and attention gathers ``rows``). ``crop`` keeps
+    everything (the source does not grow). ``source_valid`` (S_rows, S) bool marks real source tokens.
     """
 
     def __init__(self, n_layers: int, source_valid: Tensor | None = None):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
         self.source_valid = source_valid
+        self.rows: Tensor | None = None  # None: decode row i reads source i
+        self.group: int | None = 1
 
     def filled(self, layer: int) -> bool:
         return self.k[layer] is not None
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.rows is not None:
+            raise AttnkitError("a cross-attention cache is filled by the first step, before any reorder")
         self.k[layer], self.v[layer] = k, v
         return k, v
 
@@ -254,10 +261,13 @@ class CrossCache:
         return self.k[layer], self.v[layer]
 
     def reorder(self, index: Tensor) -> None:
-        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
-        if self.source_valid is not None:
-            self.source_valid = self.source_valid.index_select(0, index)
+        self.rows = index if self.rows is None else self.rows.index_select(0, index)
+        n_sources = next((t.shape[0] for t in self.k if t is not None), None)
+        if n_sources is None and self.source_valid is not None:
+            n_sources = self.source_valid.shape[0]
+        group = len(self.rows) // n_sources if n_sources and len(self.rows) % n_sources == 0 else 0
+        beams = torch.arange(n_sources or 0, device=self.rows.device).repeat_interleave(group) if group else None
+        self.group = group if beams is not None and torch.equal(self.rows, beams) else None
 
     def crop(self, length: int) -> None:
         """The source stays whole: nothing to forget."""

@@ -13,8 +13,8 @@ from attnkit.attention import BACKENDS
 from attnkit.errors import AttnkitError
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu_tanh", "gelu", "relu", "swiglu")  # GPT-2, BERT, original Transformer, Llama
-POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
+MLPS = ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")  # GPT-2, BERT, Transformer/T5, Marian, Llama, T5 v1.1
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")  # relative: T5's bucketed score bias
 ATTENTION_KINDS = ("dense", "sliding", "bigbird")
 
 
@@ -46,6 +46,12 @@ class ModelConfig:
     n_random_blocks: int = 1
     sparse_seed: int = 0  # draws BigBird's random blocks, once
     backend: str = "sdpa"  # "math" for the readable reference path
+    scale_embeddings: bool = False  # token embeddings x sqrt(d_model) (the original Transformer, Marian)
+    position_offset: int = 0  # learned positions start at this row of their table (BART: 2)
+    sinusoid_layout: str = "interleaved"  # sin/cos pairs interleaved (the paper), or "split": all sin, then all cos (Marian)
+    relative_buckets: int = 32  # positional="relative": T5's buckets of key - query distance
+    relative_max_distance: int = 128  # ... distances from here on share the last bucket
+    scale_scores: bool = True  # q.k / sqrt(head_dim); False: q.k (T5 folds the scale into its weights)
     bos_id: int | None = None
     eos_id: int | None = None
     extra: dict = field(default_factory=dict)  # family-specific fields, kept for round trips
@@ -78,6 +84,11 @@ class ModelConfig:
         need(self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         need(self.n_head % self.kv_heads == 0, f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
         need(self.positional != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head size")
+        need(self.sinusoid_layout in ("interleaved", "split"), "sinusoid_layout must be 'interleaved' or 'split'")
+        need(self.position_offset >= 0, "position_offset must be >= 0")
+        need(self.positional != "relative" or self.attention == "dense",
+             "relative position buckets need dense attention (the sparse kernels take no score bias)")
+        need(self.positional != "relative" or self.relative_buckets >= 4, "relative_buckets must be at least 4")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         if self.attention == "sliding":
             need(self.window is not None and 0 < self.window <= self.context_length,
@@ -108,6 +119,23 @@ LLAMA = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False)
 BERT = dict(family="encoder", norm="layernorm", norm_eps=1e-12, norm_position="post", mlp="gelu", positional="learned",
             bias=True, token_types=2, embedding_norm=True, tie_embeddings=True, dropout=0.1,
             extra={"head": "none", "pooling": "cls", "pooler": True})
+# encoder-decoders: ``n_layer`` is the decoder's depth, ``extra["encoder_layers"]`` the encoder's
+# sinusoids split (all sin, then all cos): the layout of the paper's own code (tensor2tensor) and of
+# Marian, so that these models export as MarianMTModel
+TRANSFORMER = dict(family="seq2seq", norm="layernorm", norm_position="post", mlp="relu", positional="sinusoidal",
+                   sinusoid_layout="split", scale_embeddings=True, bias=True, tie_embeddings=True, dropout=0.1)
+BART = dict(family="seq2seq", norm="layernorm", norm_position="post", mlp="gelu", positional="learned",
+            position_offset=2, embedding_norm=True, bias=True, tie_embeddings=True, dropout=0.1)
+MARIAN = dict(family="seq2seq", norm="layernorm", norm_position="post", mlp="silu", positional="sinusoidal",
+              sinusoid_layout="split", scale_embeddings=True, bias=True, tie_embeddings=True, dropout=0.1)
+T5 = dict(family="seq2seq", norm="rmsnorm", norm_eps=1e-6, norm_position="pre", mlp="relu", positional="relative",
+          bias=False, scale_scores=False, tie_embeddings=True, dropout=0.1)
+
+
+def _seq2seq_extra(encoder_layers: int, start: int, pad: int, **more) -> dict:
+    return {"encoder_layers": encoder_layers, "decoder_start_id": start, "pad_id": pad, "shared_embeddings": True,
+            **more}
+
 
 PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(**GPT2, vocab_size=50257, context_length=1024, n_layer=12, n_head=12, d_model=768),
@@ -124,6 +152,22 @@ PRESETS: dict[str, ModelConfig] = {
     "bert-tiny": ModelConfig(**BERT, vocab_size=8192, context_length=128, n_layer=2, n_head=2, d_model=128),
     # the shape of the pretrained `minilm-l6` checkpoint (all-MiniLM-L6-v2)
     "minilm-l6": ModelConfig(**BERT, vocab_size=30522, context_length=512, n_layer=6, n_head=12, d_model=384),
+    # "Attention Is All You Need" base; vocab_size (and the ids) come from the tokenizer at training time
+    "transformer-base": ModelConfig(**TRANSFORMER, vocab_size=32000, context_length=1024, n_layer=6, n_head=8,
+                                    d_model=512, d_ff=2048, extra=_seq2seq_extra(6, 1, 0)),
+    # small CPU-trainable ones: post-norm (the paper's) and pre-norm (trains without a long warm-up)
+    "transformer-small": ModelConfig(**TRANSFORMER, vocab_size=8000, context_length=512, n_layer=3, n_head=4,
+                                     d_model=256, d_ff=1024, extra=_seq2seq_extra(3, 1, 0)),
+    "transformer-small-prenorm": ModelConfig(**{**TRANSFORMER, "norm_position": "pre"}, vocab_size=8000,
+                                             context_length=512, n_layer=3, n_head=4, d_model=256, d_ff=1024,
+                                             extra=_seq2seq_extra(3, 1, 0)),
+    "bart-base": ModelConfig(**BART, vocab_size=50265, context_length=1024, n_layer=6, n_head=12, d_model=768,
+                             d_ff=3072, bos_id=0, eos_id=2, extra=_seq2seq_extra(6, 2, 1, logits_bias=True)),
+    # the shape of the Helsinki-NLP opus-mt models; vocab_size and ids are per language pair
+    "marian-base": ModelConfig(**MARIAN, vocab_size=58101, context_length=512, n_layer=6, n_head=8, d_model=512,
+                               d_ff=2048, eos_id=0, extra=_seq2seq_extra(6, 58100, 58100, logits_bias=True)),
+    "t5-small": ModelConfig(**T5, vocab_size=32128, context_length=512, n_layer=6, n_head=8, d_model=512, d_ff=2048,
+                            eos_id=1, extra=_seq2seq_extra(6, 0, 0, output_scale=512 ** -0.5)),
 }
 
 

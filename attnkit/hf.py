@@ -4,8 +4,9 @@ Pure translation, no file I/O: ``attnkit.checkpoints`` reads and writes the dire
 calls ``from_hf`` / ``to_hf`` on the way (the dependency runs checkpoints -> hf, never back).
 
 A table row is (attnkit name, [HF names], how): "copy", "T" (GPT-2's Conv1D stores weights
-transposed) or "cat" (several HF tensors are one fused attnkit tensor: q/k/v -> qkv,
-gate/up -> up). ``{i}`` is the layer index.
+transposed), "cat" (several HF tensors are one fused attnkit tensor: q/k/v -> qkv,
+gate/up -> up, cross-attention k/v -> kv) or "flat" (BART's (1, V) logits bias is a (V,) vector).
+``{i}`` is the layer index (an encoder-decoder's encoder rows count its own layers).
 """
 
 from __future__ import annotations
@@ -86,6 +87,88 @@ BERT_ARCHITECTURES = {arch: head for head, (arch, _) in BERT_HEADS.items()}
 BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
+# Encoder-decoders. BART and Marian name their layers alike (BART adds learned positions and an
+# embedding norm; Marian's sinusoids are computed); T5 has its own names.
+def _bart_layer(side: str, ours: str, cross: bool) -> list[tuple]:
+    theirs = f"model.{side}.layers.{{i}}"
+    attentions = [("attn", "self_attn", "norm1", "self_attn_layer_norm")]
+    if cross:
+        attentions.append(("cross_attn", "encoder_attn", "norm_cross", "encoder_attn_layer_norm"))
+    rows = []
+    for kind in ("weight", "bias"):
+        for mine, hf_name, mine_norm, hf_norm in attentions:
+            if mine == "attn":
+                rows.append((f"{ours}.attn.qkv.{kind}", [f"{theirs}.self_attn.{p}_proj.{kind}" for p in "qkv"], "cat"))
+            else:
+                rows.append((f"{ours}.cross_attn.q.{kind}", [f"{theirs}.{hf_name}.q_proj.{kind}"], "copy"))
+                rows.append((f"{ours}.cross_attn.kv.{kind}", [f"{theirs}.{hf_name}.{p}_proj.{kind}" for p in "kv"], "cat"))
+            rows.append((f"{ours}.{mine}.out.{kind}", [f"{theirs}.{hf_name}.out_proj.{kind}"], "copy"))
+            rows.append((f"{ours}.{mine_norm}.{kind}", [f"{theirs}.{hf_norm}.{kind}"], "copy"))
+        rows += [(f"{ours}.mlp.up.{kind}", [f"{theirs}.fc1.{kind}"], "copy"),
+                 (f"{ours}.mlp.down.{kind}", [f"{theirs}.fc2.{kind}"], "copy"),
+                 (f"{ours}.norm2.{kind}", [f"{theirs}.final_layer_norm.{kind}"], "copy")]
+    return rows
+
+
+def _bart_table(cfg: ModelConfig, model_type: str) -> list[tuple]:
+    shared = cfg.extra.get("shared_embeddings", True)
+    rows = [("encoder.embed.tok.weight", ["model.shared.weight" if shared else "model.encoder.embed_tokens.weight"], "copy")]
+    if not shared:
+        rows.append(("embed.tok.weight", ["model.decoder.embed_tokens.weight"], "copy"))
+    if model_type == "bart":
+        for ours, side in (("encoder.embed", "encoder"), ("embed", "decoder")):
+            rows += [(f"{ours}.pos.weight", [f"model.{side}.embed_positions.weight"], "copy"),
+                     (f"{ours}.norm.weight", [f"model.{side}.layernorm_embedding.weight"], "copy"),
+                     (f"{ours}.norm.bias", [f"model.{side}.layernorm_embedding.bias"], "copy")]
+    rows += _bart_layer("encoder", "encoder.stack.layers.{i}", cross=False)
+    rows += _bart_layer("decoder", "decoder.layers.{i}", cross=True)
+    rows += [("logits_bias", ["final_logits_bias"], "flat"), ("lm_head.weight", ["lm_head.weight"], "copy")]
+    return rows
+
+
+def _t5_layer(side: str, ours: str, cross: bool, gated: bool) -> list[tuple]:
+    theirs = f"{side}.block.{{i}}.layer"
+    mlp_at = 2 if cross else 1
+    up = [f"{theirs}.{mlp_at}.DenseReluDense.wi_0.weight", f"{theirs}.{mlp_at}.DenseReluDense.wi_1.weight"] if gated \
+        else [f"{theirs}.{mlp_at}.DenseReluDense.wi.weight"]
+    rows = [(f"{ours}.norm1.weight", [f"{theirs}.0.layer_norm.weight"], "copy"),
+            (f"{ours}.attn.qkv.weight", [f"{theirs}.0.SelfAttention.{p}.weight" for p in "qkv"], "cat"),
+            (f"{ours}.attn.out.weight", [f"{theirs}.0.SelfAttention.o.weight"], "copy"),
+            (f"{ours}.norm2.weight", [f"{theirs}.{mlp_at}.layer_norm.weight"], "copy"),
+            (f"{ours}.mlp.up.weight", up, "cat" if gated else "copy"),
+            (f"{ours}.mlp.down.weight", [f"{theirs}.{mlp_at}.DenseReluDense.wo.weight"], "copy")]
+    if cross:
+        rows += [(f"{ours}.norm_cross.weight", [f"{theirs}.1.layer_norm.weight"], "copy"),
+                 (f"{ours}.cross_attn.q.weight", [f"{theirs}.1.EncDecAttention.q.weight"], "copy"),
+                 (f"{ours}.cross_attn.kv.weight", [f"{theirs}.1.EncDecAttention.{p}.weight" for p in "kv"], "cat"),
+                 (f"{ours}.cross_attn.out.weight", [f"{theirs}.1.EncDecAttention.o.weight"], "copy")]
+    return rows
+
+
+def _t5_table(cfg: ModelConfig) -> list[tuple]:
+    gated = cfg.mlp == "geglu"
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    return [
+        ("encoder.embed.tok.weight", ["shared.weight"], "copy"),
+        ("encoder.positions.relative.weight", [f"encoder.{bias}"], "copy"),
+        *_t5_layer("encoder", "encoder.stack.layers.{i}", False, gated),
+        ("encoder.stack.norm.weight", ["encoder.final_layer_norm.weight"], "copy"),
+        ("positions.relative.weight", [f"decoder.{bias}"], "copy"),
+        *_t5_layer("decoder", "decoder.layers.{i}", True, gated),
+        ("decoder.norm.weight", ["decoder.final_layer_norm.weight"], "copy"),
+        ("lm_head.weight", ["lm_head.weight"], "copy"),
+    ]
+
+
+def _layers(cfg: ModelConfig, name: str) -> range:
+    """The layer indices a table row repeats over (an encoder-decoder's encoder has its own depth)."""
+    if "{i}" not in name:
+        return [None]
+    if cfg.family == "seq2seq" and name.startswith("encoder."):
+        return range(int(cfg.extra.get("encoder_layers", cfg.n_layer)))
+    return range(cfg.n_layer)
+
+
 def _bert_table(cfg: ModelConfig) -> list[tuple]:
     head = cfg.extra.get("head", "none")
     prefix = "" if head == "none" else "bert."
@@ -95,19 +178,30 @@ def _bert_table(cfg: ModelConfig) -> list[tuple]:
 
 
 def _table(cfg: ModelConfig, model_type: str) -> list[tuple]:
-    return _bert_table(cfg) if model_type == "bert" else TABLES[model_type]
+    if model_type == "bert":
+        return _bert_table(cfg)
+    if model_type in ("bart", "marian"):
+        return _bart_table(cfg, model_type)
+    if model_type == "t5":
+        return _t5_table(cfg)
+    return TABLES[model_type]
 
 
 def _tied(cfg: ModelConfig) -> set[str]:
     """attnkit names that are the token embeddings themselves (not stored twice)."""
-    if not cfg.tie_embeddings:
-        return set()
-    return {"head.decoder.weight"} if cfg.family == "encoder" else {"lm_head.weight"}
+    tied = set()
+    if cfg.family == "seq2seq" and cfg.extra.get("shared_embeddings", True):
+        tied.add("embed.tok.weight")  # the target's table is the source's
+    if cfg.tie_embeddings:
+        tied.add("head.decoder.weight" if cfg.family == "encoder" else "lm_head.weight")
+    return tied
 
 
 def _split_sizes(cfg: ModelConfig, name: str) -> list[int]:
     if ".attn.qkv." in name:
         return [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+    if ".cross_attn.kv." in name:
+        return [cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
     return [cfg.ff_dim, cfg.ff_dim]  # gate, up
 
 
@@ -137,10 +231,67 @@ def _bert_config(hf: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
     ).validate()
 
 
+SEQ2SEQ_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
+                       "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _bart_marian_config(hf: dict) -> ModelConfig:
+    kind = hf["model_type"]
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if hf.get(a, 16) != hf.get(b, 16):
+            raise AttnkitError(f"{kind} checkpoints whose encoder and decoder differ in {a.split('_', 1)[1]} are not supported")
+    act = hf.get("activation_function", "gelu")
+    if act not in SEQ2SEQ_ACTIVATIONS:
+        raise AttnkitError(f"{kind} activation {act!r} is not supported; use one of {', '.join(SEQ2SEQ_ACTIVATIONS)}")
+    if hf.get("decoder_vocab_size") not in (None, hf["vocab_size"]):
+        raise AttnkitError("Marian checkpoints with a separate target vocabulary are not supported")
+    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
+        raise AttnkitError(f"pre-norm {kind} checkpoints (mBART-style) are not supported")
+    pad = hf.get("pad_token_id", 1 if kind == "bart" else 58100)
+    shape = dict(positional="learned", position_offset=2, embedding_norm=True) if kind == "bart" else \
+        dict(positional="sinusoidal", sinusoid_layout="split")
+    return ModelConfig(
+        family="seq2seq", norm="layernorm", norm_position="post", mlp=SEQ2SEQ_ACTIVATIONS[act], bias=True, **shape,
+        scale_embeddings=bool(hf.get("scale_embedding", kind == "marian")), vocab_size=hf["vocab_size"],
+        context_length=hf.get("max_position_embeddings", 1024), n_layer=hf.get("decoder_layers", 12),
+        n_head=hf.get("decoder_attention_heads", 16), d_model=hf.get("d_model", 1024),
+        d_ff=hf.get("decoder_ffn_dim", 4096), tie_embeddings=hf.get("tie_word_embeddings", True),
+        dropout=hf.get("dropout", 0.1), bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
+        extra={"encoder_layers": hf.get("encoder_layers", 12), "decoder_start_id": hf.get("decoder_start_token_id", pad),
+               "pad_id": pad, "shared_embeddings": hf.get("share_encoder_decoder_embeddings", True), "logits_bias": True},
+    ).validate()
+
+
+def _t5_config(hf: dict) -> ModelConfig:
+    ff = hf.get("feed_forward_proj", "relu")
+    if ff not in ("relu", "gated-gelu"):
+        raise AttnkitError(f"T5 feed_forward_proj {ff!r} is not supported; attnkit reads relu and gated-gelu")
+    d, heads = hf.get("d_model", 512), hf.get("num_heads", 8)
+    if hf.get("d_kv", 64) * heads != d:
+        raise AttnkitError("T5 checkpoints whose d_kv x num_heads differs from d_model are not supported")
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    return ModelConfig(
+        family="seq2seq", norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre",
+        mlp="geglu" if ff == "gated-gelu" else "relu", positional="relative", bias=False, scale_scores=False,
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128), vocab_size=hf["vocab_size"],
+        context_length=hf.get("n_positions", 512), n_layer=hf.get("num_decoder_layers") or hf.get("num_layers", 6),
+        n_head=heads, d_model=d, d_ff=hf.get("d_ff", 2048), tie_embeddings=True, dropout=hf.get("dropout_rate", 0.1),
+        eos_id=hf.get("eos_token_id", 1),
+        extra={"encoder_layers": hf.get("num_layers", 6), "decoder_start_id": hf.get("decoder_start_token_id", 0),
+               "pad_id": hf.get("pad_token_id", 0), "shared_embeddings": True,
+               "output_scale": d ** -0.5 if scaled else 1.0},
+    ).validate()
+
+
 def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "bert":
         return _bert_config(hf, state or {})
+    if kind in ("bart", "marian"):
+        return _bart_marian_config(hf)
+    if kind == "t5":
+        return _t5_config(hf)
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
@@ -171,7 +322,7 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
             eos_id=eos[0] if isinstance(eos, list) else eos,
         ).validate()
     raise AttnkitError(
-        f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2, llama and bert checkpoints"
+        f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2, llama, bert, bart, marian and t5 checkpoints"
     )
 
 
@@ -180,10 +331,17 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
     cfg = config_from_hf(hf_config, hf_state)
     if hf_config["model_type"] == "bert" and cfg.extra["head"] == "none" and any(k.startswith("bert.") for k in hf_state):
         hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}  # a BertModel saved from a head model
+    if cfg.family == "seq2seq":  # the shared table may be saved under an embedding's own name
+        shared = "shared.weight" if hf_config["model_type"] == "t5" else "model.shared.weight"
+        side = shared.replace("shared", "encoder.embed_tokens")
+        if shared not in hf_state and side in hf_state:
+            hf_state = {**hf_state, shared: hf_state[side]}
+        if "final_logits_bias" not in hf_state and cfg.extra.get("logits_bias"):
+            hf_state = {**hf_state, "final_logits_bias": torch.zeros(1, cfg.vocab_size)}  # HF's default
     state = {}
     tied = _tied(cfg)
     for ours, theirs, how in _table(cfg, hf_config["model_type"]):
-        for i in range(cfg.n_layer) if "{i}" in ours else [None]:
+        for i in _layers(cfg, ours):
             names = [t.format(i=i) for t in theirs]
             if ours in tied:
                 continue
@@ -191,7 +349,8 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
             if missing:
                 raise AttnkitError(f"{source} is missing weight {missing[0]}; the checkpoint is incomplete or not {hf_config['model_type']}")
             tensors = [hf_state[n] for n in names]
-            state[ours.format(i=i)] = (tensors[0].t() if how == "T" else torch.cat(tensors) if how == "cat" else tensors[0]).contiguous()
+            tensor = tensors[0].t() if how == "T" else torch.cat(tensors) if how == "cat" else tensors[0]
+            state[ours.format(i=i)] = (tensor.flatten() if how == "flat" else tensor).contiguous()
     return cfg, state
 
 
@@ -209,6 +368,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         }
     if cfg.family == "encoder":
         return _bert_config_to_hf(cfg)
+    if cfg.family == "seq2seq":
+        return _seq2seq_config_to_hf(cfg)
     if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in llama.items()):
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
@@ -249,19 +410,85 @@ def _bert_config_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
+def _seq2seq_config_to_hf(cfg: ModelConfig) -> dict:
+    fields, extra = cfg.to_dict(), cfg.extra
+    common = dict(attention="dense", n_kv_head=None)
+    bart = dict(norm="layernorm", norm_position="post", positional="learned", position_offset=2, embedding_norm=True,
+                bias=True, scale_scores=True, **common)
+    marian = dict(norm="layernorm", norm_position="post", positional="sinusoidal", sinusoid_layout="split",
+                  embedding_norm=False, bias=True, scale_scores=True, **common)
+    t5 = dict(norm="rmsnorm", norm_position="pre", positional="relative", bias=False, scale_scores=False,
+              scale_embeddings=False, embedding_norm=False, tie_embeddings=True, **common)
+    act = {v: k for k, v in SEQ2SEQ_ACTIVATIONS.items() if k != "swish"}.get(cfg.mlp)
+    ids = dict(pad_token_id=extra.get("pad_id", 0), eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
+               decoder_start_token_id=extra.get("decoder_start_id", extra.get("pad_id", 0)), forced_eos_token_id=None)
+    fits = lambda shape: all(fields.get(k, cfg.n_kv_head if k == "n_kv_head" else None) == v  # noqa: E731
+                             for k, v in shape.items())
+    output_scale = float(extra.get("output_scale", 1.0))
+    scaled = abs(output_scale - cfg.d_model ** -0.5) < 1e-9
+    if fits(t5) and cfg.mlp in ("relu", "geglu") and cfg.eos_id is not None and (scaled or output_scale == 1.0):
+        return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+                "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.ff_dim, "num_heads": cfg.n_head,
+                "num_layers": extra.get("encoder_layers", cfg.n_layer), "num_decoder_layers": cfg.n_layer,
+                "relative_attention_num_buckets": cfg.relative_buckets,
+                "relative_attention_max_distance": cfg.relative_max_distance, "layer_norm_epsilon": cfg.norm_eps,
+                "feed_forward_proj": "gated-gelu" if cfg.mlp == "geglu" else "relu", "dropout_rate": cfg.dropout,
+                "tie_word_embeddings": scaled, "n_positions": cfg.context_length, "is_encoder_decoder": True, **ids}
+    for kind, shape in (("bart", bart), ("marian", marian)):
+        if fits(shape) and act is not None and cfg.tie_embeddings and abs(cfg.norm_eps - 1e-5) < 1e-12 \
+                and float(extra.get("output_scale", 1.0)) == 1.0:
+            out = {"architectures": ["BartForConditionalGeneration" if kind == "bart" else "MarianMTModel"],
+                   "model_type": kind, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+                   "encoder_layers": extra.get("encoder_layers", cfg.n_layer), "decoder_layers": cfg.n_layer,
+                   "encoder_attention_heads": cfg.n_head, "decoder_attention_heads": cfg.n_head,
+                   "encoder_ffn_dim": cfg.ff_dim, "decoder_ffn_dim": cfg.ff_dim, "activation_function": act,
+                   "max_position_embeddings": cfg.context_length, "scale_embedding": cfg.scale_embeddings,
+                   "dropout": cfg.dropout, "attention_dropout": 0.0, "activation_dropout": 0.0,
+                   "tie_word_embeddings": True, "is_encoder_decoder": True, **ids}
+            if kind == "marian":
+                out.update(share_encoder_decoder_embeddings=bool(extra.get("shared_embeddings", True)),
+                           decoder_vocab_size=cfg.vocab_size)
+            elif not extra.get("shared_embeddings", True):
+                continue  # BART always shares its table
+            return out
+    raise AttnkitError("this encoder-decoder has no Hugging Face equivalent (BART: post-norm, learned positions with "
+                       "an embedding norm; Marian: post-norm, split sinusoids; T5: pre-norm RMS, relative buckets); "
+                       "keep the attnkit checkpoint")
+
+
+def _marian_positions(n: int, dim: int) -> torch.Tensor:
+    """Marian's stored (frozen) sinusoid table, computed as transformers computes it."""
+    import numpy as np
+
+    j = np.arange(dim)
+    enc = np.arange(n)[:, None] / np.power(10000, 2 * (j // 2) / dim)[None, :]
+    half = (dim + 1) // 2
+    out = torch.empty(n, dim)
+    out[:, :half] = torch.from_numpy(np.sin(enc[:, 0::2])).float()
+    out[:, half:] = torch.from_numpy(np.cos(enc[:, 1::2])).float()
+    return out
+
+
 def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """attnkit config + state dict -> HF config.json + weights (names mapped, fused tensors split)."""
     hf_config = config_to_hf(cfg)
+    kind = hf_config["model_type"]
+    if kind in ("bart", "marian") and "logits_bias" not in state:
+        state = {**state, "logits_bias": torch.zeros(cfg.vocab_size)}  # HF's models always have one
     out = {}
     tied = _tied(cfg)
-    for ours, theirs, how in _table(cfg, hf_config["model_type"]):
-        for i in range(cfg.n_layer) if "{i}" in ours else [None]:
+    for ours, theirs, how in _table(cfg, kind):
+        for i in _layers(cfg, ours):
             name = ours.format(i=i)
             if name in tied:
                 continue
             tensor = state[name]
             names = [t.format(i=i) for t in theirs]
-            parts = tensor.split(_split_sizes(cfg, name)) if how == "cat" else [tensor.t() if how == "T" else tensor]
+            parts = tensor.split(_split_sizes(cfg, name)) if how == "cat" else \
+                [tensor.t() if how == "T" else tensor[None] if how == "flat" else tensor]
             out.update({n: p.contiguous() for n, p in zip(names, parts)})
+    if kind == "marian":
+        table = _marian_positions(cfg.context_length, cfg.d_model)
+        out.update({f"model.{side}.embed_positions.weight": table.clone() for side in ("encoder", "decoder")})
     return hf_config, out
 

@@ -28,7 +28,15 @@ from attnkit.cache import CrossCache, KVCache, RollingKVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
-from attnkit.positional import LearnedPositions, RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, sinusoidal_positions
+from attnkit.positional import (
+    LearnedPositions,
+    RelativePositionBias,
+    RotaryEmbedding,
+    alibi_bias,
+    alibi_slopes,
+    apply_rotary,
+    sinusoidal_positions,
+)
 
 
 class RMSNorm(nn.Module):
@@ -50,42 +58,49 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """down(act(up(x))); gated kinds (SwiGLU): down(silu(gate(x)) * up(x)), gate and up fused in ``up``.
+    """down(act(up(x))); gated kinds: down(act(gate(x)) * up(x)), gate and up fused in ``up``.
 
     The activation is the config's: tanh-GELU for GPT-2 ("gelu_tanh"), exact GELU for BERT ("gelu"),
-    ReLU for the original Transformer, SiLU-gated for Llama ("swiglu").
+    ReLU for the original Transformer and T5, SiLU for Marian ("silu"); gated: SiLU for Llama
+    ("swiglu"), tanh-GELU for T5 v1.1 ("geglu").
     """
 
-    ACTIVATIONS = {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+    ACTIVATIONS = {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "gelu": F.gelu, "relu": F.relu,
+                   "silu": F.silu}
+    GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}  # gated kind -> the activation of its gate
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        width = 2 * cfg.ff_dim if cfg.mlp == "swiglu" else cfg.ff_dim
+        width = 2 * cfg.ff_dim if cfg.mlp in self.GATED else cfg.ff_dim
         self.up = Linear(cfg.d_model, width, bias=cfg.bias)
         self.down = Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
-        if self.kind == "swiglu":
+        if self.kind in self.GATED:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = self.ACTIVATIONS[self.GATED[self.kind]](gate) * up
         else:
             h = self.ACTIVATIONS[self.kind](h)
         return self.down(h)
 
 
 class Embeddings(nn.Module):
-    """Token embeddings (+ learned or sinusoidal positions) (+ token types) (-> norm) -> dropout.
+    """Token embeddings (x sqrt(d) when the config scales them) (+ learned or sinusoidal positions)
+    (+ token types) (-> norm) -> dropout.
 
-    RoPE and ALiBi act inside attention instead (through the ``AttentionFrame``).
+    RoPE, ALiBi and relative buckets act inside attention instead (through the ``AttentionFrame``).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.d_model, self.sinusoidal = cfg.d_model, cfg.positional == "sinusoidal"
+        self.sinusoid_layout = cfg.sinusoid_layout
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else None
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = LearnedPositions(cfg.context_length, cfg.d_model) if cfg.positional == "learned" else None
+        self.pos = (LearnedPositions(cfg.context_length, cfg.d_model, cfg.position_offset)
+                    if cfg.positional == "learned" else None)
         self.types = nn.Embedding(cfg.token_types, cfg.d_model) if cfg.token_types else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -93,10 +108,12 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
         """input_ids, positions (B, T) -> (B, T, d)."""
         x = self.tok(input_ids)
+        if self.scale is not None:
+            x = x * self.scale
         if self.pos is not None:
             x = x + self.pos(positions)
         elif self.sinusoidal:
-            x = x + sinusoidal_positions(positions, self.d_model).to(x.dtype)
+            x = x + sinusoidal_positions(positions, self.d_model, self.sinusoid_layout).to(x.dtype)
         if self.types is not None:
             x = x + self.types(token_types if token_types is not None else torch.zeros_like(input_ids))
         if self.norm is not None:
@@ -163,12 +180,16 @@ def _index_aligned(positions: Tensor, valid: Tensor | None) -> bool:
 
 
 class PositionScheme(nn.Module):
-    """Turns positions into what attention needs: RoPE angles, ALiBi biases, and the mask."""
+    """Turns positions into what attention needs: RoPE angles, ALiBi or relative-bucket biases, and the mask.
+
+    T5's relative bias is learned: its table lives here, one per stack, and every layer adds it."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         self.cfg, self.causal = cfg, causal
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None
+        self.relative = (RelativePositionBias(cfg.n_head, cfg.relative_buckets, cfg.relative_max_distance,
+                                              bidirectional=not causal) if cfg.positional == "relative" else None)
         if cfg.positional == "alibi":
             self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
         else:
@@ -210,7 +231,7 @@ class PositionScheme(nn.Module):
             k_pos, k_valid = cache.record(positions, valid) if claimed else cache.reserve(positions, valid)
         else:
             k_pos, k_valid = positions, valid
-        if unpadded and self.slopes is None and window is None and kind != "bigbird":
+        if unpadded and self.slopes is None and self.relative is None and window is None and kind != "bigbird":
             # the fused fast path: no mask tensor; `attention` aligns causal queries with the last keys
             return AttentionFrame(mask=None, causal=self.causal, rope=rope)
         mask = position_mask(positions, k_pos, k_valid, causal=self.causal, window=window)
@@ -221,6 +242,8 @@ class PositionScheme(nn.Module):
             mask |= ~mask.any(-1, keepdim=True)
         if self.slopes is not None:
             mask = (alibi_bias(self.slopes, positions, k_pos) + bool_to_additive(mask, torch.float32)).to(dtype)
+        elif self.relative is not None:
+            mask = (self.relative(positions, k_pos) + bool_to_additive(mask, torch.float32)).to(dtype)
         return AttentionFrame(mask=mask, causal=False, rope=rope, window=window)
 
 
@@ -238,6 +261,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.backend, self.dropout = cfg.backend, cfg.dropout
+        self.scale = None if cfg.scale_scores else 1.0  # None: 1 / sqrt(head_dim)
         self.bigbird = dict(block_size=cfg.block_size, n_global_blocks=cfg.n_global_blocks,
                             n_random_blocks=cfg.n_random_blocks, seed=cfg.sparse_seed)
         q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
@@ -268,17 +292,17 @@ class SelfAttention(nn.Module):
         if frame.kernel == "sliding":
             y, weights = sliding_window_attention(
                 q, k, v, frame.window, causal=frame.causal, key_valid=frame.key_valid, alibi_slopes=frame.alibi,
-                backend=self.backend, dropout_p=dropout_p,
+                backend=self.backend, dropout_p=dropout_p, scale=self.scale,
             ), None
         elif frame.kernel == "bigbird":
             y, weights = block_sparse_attention(
                 q, k, v, **self.bigbird, key_valid=frame.key_valid, alibi_slopes=frame.alibi,
-                backend=self.backend, dropout_p=dropout_p,
+                backend=self.backend, dropout_p=dropout_p, scale=self.scale,
             ), None
         else:
             y, weights = attention(
                 q, k, v, frame.mask, causal=frame.causal, backend=self.backend,
-                dropout_p=dropout_p, need_weights=need_weights,
+                dropout_p=dropout_p, need_weights=need_weights, scale=self.scale,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, d)
         return self.out(y), weights
@@ -287,14 +311,16 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from x, keys and values from a source (``memory``, an encoder's output).
 
-    No positional rotation: the source's positions were already encoded by its encoder. With a
-    ``CrossCache`` the source is projected once, by the first call, and only read afterwards.
+    No positional rotation or bias: the source's positions were already encoded by its encoder.
+    With a ``CrossCache`` the source is projected once, by the first call, and only read afterwards;
+    the cache's rows say which source each query row reads (beams of one source share its keys).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.backend, self.dropout = cfg.backend, cfg.dropout
+        self.scale = None if cfg.scale_scores else 1.0
         self.q = Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
         self.kv = Linear(cfg.d_model, 2 * self.n_kv_head * self.head_dim, bias=cfg.bias)
         self.out = Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
@@ -308,20 +334,35 @@ class CrossAttention(nn.Module):
         layer: int = 0,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, d); memory (B, S, d) (unused once the cache holds this layer); memory_valid (B, S) bool."""
+        """x (B, T, d); memory (B, S, d) (unused once the cache holds this layer); memory_valid (B, S)
+        bool (with a cache, the cache's ``source_valid`` is used instead)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = _split_heads(self.q(x), self.n_head, hd)  # (B, nh, T, hd)
         if cache is not None and cache.filled(layer):
-            k, v = cache.get(layer)
+            k, v = cache.get(layer)  # (S_rows, nkv, S, hd): one row per source
         else:
             k, v = self.kv(memory).split(self.n_kv_head * hd, dim=-1)
             k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, S, hd)
             if cache is not None:
                 cache.store(layer, k, v)
+        group = 1
+        if cache is not None:
+            memory_valid = cache.source_valid
+            if cache.group is None:  # rows in any order: each row's source, gathered
+                k, v = k.index_select(0, cache.rows), v.index_select(0, cache.rows)
+                memory_valid = memory_valid.index_select(0, cache.rows) if memory_valid is not None else None
+            else:  # each source's rows are `group` neighbours (beams): their queries attend together
+                group = cache.group
+        if group > 1:  # (B, nh, T, hd) -> (B / g, nh, g * T, hd)
+            q = q.view(B // group, group, self.n_head, T, hd).transpose(1, 2).reshape(B // group, self.n_head, -1, hd)
         mask = padding_mask(memory_valid) if memory_valid is not None else None  # (B, 1, 1, S)
-        y, weights = attention(q, k, v, mask, backend=self.backend,
+        y, weights = attention(q, k, v, mask, backend=self.backend, scale=self.scale,
                                dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
+        if group > 1:  # back to one row per query row
+            y = y.view(B // group, self.n_head, group, T, hd).transpose(1, 2).reshape(B, self.n_head, T, hd)
+            weights = (weights.view(B // group, self.n_head, group, T, -1).transpose(1, 2).reshape(B, self.n_head, T, -1)
+                       if weights is not None else None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
         return self.out(y), weights
 
@@ -355,11 +396,15 @@ class Block(nn.Module):
         memory_valid: Tensor | None = None,
         cross_cache: CrossCache | None = None,
         need_weights: bool = False,
+        cross_maps: list | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """-> x, the self-attention map (need_weights); the cross-attention map is appended to ``cross_maps``."""
         x, weights = self._residual(x, self.norm1, lambda h: self.attn(h, frame, cache, layer, need_weights))
         if self.cross_attn is not None:
-            x, _ = self._residual(x, self.norm_cross,
-                                  lambda h: self.cross_attn(h, memory, memory_valid, cross_cache, layer))
+            x, cross = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
+                h, memory, memory_valid, cross_cache, layer, need_weights and cross_maps is not None))
+            if cross_maps is not None:
+                cross_maps.append(cross)
         x, _ = self._residual(x, self.norm2, lambda h: (self.mlp(h), None))
         return x, weights
 
@@ -381,10 +426,12 @@ class Stack(nn.Module):
         memory_valid: Tensor | None = None,
         cross_cache: CrossCache | None = None,
         need_weights: bool = False,
+        cross_maps: list | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
-        """x (B, T, d) -> (B, T, d), [(B, H, T, Tk) or None per layer]."""
+        """x (B, T, d) -> (B, T, d), [(B, H, T, Tk) or None per layer]; with need_weights and a
+        ``cross_maps`` list, each layer's cross-attention map (B, H, T, S) is appended to it."""
         maps = []
         for layer, block in enumerate(self.layers):
-            x, weights = block(x, frame, cache, layer, memory, memory_valid, cross_cache, need_weights)
+            x, weights = block(x, frame, cache, layer, memory, memory_valid, cross_cache, need_weights, cross_maps)
             maps.append(weights)
         return (self.norm(x) if self.norm is not None else x), maps

@@ -1,5 +1,6 @@
 """Positional information: learned and sinusoidal (added to the token embeddings), RoPE
-(rotates q and k) and ALiBi (a distance penalty added to the attention scores).
+(rotates q and k), ALiBi (a distance penalty added to the attention scores) and T5's relative
+buckets (a learned per-head score bias for each bucket of key - query distance).
 
 Every scheme is a function of absolute positions (B, T), never of indices, so incremental
 decoding just passes the next positions; left-padded rows simply have their own offsets.
@@ -12,26 +13,33 @@ import math
 import torch
 from torch import Tensor, nn
 
-SCHEMES = ("learned", "sinusoidal", "rope", "alibi", "none")
+SCHEMES = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 
 
 class LearnedPositions(nn.Module):
-    """A trained vector per position up to ``max_len`` (GPT-2)."""
+    """A trained vector per position up to ``max_len`` (GPT-2); position p reads row p + ``offset``
+    (BART keeps two unused rows first)."""
 
-    def __init__(self, max_len: int, dim: int):
+    def __init__(self, max_len: int, dim: int, offset: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(max_len, dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(max_len + offset, dim))
 
     def forward(self, positions: Tensor) -> Tensor:  # (B, T) -> (B, T, dim)
-        return self.weight[positions]
+        return self.weight[positions + self.offset if self.offset else positions]
 
 
-def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
-    """The fixed encoding of "Attention Is All You Need": (B, T) -> (B, T, dim) float32."""
+def sinusoidal_positions(positions: Tensor, dim: int, layout: str = "interleaved") -> Tensor:
+    """The fixed encoding of "Attention Is All You Need": (B, T) -> (B, T, dim) float32.
+
+    ``interleaved``: sin and cos of each frequency side by side, as the paper writes it;
+    ``split``: every sin first, then every cos (Marian, XLM)."""
     inv_freq = torch.exp(
         torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
     )
     angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
+    if layout == "split":
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)[..., :dim]
     out = torch.stack([angles.sin(), angles.cos()], dim=-1)  # interleave sin, cos
     return out.flatten(-2)[..., :dim]
 
@@ -76,3 +84,39 @@ def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """-slope * |q - k| as an additive score bias: (B, Tq), (B, Tk) -> (B, H, Tq, Tk) float32."""
     distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()  # (B, Tq, Tk)
     return -slopes.to(q_pos.device)[None, :, None, None] * distance[:, None]
+
+
+def relative_buckets(q_pos: Tensor, k_pos: Tensor, n_buckets: int, max_distance: int, bidirectional: bool) -> Tensor:
+    """T5's bucket of each key - query distance: (B, Tq), (B, Tk) -> (B, Tq, Tk) long.
+
+    Half the buckets (per direction, when bidirectional) count distances exactly, the other half
+    grow logarithmically up to ``max_distance``; farther keys share the last bucket. A causal model
+    only looks back, so only distances <= 0 get their own buckets."""
+    distance = k_pos[:, None, :] - q_pos[:, :, None]  # (B, Tq, Tk): > 0 for keys after the query
+    buckets = torch.zeros_like(distance)
+    if bidirectional:
+        n_buckets //= 2
+        buckets += (distance > 0).long() * n_buckets
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)
+    exact = n_buckets // 2
+    log_bucket = exact + (
+        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (n_buckets - exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=n_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned score bias per head for each distance bucket (T5), shared by every layer of a stack."""
+
+    def __init__(self, n_heads: int, n_buckets: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_heads))
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(B, Tq), (B, Tk) -> additive bias (B, H, Tq, Tk) float32."""
+        buckets = relative_buckets(q_pos, k_pos, self.n_buckets, self.max_distance, self.bidirectional)
+        return self.weight.float()[buckets].permute(0, 3, 1, 2)

@@ -3,5 +3,6 @@
 
 from attnkit.models.decoder import DecoderLM
 from attnkit.models.encoder import EncoderModel
+from attnkit.models.seq2seq import Seq2SeqModel
 
-FAMILIES = {"decoder": DecoderLM, "encoder": EncoderModel}
+FAMILIES = {"decoder": DecoderLM, "encoder": EncoderModel, "seq2seq": Seq2SeqModel}
