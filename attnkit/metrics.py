@@ -124,3 +124,50 @@ def squad_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict:
             f1 += float(p == g)  # both empty
     n = max(len(golds), 1)
     return {"exact": exact / n, "f1": f1 / n}
+
+
+# --- sequence to sequence: BLEU and chrF (sacrebleu), ROUGE (rouge-score) ------------------------
+
+def _texts(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[list[str], list[str]]:
+    from attnkit.errors import AttnkitError
+
+    hypotheses, references = list(hypotheses), list(references)
+    if len(hypotheses) != len(references):
+        raise AttnkitError(f"{len(hypotheses)} hypotheses for {len(references)} references; give one reference "
+                           f"per hypothesis.")
+    if not hypotheses:
+        raise AttnkitError("there are no hypotheses to score; give at least one hypothesis and its reference.")
+    return hypotheses, references
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) with sacrebleu's defaults (13a tokenization, exp smoothing), one
+    reference per hypothesis: the number `sacrebleu` prints."""
+    import sacrebleu
+
+    hypotheses, references = _texts(hypotheses, references)
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (0-100), sacrebleu's defaults (character 6-grams, beta 2, no word n-grams)."""
+    import sacrebleu
+
+    hypotheses, references = _texts(hypotheses, references)
+    return float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """{"rouge1", "rouge2", "rougeL"}: rouge-score's F-measures (Porter stemmer on) x 100,
+    averaged over the pairs."""
+    from rouge_score import rouge_scorer
+
+    hypotheses, references = _texts(hypotheses, references)
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    totals = dict.fromkeys(kinds, 0.0)
+    for hypothesis, reference in zip(hypotheses, references):
+        scores = scorer.score(reference, hypothesis)  # (target, prediction)
+        for kind in kinds:
+            totals[kind] += scores[kind].fmeasure
+    return {kind: 100.0 * total / len(hypotheses) for kind, total in totals.items()}
