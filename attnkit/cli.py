@@ -57,25 +57,60 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def _options(*options):
+    """Apply click options in the order written (one list shared by several commands)."""
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
+
+
+# the decoding flags of generate, translate and summarize (each adds --max-new-tokens and --beams)
+DECODE_OPTIONS = _options(
+    click.option("--temperature", default=None, type=float, help="0 is greedy.  [default: 0.8; beam search: 0]"),
+    click.option("--top-k", default=None, type=int, help="Sample from the k most likely tokens."),
+    click.option("--top-p", default=None, type=float, help="Nucleus sampling: smallest set with this mass, in (0, 1]."),
+    click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
+    click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
+                 help="Never repeat an n-gram of this size (0 is off)."),
+    click.option("--seed", default=None, type=int, help="Seed for reproducible sampling."),
+    click.option("--num-return", default=1, show_default=True, type=int, help="Beam search: how many hypotheses to print."),
+    click.option("--length-penalty", default=1.0, show_default=True, type=float,
+                 help="Beam search: scores are log-probabilities / length ** this (> 0 favours longer text)."),
+    click.option("--early-stopping/--no-early-stopping", default=True, show_default=True,
+                 help="Beam search: stop once --beams hypotheses have finished."),
+)
+
+
+def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, num_return, length_penalty,
+              early_stopping, speculative: bool = False):
+    """The flags -> (Beams or None, Sampling), refusing combinations that mean nothing."""
+    from attnkit.generate import Beams, Sampling
+
+    beam_settings = None
+    if beams is not None:
+        if temperature not in (None, 0) or top_k is not None or top_p is not None:
+            raise AttnkitError("beam search is deterministic here; drop --temperature/--top-k/--top-p, or sample "
+                               "without --beams")
+        if speculative:
+            raise AttnkitError("beam search does not combine with --draft or --prompt-lookup; choose one")
+        beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
+    elif num_return != 1:
+        raise AttnkitError("--num-return needs beam search; add --beams N (N >= --num-return)")
+    sampling = Sampling(0.8 if temperature is None else temperature, top_k, top_p, repetition_penalty,
+                        no_repeat_ngram).validate()
+    return beam_settings, sampling
+
+
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(),
               help="attnkit checkpoint, a run folder (uses its best/) or a Hugging Face GPT-2/Llama folder.")
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=200, show_default=True, type=int)
-@click.option("--temperature", default=None, type=float, help="0 is greedy.  [default: 0.8; beam search: 0]")
-@click.option("--top-k", default=None, type=int, help="Sample from the k most likely tokens.")
-@click.option("--top-p", default=None, type=float, help="Nucleus sampling: smallest set with this mass, in (0, 1].")
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
-              help="Never repeat an n-gram of this size (0 is off).")
-@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
-@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--beams", default=None, type=int, help="Beam search with this many beams (deterministic).")
-@click.option("--num-return", default=1, show_default=True, type=int, help="Beam search: how many hypotheses to print.")
-@click.option("--length-penalty", default=1.0, show_default=True, type=float,
-              help="Beam search: scores are log-probabilities / length ** this (> 0 favours longer text).")
-@click.option("--early-stopping/--no-early-stopping", default=True, show_default=True,
-              help="Beam search: stop once --beams hypotheses have finished.")
+@DECODE_OPTIONS
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--draft", default=None, type=click.Path(),
               help="Speculative decoding: a smaller checkpoint with the same tokenizer proposes tokens.")
 @click.option("--draft-tokens", default=4, show_default=True, type=int,
@@ -88,8 +123,8 @@ def _dtype(name: str):
 @click.option("--compile", "compile_step", is_flag=True,
               help="Compile the one-token step (dense attention): faster decoding after a one-off compile, "
                    "cached on disk for the next run.")
-def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, stop, seed,
-             beams, num_return, length_penalty, early_stopping, draft, draft_tokens, prompt_lookup, device, dtype_name,
+def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, seed,
+             num_return, length_penalty, early_stopping, stop, draft, draft_tokens, prompt_lookup, device, dtype_name,
              compile_step):
     """Continue a prompt, printing the text as it is generated.
 
@@ -101,25 +136,19 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, repetition
       attnkit generate --ckpt runs/x -p "$(cat notes.txt)" --temperature 0 --prompt-lookup 3
     """
     from attnkit.checkpoints import load_checkpoint
-    from attnkit.generate import Beams, Sampling, Speculation, beam_search_text, stream_text
+    from attnkit.generate import Speculation, beam_search_text, stream_text
     from attnkit.tokenizers import same_tokenizer
 
     speculative = draft is not None or prompt_lookup > 0
-    if beams is not None:
-        if temperature not in (None, 0) or top_k is not None or top_p is not None:
-            raise AttnkitError("beam search is deterministic here; drop --temperature/--top-k/--top-p, or sample "
-                               "without --beams")
-        if speculative:
-            raise AttnkitError("beam search does not combine with --draft or --prompt-lookup; choose one")
-        beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
-    elif num_return != 1:
-        raise AttnkitError("--num-return needs beam search; add --beams N (N >= --num-return)")
-    sampling = Sampling(0.8 if temperature is None else temperature, top_k, top_p, repetition_penalty,
-                        no_repeat_ngram).validate()
+    beam_settings, sampling = _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
+                                        num_return, length_penalty, early_stopping, speculative)
     speculation = Speculation(None, draft_tokens, prompt_lookup) if speculative else None
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
+    if model.cfg.family == "seq2seq":
+        raise AttnkitError(f"{ckpt} is an encoder-decoder; give it sources with `attnkit translate` or "
+                           "`attnkit summarize`")
     if draft is not None:
         speculation.draft, draft_tokenizer = load_checkpoint(draft, device=_device(device), dtype=_dtype(dtype_name))
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
@@ -205,15 +234,6 @@ def export(ckpt, out):
 
 # --- train, eval, attend ----------------------------------------------------------------------
 
-def _options(*options):
-    """Apply click options in the order written (one list shared by several commands)."""
-    def apply(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-    return apply
-
-
 RUN_OPTIONS = _options(
     click.option("--recipe", default=None, help="A named recipe (attnkit/recipes/NAME.yaml), e.g. shakespeare-char."),
     click.option("--config", "config_file", default=None, type=click.Path(), help="A recipe-style YAML file."),
@@ -272,6 +292,14 @@ def _fit_and_report(cfg, resume: bool) -> None:
     click.echo(f"step {result['step']} ({result['stopped_by']}{why}, {result['elapsed_s']:.0f} s): "
                f"{trainer.task.describe(result)}, best val loss {result['best_val_loss']:.4f}")
     click.echo(f"checkpoints: {cfg.out_dir}/best, {cfg.out_dir}/last; loss curve: {result['loss_curve']}")
+    if cfg.task == "seq2seq":
+        from attnkit.generate import Beams, seq2seq_texts
+
+        pairs = [trainer.task.val_pairs[i] for i in trainer.task.sample[:3]]
+        outputs = seq2seq_texts(trainer.raw_model.eval(), trainer.tokenizer, [p.source for p in pairs], beams=Beams(4))
+        click.echo("--- samples (val, beam 4) ---")
+        for pair, out in zip(pairs, outputs):
+            click.echo(f"source: {pair.source}\noutput: {out[0]}\ntarget: {pair.target}")
     if cfg.task == "lm" and cfg.sample_tokens > 0:
         text = sample_text(trainer.raw_model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
         click.echo("--- sample ---")
@@ -287,10 +315,12 @@ def _data_overrides(val_data, val_fraction, text_column, label_column, pair_colu
 
 @main.command()
 @RUN_OPTIONS
-@click.option("--task", default=None, type=click.Choice(["lm", "mlm", "classify", "qa"]),
-              help="What to learn: next-token LM, masked LM, classification, span QA  [default: lm].")
+@click.option("--task", default=None, type=click.Choice(["lm", "mlm", "classify", "qa", "seq2seq"]),
+              help="What to learn: next-token LM, masked LM, classification, span QA, source -> target "
+                   "(translation, summarization)  [default: lm].")
 @click.option("--data", default=None, help="Text recipe name or your .txt/.jsonl file or folder; "
-                                           "classify: CSV/TSV/JSONL; qa: SQuAD JSON.")
+                                           "classify: CSV/TSV/JSONL; qa: SQuAD JSON; seq2seq: pairs TSV/CSV/JSONL "
+                                           "(source first) or de-en / manpage-summary.")
 @DATA_OPTIONS
 @click.option("--model", "model_name", default=None, help="Model preset (see `attnkit info`), e.g. gpt2-char-tiny, bert-tiny.")
 @click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "wordpiece", "gpt2"]))
@@ -301,7 +331,8 @@ def _data_overrides(val_data, val_fraction, text_column, label_column, pair_colu
 def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device, precision,
           seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column, max_length,
           no_truncate, pooling, model_name, tokenizer, vocab_size, attention, window, positional):
-    """Train a model from scratch: a language model (then print a sample), or an encoder.
+    """Train a model from scratch: a language model (then print a sample), an encoder, or an
+    encoder-decoder (then print sample translations / summaries of val sources).
 
     Ctrl-C or SIGTERM finishes the current step, writes last/ and exits (130 / 143); continue
     with --resume.
@@ -313,6 +344,8 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
       attnkit train --out runs/mine --resume --max-steps 4000
       attnkit train --task mlm --data my_corpus.txt --model bert-tiny --max-time 300
       attnkit train --task classify --data reviews.csv --model bert-tiny
+      attnkit train --recipe de-en
+      attnkit train --task seq2seq --data pairs.tsv --max-time 600
       torchrun --nproc_per_node 2 -m attnkit train --recipe shakespeare-char
     """
     import torch
@@ -380,8 +413,8 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 @main.command(name="eval")
 @click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder (e.g. runs/x/best).")
 @click.option("--data", required=True, help="Your text file/folder, or a text recipe name (scores its val split).")
-@click.option("--split", default=None, type=click.Choice(["all", "train", "val"]),
-              help="Which part of the text to score (default: all of a file, val of a recipe).")
+@click.option("--split", default=None, type=click.Choice(["all", "train", "val", "test"]),
+              help="Which part to score (default: all of a file; a text recipe's val, a pairs recipe's test).")
 @click.option("--max-tokens", default=None, type=int, help="Score only the first N tokens.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
@@ -392,10 +425,12 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 @click.option("--pair-column", default=None, help="Classifier: a second text column (sentence pairs).")
 @click.option("--no-truncate", is_flag=True, help="Classifier: refuse texts longer than the position limit.")
 @click.option("--plot", default=None, type=click.Path(), help="Classifier: write the confusion matrix as this PNG.")
+@click.option("--beams", default=4, show_default=True, type=int, help="Encoder-decoder: beams (1: greedy).")
 def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json, text_column, label_column,
-          pair_column, no_truncate, plot):
-    """Score a checkpoint: a language model's loss and perplexity on a text, or a classifier's
-    accuracy, macro-F1 and confusion matrix on labelled data.
+          pair_column, no_truncate, plot, beams):
+    """Score a checkpoint: a language model's loss and perplexity on a text, a classifier's
+    accuracy, macro-F1 and confusion matrix on labelled data, or an encoder-decoder's BLEU, chrF
+    and ROUGE on pairs (a recipe such as de-en or manpage-summary, or your TSV / CSV / JSONL).
 
     \b
     Examples:
@@ -403,6 +438,8 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
       attnkit eval --ckpt runs/mine/best --data held_out.txt --json
       attnkit eval --ckpt runs/sentiment-minilm --data test.csv --plot confusion.png
       attnkit eval --ckpt runs/sentiment-minilm --data pang-lee --json
+      attnkit eval --ckpt runs/de-en --data de-en --beams 4
+      attnkit eval --ckpt runs/de-en --data my_pairs.tsv --json
     """
     import json
 
@@ -415,6 +452,15 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
     model, tokenizer = load_checkpoint(ckpt, device=_device(device))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; evaluate a checkpoint written by `attnkit train`")
+    if model.cfg.family == "seq2seq":
+        result = _eval_seq2seq(model, tokenizer, data, split, beams, batch_size, precision)
+        if as_json:
+            click.echo(json.dumps({"ckpt": str(ckpt), "data": str(data), **result}))
+        else:
+            click.echo(f"BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  ROUGE-1 {result['rouge1']:.2f}  "
+                       f"ROUGE-2 {result['rouge2']:.2f}  ROUGE-L {result['rougeL']:.2f}  "
+                       f"({result['n']:,} pairs, {result['split']}, {result['decoding']})")
+        return
     if model.cfg.family == "encoder":
         from attnkit.encoding import evaluate_classifier
 
@@ -449,6 +495,31 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
         click.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
 
 
+def _eval_seq2seq(model, tokenizer, data: str, split: str | None, beams: int, batch_size: int, precision: str) -> dict:
+    """An encoder-decoder's BLEU, chrF and ROUGE on a pairs recipe's split or on the user's pairs file."""
+    import torch
+
+    from attnkit.data.pairs import NAMED_PAIRS, clean_pairs, read_pairs
+    from attnkit.generate import Beams, Sampling, seq2seq_texts
+    from attnkit.train.seq2seq_tasks import scores
+
+    if data in NAMED_PAIRS:
+        split = split or "test"
+        if split == "all":
+            raise AttnkitError("a pairs recipe is scored on one split; choose --split train, val or test")
+        pairs = NAMED_PAIRS[data]()[("train", "val", "test").index(split)]
+    else:
+        split = split or "all"
+        pairs = clean_pairs(read_pairs(data))[0]
+    with torch.autocast(model.embed.tok.weight.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        outputs = seq2seq_texts(model, tokenizer, [p.source for p in pairs], batch_size=batch_size,
+                                beams=Beams(beams) if beams > 1 else None, sampling=Sampling(temperature=0.0))
+    hypotheses, references = [o[0] for o in outputs], [p.target for p in pairs]
+    decoding = f"beam {beams}" if beams > 1 else "greedy"
+    return {"split": split, "n": len(pairs), "decoding": decoding, **scores(hypotheses, references, "bleu"),
+            **scores(hypotheses, references, "rouge")}
+
+
 def _labelled_examples(data: str, text_column: str, label_column: str, pair_column: str | None):
     """A named labelled set's test split (rotten-tomatoes, pang-lee) or the user's CSV / TSV / JSONL."""
     from attnkit.data import labelled
@@ -460,8 +531,8 @@ def _labelled_examples(data: str, text_column: str, label_column: str, pair_colu
 
 # --- encoders: classify, embed, search, answer --------------------------------------------------
 
-def _texts(texts, input_file) -> list[str]:
-    """TEXT arguments, or the lines of --input (``-``: stdin); empty lines are refused."""
+def _texts(texts, input_file, allow_empty: bool = False) -> list[str]:
+    """TEXT arguments, or the lines of --input (``-``: stdin); empty lines are refused unless allowed."""
     if texts and input_file:
         raise AttnkitError("give texts as arguments or --input FILE, not both")
     if input_file:
@@ -478,7 +549,7 @@ def _texts(texts, input_file) -> list[str]:
     if not texts:
         raise AttnkitError("no texts given; pass TEXT arguments or --input FILE")
     empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
-    if empty:
+    if empty and not allow_empty:
         raise AttnkitError(f"text {empty[0]} is empty; remove empty lines or give it some text")
     return texts
 
@@ -640,16 +711,100 @@ def answer(ckpt, context, question, stride, device, as_json):
         click.echo(f"{result['answer']}\t{result['score']:.3f}")
 
 
+# --- encoder-decoders: translate, summarize ----------------------------------------------------
+
+SEQ2SEQ_OPTIONS = _options(
+    click.option("--ckpt", required=True, type=click.Path(),
+                 help="An encoder-decoder: a run of `attnkit train --task seq2seq`, or a Hugging Face Marian / BART / "
+                      "T5 folder."),
+    click.argument("texts", nargs=-1),
+    click.option("--input", "input_file", default=None, help="A file with one source per line (- for stdin)."),
+    click.option("--beams", default=4, show_default=True, type=int, help="Beam search with this many beams; 1: greedy "
+                 "or sampling (--temperature)."),
+    click.option("--max-new-tokens", default=None, type=int,
+                 help="Tokens per output  [default: 1.5 x the longest source of a batch + 10]."),
+    DECODE_OPTIONS,
+    click.option("--batch-size", default=32, show_default=True, type=int, help="Sources decoded together."),
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES))),
+)
+
+
+def _seq2seq_outputs(ckpt, texts, input_file, beams, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                     no_repeat_ngram, seed, num_return, length_penalty, early_stopping, batch_size, device, dtype_name,
+                     command: str) -> None:
+    """translate and summarize: one output line per source, in order (--num-return N: N outputs, tab-separated)."""
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.generate import require_seq2seq, seq2seq_texts
+
+    sources = _texts(texts, input_file, allow_empty=True)
+    beam_settings, sampling = _decoding(None if beams == 1 else beams, 0.0 if beams == 1 and temperature is None
+                                        else temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
+                                        num_return, length_penalty, early_stopping)
+    if beams == 1 and num_return != 1:
+        raise AttnkitError("--num-return needs beam search; use --beams N (N >= --num-return)")
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
+    require_seq2seq(model, command)
+    if tokenizer is None:
+        raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
+    cut = []
+    outputs = seq2seq_texts(model, tokenizer, sources, beams=beam_settings, sampling=sampling, num_return=num_return,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, on_truncate=cut.append)
+    if cut:
+        click.echo(f"warning: {len(cut)} source(s) (line {cut[0] + 1} first) were longer than the model's "
+                   f"{model.cfg.context_length - 1} source tokens and were truncated", err=True)
+    for texts_out in outputs:
+        click.echo("\t".join(t.replace("\t", " ").replace("\n", " ") for t in texts_out))
+
+
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder.")
-@click.option("-p", "--prompt", required=True, help="Text whose attention to draw.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for layer_<i>.png.")
-def attend(ckpt, prompt, out):
-    """Draw the attention maps of a prompt: one PNG per layer, one heatmap per head.
+@SEQ2SEQ_OPTIONS
+def translate(**options):
+    """Translate each text (or each line of --input), one output line per input, in order.
+
+    An empty line gives an empty line; a source past the model's position limit is truncated
+    with a warning.
 
     \b
-    Example:
+    Examples:
+      attnkit train --recipe de-en
+      attnkit translate --ckpt runs/de-en "Wie spät ist es?" "Das ist mir egal."
+      attnkit translate --ckpt runs/de-en --input german.txt --beams 4 --length-penalty 1.0 > english.txt
+      attnkit translate --ckpt runs/de-en "Guten Morgen!" --beams 1 --temperature 0.7 --seed 1
+    """
+    _seq2seq_outputs(**options, command="translate")
+
+
+@main.command()
+@SEQ2SEQ_OPTIONS
+def summarize(**options):
+    """Summarize each text (or each line of --input), one output line per input, in order.
+
+    \b
+    Examples:
+      attnkit train --recipe manpage-summary
+      attnkit summarize --ckpt runs/manpage-summary "The memcpy() function copies n bytes from memory area src to ..."
+      attnkit summarize --ckpt runs/manpage-summary --input descriptions.txt --num-return 2
+    """
+    _seq2seq_outputs(**options, command="summarize")
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder.")
+@click.option("-p", "--prompt", required=True, help="Text whose attention to draw (an encoder-decoder's source).")
+@click.option("--target", default=None, help="Encoder-decoder: the target to draw against the source "
+                                             "[default: the model's own beam-4 output].")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for layer_<i>.png (encoder-decoders: encoder_<i>, decoder_<i>, cross_<i>.png).")
+def attend(ckpt, prompt, target, out):
+    """Draw the attention maps of a prompt: one PNG per layer, one heatmap per head. For an
+    encoder-decoder also the cross-attention: target tokens down, source tokens across.
+
+    \b
+    Examples:
       attnkit attend --ckpt runs/shakespeare-char/best -p "ROMEO: But soft" --out maps/
+      attnkit attend --ckpt runs/de-en -p "Wie spät ist es?" --out maps/      # cross_0.png ...
+      attnkit attend --ckpt runs/de-en -p "Wie spät ist es?" --target "What time is it?" --out maps/
     """
     from attnkit.checkpoints import load_checkpoint
     from attnkit.plots import plot_attention
@@ -657,5 +812,16 @@ def attend(ckpt, prompt, out):
     model, tokenizer = load_checkpoint(ckpt)
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; use a checkpoint written by `attnkit train`")
-    paths = plot_attention(model, tokenizer, prompt, out)
+    if model.cfg.family == "seq2seq":
+        from attnkit.generate import Beams, seq2seq_texts
+        from attnkit.plots import plot_seq2seq_attention
+
+        if target is None:  # the model's own output (beam 4)
+            target = seq2seq_texts(model, tokenizer, [prompt], beams=Beams(4))[0][0]
+            click.echo(f"target: {target}")
+        paths = plot_seq2seq_attention(model, tokenizer, prompt, target, out)
+    elif target is not None:
+        raise AttnkitError("--target is for encoder-decoders (cross-attention); this checkpoint has one input")
+    else:
+        paths = plot_attention(model, tokenizer, prompt, out)
     click.echo(f"wrote {len(paths)} files: {paths[0]} ... {paths[-1]}" if len(paths) > 1 else f"wrote {paths[0]}")

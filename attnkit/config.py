@@ -175,4 +175,10 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise AttnkitError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS[name]
-    return base.replace(**{"extra": dict(base.extra), **overrides}).validate()  # presets' dicts are never shared
+    extra = dict(base.extra)  # presets' dicts are never shared
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in [k for k in overrides if k not in fields]:
+        if key not in extra:  # a family field the preset has (encoder_layers, ...) is set by its name too
+            raise AttnkitError(f"unknown model setting {key!r} for {name}; known: {', '.join(sorted(fields | set(extra)))}")
+        extra[key] = overrides.pop(key)
+    return base.replace(**{"extra": extra, **overrides}).validate()

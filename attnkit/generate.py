@@ -563,3 +563,84 @@ def stream_text(
             pending = pending[: pending.find(s)]
     if pending:
         yield pending
+
+
+# --- encoder-decoders: texts in, texts out --------------------------------------------------------
+
+def source_ids(model, tokenizer: Tokenizer, text: str) -> tuple[list[int], bool]:
+    """A source text's ids for an encoder-decoder: its tokens + the end token, cut to the model's
+    position limit. -> (ids, whether it was cut)."""
+    eos = model.cfg.eos_id if model.cfg.eos_id is not None else tokenizer.eos_id
+    ids = tokenizer.encode(text)
+    limit = model.cfg.context_length - 1
+    return ids[:limit] + ([eos] if eos is not None else []), len(ids) > limit
+
+
+def require_seq2seq(model, command: str = "this") -> None:
+    if getattr(model.cfg, "family", None) != "seq2seq":
+        raise AttnkitError(f"{command} needs an encoder-decoder checkpoint, and this one is a {model.cfg.family} "
+                           "model; train one with `attnkit train --task seq2seq` (or --recipe de-en)")
+
+
+def seq2seq_texts(
+    model,
+    tokenizer: Tokenizer,
+    sources: Sequence[str],
+    *,
+    beams: Beams | None = None,
+    sampling: Sampling | None = None,
+    num_return: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    seed: int | None = None,
+    on_truncate=None,
+) -> list[list[str]]:
+    """Each source's outputs (``num_return`` of them, best first) from an encoder-decoder: beam
+    search when ``beams`` is given, else sampling (temperature 0: greedy). Sources are sorted by
+    length and run ``batch_size`` at a time; the outputs come back in the order given. An empty
+    source gives empty outputs; a source past the position limit is cut (``on_truncate(index)``
+    is called for it). ``max_new_tokens`` None: 1.5 x the longest source of the batch + 10."""
+    from attnkit.models.seq2seq import right_pad
+
+    require_seq2seq(model)
+    if beams is not None:
+        num_return = beams.num_return_sequences
+    cfg = model.cfg
+    eos = cfg.eos_id if cfg.eos_id is not None else tokenizer.eos_id
+    pad, start = model.pad_id, model.decoder_start_id
+    outputs: list[list[str]] = [[""] * num_return for _ in sources]
+    encoded = {}
+    for i, text in enumerate(sources):
+        if text.strip():
+            encoded[i], cut = source_ids(model, tokenizer, text)
+            if cut and on_truncate is not None:
+                on_truncate(i)
+    order = sorted(encoded, key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        ids, mask = right_pad([encoded[i] for i in rows], pad, device)
+        longest = int(mask.sum(1).max())
+        limit = cfg.context_length - 1 if model.embed.pos is not None else None
+        n_new = max_new_tokens if max_new_tokens is not None else int(1.5 * longest) + 10
+        n_new = min(n_new, limit) if limit is not None else n_new
+        if beams is not None:
+            found = beam_search(model, [[start]] * len(rows), beams=beams, max_new_tokens=n_new, eos_ids=[eos],
+                                pad_id=pad, source_ids=ids, source_mask=mask)
+            token_rows = [[tokens for tokens, _ in hyps] for hyps in found]
+        else:
+            repeat = torch.arange(len(rows), device=device).repeat_interleave(num_return)
+            got: list[list[int]] = [[] for _ in repeat]
+            for token, finished in generate_tokens(model, [[start]] * len(repeat), max_new_tokens=n_new,
+                                                   sampling=sampling, stop_ids=[eos], seed=seed, pad_id=pad,
+                                                   source_ids=ids[repeat], source_mask=mask[repeat]):
+                for r, t in enumerate(token.tolist()):
+                    got[r].append(t)
+            token_rows = [got[r * num_return:(r + 1) * num_return] for r in range(len(rows))]
+        for i, hyps in zip(rows, token_rows):
+            texts = []
+            for tokens in hyps:
+                end = tokens.index(eos) if eos in tokens else len(tokens)
+                texts.append(tokenizer.decode([t for t in tokens[:end] if t != pad]).strip())
+            outputs[i] = texts
+    return outputs

@@ -57,28 +57,16 @@ def token_label(text: str) -> str:
 
 
 @torch.no_grad()
-def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96) -> list[Path]:
-    """One PNG per layer (``layer_<i>.png``): the heads as a grid of (query x key) heatmaps."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise AttnkitError("the prompt encodes to no tokens; give some text with -p")
-    if len(ids) > min(max_tokens, model.cfg.context_length):
-        raise AttnkitError(f"the prompt is {len(ids)} tokens; attention maps are drawn for at most "
-                           f"{min(max_tokens, model.cfg.context_length)}, so shorten the prompt")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AttnkitError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
-    device = next(model.parameters()).device
-    _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
-    labels = [token_label(tokenizer.decode([i])) for i in ids]
+def _head_grids(maps, query_labels: list[str], key_labels: list[str], out: Path, stem: str, title: str,
+                query_axis: str = "query", key_axis: str = "key") -> list[Path]:
+    """One PNG per layer (``<stem>_<i>.png``): the heads as a grid of (query x key) heatmaps."""
     plt = _pyplot()
     H = maps[0].shape[1]
     cols = math.ceil(math.sqrt(H))
     rows = math.ceil(H / cols)
-    size = max(2.5, 0.12 * len(ids) + 1.0)
-    font = max(4, min(9, 300 // max(1, len(ids))))
+    longest = max(len(query_labels), len(key_labels))
+    size = max(2.5, 0.12 * longest + 1.0)
+    font = max(4, min(9, 300 // max(1, longest)))
     paths = []
     for layer, weights in enumerate(maps):
         fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), dpi=100, squeeze=False)
@@ -88,15 +76,65 @@ def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96)
                 continue
             ax.imshow(weights[0, h].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"head {h}", fontsize=9)
-            ax.set_xticks(range(len(ids)), labels, fontsize=font, rotation=90)
-            ax.set_yticks(range(len(ids)), labels, fontsize=font)
-            ax.set_xlabel("key", fontsize=8)
-            ax.set_ylabel("query", fontsize=8)
-        fig.suptitle(f"layer {layer}: {prompt[:60]!r}", fontsize=10)
+            ax.set_xticks(range(len(key_labels)), key_labels, fontsize=font, rotation=90)
+            ax.set_yticks(range(len(query_labels)), query_labels, fontsize=font)
+            ax.set_xlabel(key_axis, fontsize=8)
+            ax.set_ylabel(query_axis, fontsize=8)
+        fig.suptitle(f"layer {layer}: {title[:60]!r}", fontsize=10)
         fig.tight_layout()
-        paths.append(_save(fig, out / f"layer_{layer}.png"))
+        paths.append(_save(fig, out / f"{stem}_{layer}.png"))
         plt.close(fig)
     return paths
+
+
+def _out_dir(out_dir) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AttnkitError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+    return out
+
+
+def _check_length(what: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise AttnkitError(f"the {what} is {n} tokens; attention maps are drawn for at most {limit}, so shorten it")
+
+
+def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96) -> list[Path]:
+    """One PNG per layer (``layer_<i>.png``): the heads as a grid of (query x key) heatmaps."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise AttnkitError("the prompt encodes to no tokens; give some text with -p")
+    _check_length("prompt", len(ids), min(max_tokens, model.cfg.context_length))
+    out = _out_dir(out_dir)
+    device = next(model.parameters()).device
+    _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
+    labels = [token_label(tokenizer.decode([i])) for i in ids]
+    return _head_grids(maps, labels, labels, out, "layer", prompt)
+
+
+def plot_seq2seq_attention(model, tokenizer, source: str, target: str, out_dir, max_tokens: int = 96) -> list[Path]:
+    """An encoder-decoder's maps: ``encoder_<i>.png`` (source x source), ``decoder_<i>.png``
+    (target x target) and ``cross_<i>.png`` (target on the vertical axis, source on the horizontal)."""
+    from attnkit.generate import source_ids
+
+    src, _ = source_ids(model, tokenizer, source)
+    tgt = [model.decoder_start_id] + tokenizer.encode(target)
+    if len(src) <= 1:
+        raise AttnkitError("the source encodes to no tokens; give some text with -p")
+    _check_length("source", len(src), max_tokens)
+    _check_length("target", len(tgt), max_tokens)
+    out = _out_dir(out_dir)
+    device = next(model.parameters()).device
+    _, maps = model.eval()(torch.tensor([src], device=device), None, torch.tensor([tgt], device=device),
+                           need_weights=True)
+    src_labels = [token_label(tokenizer.decode([i])) for i in src]
+    tgt_labels = [token_label(tokenizer.decode([i])) for i in tgt]
+    return (_head_grids(maps["encoder"], src_labels, src_labels, out, "encoder", source)
+            + _head_grids(maps["decoder"], tgt_labels, tgt_labels, out, "decoder", target)
+            + _head_grids(maps["cross"], tgt_labels, src_labels, out, "cross", f"{source} -> {target}",
+                          query_axis="target", key_axis="source"))
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path, title: str = "") -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -114,13 +114,19 @@ def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
     return tok
 
 
-def train_bpe(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTokenizer:
-    """Byte-level BPE (GPT-2 style) with `<|endoftext|>` as id 0 and eos."""
-    if vocab_size < 257:
-        raise AttnkitError(f"byte-level BPE needs vocab_size >= 257 (256 bytes + <|endoftext|>), got {vocab_size}.")
+SEQ2SEQ_SPECIALS = ("<pad>", "</s>", "<s>")  # an encoder-decoder's padding (0), end (1) and decoder start (2)
+
+
+def train_bpe(text_or_iter: str | Iterable[str], vocab_size: int,
+              special_tokens: Sequence[str] = ("<|endoftext|>",)) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 style); the special tokens take the first ids (by default
+    `<|endoftext|>`, id 0 and eos; ``SEQ2SEQ_SPECIALS`` for an encoder-decoder)."""
+    if vocab_size < 256 + len(special_tokens):
+        raise AttnkitError(f"byte-level BPE needs vocab_size >= {256 + len(special_tokens)} (256 bytes + "
+                           f"{', '.join(special_tokens)}), got {vocab_size}.")
     texts = text_or_iter.splitlines(keepends=True) if isinstance(text_or_iter, str) else text_or_iter
     tok = _byte_level(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return HFTokenizer(tok, kind="bpe")

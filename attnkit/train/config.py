@@ -24,9 +24,10 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
               "sample_prompt", "sample_tokens", "name", "save_every_minutes")
 
 
-TASKS = ("lm", "mlm", "classify", "qa")
+TASKS = ("lm", "mlm", "classify", "qa", "seq2seq")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
-                "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+                "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                "label_smoothing", "eval_sample", "seq2seq_metric")
 
 
 @dataclass
@@ -50,6 +51,10 @@ class TrainConfig:
     pooling: str = "cls"  # classify: the pooled [CLS] (BERT) or the mean of the tokens
     mask_prob: float = 0.15  # mlm
     doc_stride: int = 128  # qa: context tokens shared by consecutive windows of a long context
+    # seq2seq: pairs (TSV/CSV/JSONL or a recipe: de-en, manpage-summary); max_length cuts sources and targets
+    label_smoothing: float = 0.0
+    eval_sample: int = 200  # val pairs decoded (greedy) at every evaluation for the metric
+    seq2seq_metric: str = "bleu"  # bleu (with chrF): translation; rouge: summarization
     # LoRA (attnkit.lora): rank 0 trains every weight
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -99,6 +104,9 @@ class TrainConfig:
              f"tokenizer {self.tokenizer!r} is not char, bpe, wordpiece or gpt2")
         need(self.task in TASKS, f"task {self.task!r} is not one of {', '.join(TASKS)}")
         need(self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} is not cls or mean")
+        need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.eval_sample >= 0, f"eval_sample must be >= 0, got {self.eval_sample}")
+        need(self.seq2seq_metric in ("bleu", "rouge"), f"seq2seq_metric {self.seq2seq_metric!r} is not bleu or rouge")
         need(0.0 < self.mask_prob < 1.0, f"mask_prob must be between 0 and 1, got {self.mask_prob}")
         need(self.lora_rank >= 0, f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         need(self.max_length is None or self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
@@ -250,7 +258,11 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
         cfg = TrainConfig.from_dict(json.loads(read_train_state(Path(out) / "last")["train_config"]))
     elif "data" in overrides:
         cfg = TrainConfig(name=Path(overrides["data"]).stem or "train", data=overrides["data"])
-        if overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
+        if overrides.get("task") == "seq2seq":  # an encoder-decoder and one BPE for both sides unless given
+            cfg = cfg.replace(model="transformer-small", tokenizer="bpe", vocab_size=8000, lr=1e-3, warmup_steps=400,
+                              batch_size=64, label_smoothing=0.1, beta2=0.98, weight_decay=0.01, max_steps=4000,
+                              eval_interval=500, log_interval=50, model_overrides={"context_length": 128})
+        elif overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
             cfg = cfg.replace(model="bert-tiny", tokenizer="wordpiece", lr=1e-4 if "init" in overrides else 5e-4,
                               max_steps=1000, warmup_steps=50, eval_interval=100)
     else:

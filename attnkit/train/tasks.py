@@ -181,9 +181,10 @@ def make_task(cfg: TrainConfig, *, train_text: str | None = None, val_text: str 
             raise AttnkitError("fine-tuning a language model (--ckpt with task lm) is not supported yet; "
                                "train it from scratch, or fine-tune an encoder with --task classify / qa / mlm")
         return LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text, checkpoint=checkpoint)
-    from attnkit.train import encoder_tasks
+    from attnkit.train import encoder_tasks, seq2seq_tasks
 
-    return encoder_tasks.TASKS[cfg.task].from_config(cfg, checkpoint=checkpoint)
+    tasks = {**encoder_tasks.TASKS, **seq2seq_tasks.TASKS}
+    return tasks[cfg.task].from_config(cfg, checkpoint=checkpoint)
 
 
 @torch.no_grad()

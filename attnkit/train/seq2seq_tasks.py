@@ -1,0 +1,171 @@
+"""The seq2seq task: an encoder-decoder learns target given source from pairs (translation,
+summarization), teacher-forced, through the one Trainer.
+
+Data: a named recipe (``de-en``, ``manpage-summary``: fixed seeded splits) or the user's pairs
+(TSV / CSV / JSONL, attnkit.data.pairs), held out by a seeded ``val_fraction`` or ``--val``.
+Tokenizer: one byte-level BPE shared by sources and targets, trained on the training split, with
+``<pad>``, ``</s>`` and ``<s>`` (decoder start) as ids 0, 1, 2; or the tokenizer of the checkpoint
+being fine-tuned (``cfg.init``). Sources and targets end with ``</s>`` and are cut to
+``max_length`` tokens (default: the model's context). Evaluation: the loss on every val pair,
+and BLEU and chrF (or ROUGE) of greedy outputs on a fixed sample of ``eval_sample`` val pairs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.config import preset
+from attnkit.data.encoder_inputs import length_sorted_batches
+from attnkit.data.pairs import Pair
+from attnkit.errors import AttnkitError
+from attnkit.models.seq2seq import right_pad
+from attnkit.train.config import TrainConfig
+from attnkit.train.tasks import Task, always
+
+IGNORE = -100
+
+
+def scores(hypotheses: list[str], references: list[str], metric: str) -> dict:
+    """{"bleu", "chrf"} or {"rouge1", "rouge2", "rougeL"} of outputs against references."""
+    from attnkit import metrics
+
+    if metric == "rouge":
+        return metrics.rouge(hypotheses, references)
+    return {"bleu": metrics.bleu(hypotheses, references), "chrf": metrics.chrf(hypotheses, references)}
+
+
+def describe_scores(values: dict, prefix: str = "") -> str:
+    if f"{prefix}bleu" in values:
+        return f"BLEU {values[prefix + 'bleu']:.2f}, chrF {values[prefix + 'chrf']:.2f}"
+    return ", ".join(f"{k.upper().replace('ROUGEL', 'ROUGE-L').replace('ROUGE', 'ROUGE-')} {values[prefix + k]:.2f}"
+                     for k in ("rouge1", "rouge2", "rougeL"))
+
+
+class Seq2SeqTask(Task):
+    def __init__(self, cfg: TrainConfig, tokenizer, model_config, train: list[Pair], val: list[Pair],
+                 base_state: dict | None = None):
+        self.cfg, self.tokenizer, self.model_config, self.base_state = cfg, tokenizer, model_config, base_state
+        self.train_pairs, self.val_pairs = train, val
+        extra = model_config.extra
+        self.pad, self.eos = int(extra["pad_id"]), model_config.eos_id
+        limit = model_config.context_length
+        self.max_length = min(cfg.max_length or limit, limit)
+        cut = [0]
+        self.train_rows = [self._encode(p, cut) for p in train]
+        self.val_rows = [self._encode(p, cut) for p in val]
+        if cut[0]:
+            print(f"attnkit: {cut[0]} sources or targets were longer than {self.max_length} tokens and were cut",
+                  file=sys.stderr)
+        mean = sum(len(s) + len(t) for s, t in self.train_rows) / len(self.train_rows)
+        self.tokens_per_batch = round(cfg.batch_size * mean)
+        self.val_groups = length_sorted_batches([len(s) + len(t) for s, t in self.val_rows], cfg.batch_size)
+        self.eval_batches = len(self.val_groups)
+        n = min(cfg.eval_sample, len(val))
+        picked = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed + 1))[:n].tolist()
+        self.sample = sorted(picked)  # the same val pairs at every evaluation
+
+    def _encode(self, pair: Pair, cut: list[int]) -> tuple[list[int], list[int]]:
+        rows = []
+        for text in (pair.source, pair.target):
+            ids = self.tokenizer.encode(text)
+            if len(ids) > self.max_length - 1:
+                cut[0] += 1
+                ids = ids[: self.max_length - 1]
+            rows.append(ids + [self.eos])
+        return rows[0], rows[1]
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, checkpoint: Path | None = None) -> "Seq2SeqTask":
+        from attnkit.data.pairs import clean_pairs, load_pairs, read_pairs
+        from attnkit.tokenizers import SEQ2SEQ_SPECIALS, load_tokenizer, train_bpe
+
+        train, val, _ = load_pairs(cfg.data, val_fraction=cfg.val_fraction)
+        if cfg.val_data is not None:
+            train, val = train + val, clean_pairs(read_pairs(cfg.val_data))[0]
+        if not train or not val:
+            raise AttnkitError(f"{cfg.data} has too few pairs to hold some out; add pairs or give --val")
+        base_state = None
+        if cfg.init is not None:
+            from attnkit.checkpoints import load_checkpoint
+
+            base, tokenizer = load_checkpoint(cfg.init)
+            if base.cfg.family != "seq2seq":
+                raise AttnkitError(f"{cfg.init} is a {base.cfg.family} model; --task seq2seq fine-tunes an "
+                                   "encoder-decoder")
+            if tokenizer is None:
+                raise AttnkitError(f"{cfg.init} has no tokenizer.json; fine-tuning needs the model's tokenizer")
+            model_config, base_state = base.cfg, base.state_dict()
+        else:
+            if checkpoint is not None:
+                tokenizer = load_tokenizer(checkpoint)
+            else:
+                if cfg.tokenizer != "bpe":
+                    raise AttnkitError("--task seq2seq trains one byte-level BPE for sources and targets; "
+                                       "use --tokenizer bpe")
+                tokenizer = train_bpe((t for p in train for t in (p.source + "\n", p.target + "\n")), cfg.vocab_size,
+                                      special_tokens=SEQ2SEQ_SPECIALS)
+            model_config = preset(cfg.model, **cfg.model_overrides)
+            if model_config.family != "seq2seq":
+                raise AttnkitError(f"--task seq2seq trains an encoder-decoder; {cfg.model} is a {model_config.family} "
+                                   "preset (use transformer-small, transformer-small-prenorm or t5-small)")
+            pad, eos, start = (tokenizer.hf.token_to_id(t) for t in SEQ2SEQ_SPECIALS)
+            model_config = model_config.replace(
+                vocab_size=tokenizer.vocab_size, eos_id=eos, bos_id=None,
+                extra={**model_config.extra, "pad_id": pad, "decoder_start_id": start}).validate()
+        return cls(cfg, tokenizer, model_config, train, val, base_state)
+
+    def build_model(self, seed: int) -> tuple[nn.Module, Tensor]:
+        model, rng = super().build_model(seed)
+        if self.base_state is not None:
+            model.load_state_dict(self.base_state)
+        return model, rng
+
+    # -- batches and loss
+
+    def _batch(self, rows: list[tuple[list[int], list[int]]], device) -> dict:
+        ids, mask = right_pad([s for s, _ in rows], self.pad, device)
+        labels, _ = right_pad([t for _, t in rows], IGNORE, device)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def train_batch(self, generator, *, device, rank=0, world=1) -> dict:
+        index = torch.randint(len(self.train_rows), (self.cfg.batch_size,), generator=generator).tolist()
+        per = self.cfg.batch_size // world
+        return self._batch([self.train_rows[i] for i in index[rank * per:(rank + 1) * per]], device)
+
+    def loss(self, model, batch: dict) -> Tensor:
+        return model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                          label_smoothing=self.cfg.label_smoothing)
+
+    def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
+        from attnkit.generate import Sampling, seq2seq_texts
+
+        total, count, used = 0.0, 0, 0
+        for group in self.val_groups:
+            if used and not next_batch_fits():
+                break
+            batch = self._batch([self.val_rows[i] for i in group], device)
+            n = int((batch["labels"] != IGNORE).sum())
+            total += model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"]).item() * n
+            count += n
+            used += 1
+        metrics = {"val_loss": total / count, "val_batches": used}
+        if self.sample and next_batch_fits():
+            outputs = seq2seq_texts(model, self.tokenizer, [self.val_pairs[i].source for i in self.sample],
+                                    sampling=Sampling(temperature=0.0), batch_size=self.cfg.batch_size)
+            metrics.update({f"val_{k}": v for k, v in scores([o[0] for o in outputs],
+                                                             [self.val_pairs[i].target for i in self.sample],
+                                                             self.cfg.seq2seq_metric).items()})
+        return metrics
+
+    def describe(self, metrics: dict) -> str:
+        line = f"val loss {metrics['val_loss']:.4f}"
+        if "val_bleu" in metrics or "val_rouge1" in metrics:
+            line += f", {describe_scores(metrics, 'val_')} (greedy, {len(self.sample)} val pairs)"
+        return line
+
+
+TASKS = {"seq2seq": Seq2SeqTask}
