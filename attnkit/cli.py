@@ -367,8 +367,9 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
 @main.command()
 @click.option("--ckpt", default=None, help="The checkpoint to fine-tune: a folder, or a named one (minilm-l6).")
 @RUN_OPTIONS
-@click.option("--task", default=None, type=click.Choice(["classify", "qa", "mlm"]), help="[default: classify]")
-@click.option("--data", default=None, help="classify: CSV/TSV/JSONL (or rotten-tomatoes); qa: SQuAD JSON; mlm: text.")
+@click.option("--task", default=None, type=click.Choice(["classify", "qa", "mlm", "seq2seq"]), help="[default: classify]")
+@click.option("--data", default=None, help="classify: CSV/TSV/JSONL (or rotten-tomatoes); qa: SQuAD JSON; mlm: text; "
+                                           "seq2seq: pairs TSV/CSV/JSONL (an encoder-decoder checkpoint).")
 @DATA_OPTIONS
 @click.option("--lora-rank", default=None, type=int, help="Train rank-R adapters (and the head) instead of every weight.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA scaling numerator  [default: 16].")
@@ -376,7 +377,8 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
 def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
              precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
              max_length, no_truncate, pooling, lora_rank, lora_alpha, lora_targets):
-    """Fine-tune a pretrained encoder: classification of your labelled texts, or span QA.
+    """Fine-tune a pretrained encoder (classification of your labelled texts, span QA), or an
+    encoder-decoder on your pairs (--task seq2seq).
 
     The run folder gets best/ and last/ (with LoRA: the merged model, and the adapters alone in
     adapter/); Ctrl-C or SIGTERM saves last/, continue with --resume.
@@ -388,6 +390,7 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
       attnkit finetune --ckpt minilm-l6 --data train.csv --lora-rank 8
       attnkit finetune --ckpt minilm-l6 --data squad_format.json --task qa
       attnkit finetune --recipe sentiment-minilm
+      attnkit finetune --ckpt runs/de-en --task seq2seq --data my_pairs.tsv --max-time 300
     """
     import torch
 

@@ -102,6 +102,20 @@ def test_eval_and_attend_on_a_seq2seq_checkpoint(trained, tmp_path):
     assert (tmp_path / "maps" / "cross_0.png").is_file() and (tmp_path / "maps" / "encoder_0.png").is_file()
 
 
+def test_finetuning_a_seq2seq_checkpoint_keeps_its_tokenizer_and_starts_from_its_weights(trained, tmp_path):
+    root = trained[0]
+    result = CliRunner().invoke(main, ["finetune", "--ckpt", str(root / "run"), "--task", "seq2seq", "--data",
+                                       str(root / "pairs.tsv"), "--max-steps", "5", "--out", str(tmp_path / "ft"),
+                                       "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    curve = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()][0]
+    assert curve[-1]["val_loss"] < first["loss"]  # it starts where the pretrained run ended, not from scratch
+    base, tok = load_checkpoint(root / "run")
+    tuned, tuned_tok = load_checkpoint(tmp_path / "ft")
+    assert tuned_tok.vocab_size == tok.vocab_size and tuned.cfg == base.cfg
+
+
 def test_a_long_source_is_truncated_with_a_warning(trained):
     run = trained[0] / "run"
     result = CliRunner().invoke(main, ["translate", "--ckpt", str(run), " ".join(["eins"] * 80)])

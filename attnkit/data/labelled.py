@@ -135,16 +135,23 @@ def _read_jsonl(path: Path, columns: dict[str, str]) -> list[Example]:
     return examples
 
 
+def data_file(path: str | os.PathLike, what: str, suffixes: Sequence[str]) -> tuple[Path, str]:
+    """The user's data file and its lowercased suffix, or one clear error (missing, wrong suffix)."""
+    path = Path(path).expanduser()
+    kinds = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
+    if not path.is_file():
+        raise AttnkitError(f"{what} file {path} does not exist; pass a {kinds} file.")
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise AttnkitError(f"{path} has the suffix {suffix or '(none)'!r}; {what} must be a {kinds} file, so convert "
+                           "or rename it.")
+    return path, suffix
+
+
 def read_labelled(path: str | os.PathLike, *, text_column: str = "text", label_column: str = "label",
                   pair_column: str | None = None) -> list[Example]:
     """The examples of a .csv/.tsv (header row) or .jsonl file, in file order."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AttnkitError(f"labelled data file {path} does not exist; pass a .csv, .tsv or .jsonl file.")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise AttnkitError(f"{path} has the suffix {suffix or '(none)'!r}; labelled data must be a .csv, .tsv or "
-                           f".jsonl file, so convert or rename it.")
+    path, suffix = data_file(path, "labelled data", SUFFIXES)
     columns = {"text": text_column, "label": label_column}
     if pair_column is not None:
         columns["pair"] = pair_column

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from attnkit.data.fetch import fetch_package, read_member
-from attnkit.data.labelled import _decode, split  # UTF-8 (BOM dropped) or one clear error
+from attnkit.data.labelled import _decode, data_file, split  # UTF-8 (BOM dropped) or one clear error
 from attnkit.errors import AttnkitError
 
 DE_EN_SPEC = "trans-de-en=1.9-6"
@@ -146,13 +146,7 @@ def _read_jsonl(path: Path) -> list[Pair]:
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
     """The pairs of a .tsv, .csv or .jsonl file, in file order, as written (see the module
     docstring for the formats and the header rule). Empty sides are kept: see `clean_pairs`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AttnkitError(f"pairs file {path} does not exist; pass a .tsv, .csv or .jsonl file.")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise AttnkitError(f"{path} has the suffix {suffix or '(none)'!r}; sentence pairs must be a .tsv, .csv or "
-                           f".jsonl file, so convert or rename it.")
+    path, suffix = data_file(path, "sentence pairs", SUFFIXES)
     pairs = _read_jsonl(path) if suffix == ".jsonl" else _read_table(path)
     if not pairs:
         raise AttnkitError(f"{path} has no pairs; add one source and target per line.")

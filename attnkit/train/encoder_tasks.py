@@ -24,7 +24,7 @@ from attnkit.data.encoder_inputs import EncoderInputs, length_sorted_batches, pa
 from attnkit.errors import AttnkitError
 from attnkit.models.encoder import head_fields
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always, build_seeded_model
+from attnkit.train.tasks import Task, always, build_seeded_model, load_base
 
 ADAPTER_DIR = "adapter"
 
@@ -58,14 +58,7 @@ class EncoderTask(Task):
         new_pooler = False  # a pooler the pretrained body lacks starts random, so LoRA must train it
         extra = head_fields(self.head, labels, cfg.pooling)
         if cfg.init is not None:
-            from attnkit.checkpoints import load_checkpoint
-
-            base, tokenizer = load_checkpoint(cfg.init)
-            if base.cfg.family != "encoder":
-                raise AttnkitError(f"{cfg.init} is a {base.cfg.family} model; --task {cfg.task} fine-tunes an "
-                                   "encoder (e.g. minilm-l6)")
-            if tokenizer is None:
-                raise AttnkitError(f"{cfg.init} has no tokenizer.json; an encoder checkpoint needs its tokenizer")
+            base, tokenizer = load_base(cfg.init, "encoder", cfg.task, "an encoder (e.g. minilm-l6)")
             self._check_head(base)
             self.model_config = base.cfg.replace(extra={**base.cfg.extra, **extra})
             same_head = base.head_kind == self.head and list(base.labels) == list(labels or [])

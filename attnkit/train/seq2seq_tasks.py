@@ -24,7 +24,7 @@ from attnkit.data.pairs import Pair
 from attnkit.errors import AttnkitError
 from attnkit.models.seq2seq import right_pad
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always
+from attnkit.train.tasks import Task, always, load_base
 
 IGNORE = -100
 
@@ -90,14 +90,7 @@ class Seq2SeqTask(Task):
             raise AttnkitError(f"{cfg.data} has too few pairs to hold some out; add pairs or give --val")
         base_state = None
         if cfg.init is not None:
-            from attnkit.checkpoints import load_checkpoint
-
-            base, tokenizer = load_checkpoint(cfg.init)
-            if base.cfg.family != "seq2seq":
-                raise AttnkitError(f"{cfg.init} is a {base.cfg.family} model; --task seq2seq fine-tunes an "
-                                   "encoder-decoder")
-            if tokenizer is None:
-                raise AttnkitError(f"{cfg.init} has no tokenizer.json; fine-tuning needs the model's tokenizer")
+            base, tokenizer = load_base(cfg.init, "seq2seq", cfg.task, "an encoder-decoder")
             model_config, base_state = base.cfg, base.state_dict()
         else:
             if checkpoint is not None:

@@ -37,6 +37,19 @@ def build_seeded_model(model_config, seed: int):
         return model, torch.get_rng_state()
 
 
+def load_base(init: str, family: str, task: str, example: str):
+    """The pretrained checkpoint a fine-tuning task starts from -> (model, tokenizer), refusing
+    another family or a checkpoint without its tokenizer."""
+    from attnkit.checkpoints import load_checkpoint
+
+    base, tokenizer = load_checkpoint(init)
+    if base.cfg.family != family:
+        raise AttnkitError(f"{init} is a {base.cfg.family} model; --task {task} fine-tunes {example}")
+    if tokenizer is None:
+        raise AttnkitError(f"{init} has no tokenizer.json; fine-tuning needs the checkpoint's tokenizer")
+    return base, tokenizer
+
+
 class Task(abc.ABC):
     """The part of training that knows what is being learned.
 
