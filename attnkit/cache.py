@@ -47,6 +47,12 @@ def _views(buffer: Tensor) -> list[Tensor]:
     return [buffer[i] for i in range(buffer.shape[0])]  # not unbind: its views refuse in-place writes under grad
 
 
+def _moved_rows(index: Tensor) -> Tensor | None:
+    """The rows i with index[i] != i, or None when most rows move (one whole copy is cheaper then)."""
+    moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
+    return None if len(moved) > 0.75 * len(index) else moved
+
+
 def _reorder_layers(layers: list[Tensor], index: Tensor, length: int | None) -> list[Tensor]:
     """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
     rest hold nothing yet). Views of one buffer are reordered through the buffer, in one copy."""
@@ -55,7 +61,11 @@ def _reorder_layers(layers: list[Tensor], index: Tensor, length: int | None) -> 
         if base.shape[1] != len(index):
             return _views(base.index_select(1, index))
         view = base if length is None else base[:, :, :, :length]
-        view.copy_(view.index_select(1, index))
+        moved = _moved_rows(index)
+        if moved is None:
+            view.copy_(view.index_select(1, index))
+        elif len(moved):  # only the rows that take another row's tokens (beams that kept their parent stay)
+            view.index_copy_(1, moved, view.index_select(1, index[moved]))
         return layers
     out = []
     for t in layers:

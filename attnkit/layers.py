@@ -98,6 +98,9 @@ class Embeddings(nn.Module):
         self.d_model, self.sinusoidal = cfg.d_model, cfg.positional == "sinusoidal"
         self.sinusoid_layout = cfg.sinusoid_layout
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else None
+        if self.sinusoidal:  # the table for the context, once; positions past it are computed
+            table = sinusoidal_positions(torch.arange(cfg.context_length)[None], cfg.d_model, cfg.sinusoid_layout)[0]
+            self.register_buffer("sinusoids", table, persistent=False)
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = (LearnedPositions(cfg.context_length, cfg.d_model, cfg.position_offset)
                     if cfg.positional == "learned" else None)
@@ -113,7 +116,10 @@ class Embeddings(nn.Module):
         if self.pos is not None:
             x = x + self.pos(positions)
         elif self.sinusoidal:
-            x = x + sinusoidal_positions(positions, self.d_model, self.sinusoid_layout).to(x.dtype)
+            if int(positions.max()) < len(self.sinusoids):
+                x = x + self.sinusoids[positions].to(x.dtype)
+            else:
+                x = x + sinusoidal_positions(positions, self.d_model, self.sinusoid_layout).to(x.dtype)
         if self.types is not None:
             x = x + self.types(token_types if token_types is not None else torch.zeros_like(input_ids))
         if self.norm is not None:
