@@ -744,8 +744,6 @@ def _seq2seq_outputs(ckpt, texts, input_file, beams, max_new_tokens, temperature
     beam_settings, sampling = _decoding(None if beams == 1 else beams, 0.0 if beams == 1 and temperature is None
                                         else temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
                                         num_return, length_penalty, early_stopping)
-    if beams == 1 and num_return != 1:
-        raise AttnkitError("--num-return needs beam search; use --beams N (N >= --num-return)")
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     require_seq2seq(model, command)
     if tokenizer is None:

@@ -631,7 +631,7 @@ def seq2seq_texts(
         else:
             repeat = torch.arange(len(rows), device=device).repeat_interleave(num_return)
             got: list[list[int]] = [[] for _ in repeat]
-            for token, finished in generate_tokens(model, [[start]] * len(repeat), max_new_tokens=n_new,
+            for token, _ in generate_tokens(model, [[start]] * len(repeat), max_new_tokens=n_new,
                                                    sampling=sampling, stop_ids=[eos], seed=seed, pad_id=pad,
                                                    source_ids=ids[repeat], source_mask=mask[repeat]):
                 for r, t in enumerate(token.tolist()):
