@@ -1,0 +1,542 @@
+"""Encoder-decoders: translation quality at equal wall time, and beam-search speed on the same weights,
+attnkit vs transformers (and CTranslate2 for speed).
+
+  python -m benchmarks.bench_seq2seq quality   # de-en: attnkit's de-en recipe vs a transformers MarianMTModel
+                                               # of the same shape, each given --budget s (900); then
+                                               # manpage-summary: attnkit for --summary-budget s (300) vs lead
+  python -m benchmarks.bench_seq2seq speed     # beam-4 sentences/s, first --sentences (256) de-en test sources:
+                                               # attnkit, transformers generate, CTranslate2, same weights
+  python -m benchmarks.bench_seq2seq all       # quality, then speed (speed reads quality's model)
+  (--threads 2 for all; --under-load marks the speed figures of a shared machine as not comparable)
+
+Quality (de-en, pairs split 15,933 / 885 / 885 by a fixed seed, one byte-level BPE of 8000 trained on
+the training split): attnkit trains with `attnkit.train.Trainer` on the de-en recipe with max_time =
+--budget into runs/bench-de-en (kept for `speed`); that budget holds the whole fit, its evaluations
+every 500 steps and its saves included. transformers trains a MarianMTModel of the same shape (post-norm,
+d 256, 3 + 3 layers, 4 heads, FF 1024, ReLU, scaled embeddings, one tied table) on the same tokenized
+pairs (the attnkit task's train_rows) in a plain PyTorch loop with the recipe's hyperparameters: AdamW
+lr 1e-3, betas (0.9, 0.98), weight decay 0.01 (not on biases and LayerNorms, as transformers' Trainer
+groups them), 400 warmup steps then a cosine to 1e-4 over the wall-clock budget (attnkit's schedule
+"time"), grad clip 1.0, batches of 64 random pairs right-padded, label smoothing 0.1 on the logits,
+bf16 autocast where attnkit's precision "auto" picks it, the same seed; --budget seconds of training
+alone (a step starts only if it fits, as in attnkit). Train tokens/s counts real tokens (source +
+target lengths of the batches drawn, no padding) over training seconds; attnkit's training seconds
+are fit()'s wall time less the time inside its evaluations, saves and loss-curve plot. Test: the 885
+test sources, beam 4, batches of 32 by length, max_new_tokens int(1.5 x longest source of the batch)
++ 10 (at most 127, the position limit), BLEU and chrF (sacrebleu) against the references; attnkit
+decodes its best/ checkpoint (lowest val loss), transformers its final weights.
+manpage-summary: attnkit alone (its recipe, or the de-en recipe on that data with ROUGE if there is
+none) for --summary-budget s; ROUGE-1/2/L on the 110 test pairs, beam 4, beside the lead baseline.
+
+Speed: runs/bench-de-en/best (else a seeded random transformer-small, said so in the table), exported
+with save_checkpoint(layout="hf") and loaded by transformers.MarianMTModel (fp32, eval) and converted
+for CTranslate2 (float32, intra_threads = --threads). One batch plan for all three: the sources sorted
+by token length, 32 a batch, each batch's max_new_tokens M by the rule above. Timed per system: its own
+tokenization of the batch's texts, beam 4 (early stopping, length penalty 1.0, max M new tokens) and
+decoding back to text; median of --repeats interleaved rounds after one warm-up round. The warm-up
+outputs are compared token for token (end token included) with transformers'.
+
+CTranslate2's Marian converter assumes Opus-MT's conventions: <pad> is the last vocabulary entry (it
+drops the last embedding row: with attnkit's vocabulary, pad = 0, the conversion fails on a vocabulary
+of 8000 against 7999 rows) and the decoder starts from a zero embedding. attnkit's and transformers'
+decoders start from the embedding of <s> (id 2), so the conversion here uses Marian's loader with
+BART's start (decoder_start_token "<s>", all rows kept); how far Marian's zero-embedding start is off
+is reported beside it (untimed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
+
+RUNS_FILE = Path(__file__).with_name("seq2seq_runs.json")
+RUN_DIR = Path("runs/bench-de-en")
+SUMMARY_DIR = Path("runs/bench-manpage-summary")
+BATCH = 32
+IGNORE = -100
+
+
+def _keep(key: str, value: dict) -> None:
+    kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
+    kept[key] = value
+    RUNS_FILE.write_text(json.dumps(kept, indent=1))
+
+
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+def _source_ids(tokenizer, text: str, eos: int, limit: int) -> list[int]:
+    """A source's ids as attnkit's seq2seq_texts makes them: tokens cut to the position limit, then eos."""
+    return tokenizer.encode(text)[:limit] + [eos]
+
+
+def _plan(tokenizer, sources: list[str], eos: int, limit: int) -> list[tuple[list[int], int]]:
+    """(source indices, max_new_tokens) per batch: sorted by source length, BATCH a batch, and
+    int(1.5 x longest) + 10 new tokens at most, capped at the position limit (attnkit's rule)."""
+    lengths = [len(_source_ids(tokenizer, s, eos, limit)) for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: lengths[i])
+    batches = [order[b:b + BATCH] for b in range(0, len(order), BATCH)]
+    return [(index, min(int(1.5 * max(lengths[i] for i in index)) + 10, limit)) for index in batches]
+
+
+def _text(tokenizer, tokens: list[int], eos: int, pad: int) -> str:
+    end = tokens.index(eos) if eos in tokens else len(tokens)
+    return tokenizer.decode([t for t in tokens[:end] if t != pad]).strip()
+
+
+def _identical(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+# --- quality: training ------------------------------------------------------------------------------
+
+def _timed(obj, name: str, spent: list[float]) -> None:
+    """Wrap obj.name so that the seconds spent inside it add up in spent[0]."""
+    inner = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    setattr(obj, name, wrapper)
+
+
+def _attnkit_train(cfg) -> tuple[dict, object]:
+    """attnkit's Trainer on cfg -> (figures, the task); the run folder is the benchmark's own and is replaced."""
+    from attnkit.train import Trainer
+
+    if Path(cfg.out_dir).exists():
+        shutil.rmtree(cfg.out_dir)
+    with Trainer(cfg) as trainer:
+        tokens, not_training = [0], [0.0]
+        draw = trainer.task.train_batch
+
+        def counted(*args, **kwargs):  # real tokens of every batch drawn
+            batch = draw(*args, **kwargs)
+            tokens[0] += int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE).sum())
+            return batch
+
+        trainer.task.train_batch = counted
+        _timed(trainer, "evaluate", not_training)
+        _timed(trainer, "save", not_training)
+        _timed(trainer.run, "plot_loss_curve", not_training)
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+        task, precision = trainer.task, trainer.cfg.precision
+    train_s = wall - not_training[0]
+    return {"steps": result["step"], "wall_s": wall, "train_s": train_s, "tokens": tokens[0],
+            "tokens_per_s": tokens[0] / train_s, "precision": precision, "why_stopped": result["why"],
+            "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
+            "best_val_loss": result["best_val_loss"]}, task
+
+
+def _lr_at(step: int, elapsed: float, cfg, budget: float) -> float:
+    """The recipe's schedule, over the wall clock: linear warmup by steps, then a cosine to min_lr by
+    the share of the budget spent."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, elapsed / budget)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def _transformers_train(task, cfg, budget: float) -> tuple[dict, object]:
+    """A MarianMTModel of transformer-small's shape trained on the same rows for `budget` seconds."""
+    import transformers
+
+    from attnkit.train.config import resolve_precision
+
+    bf16 = resolve_precision(cfg.precision, torch.device("cpu")) == "bf16"
+    torch.manual_seed(cfg.seed)
+    config = transformers.MarianConfig(
+        vocab_size=task.tokenizer.vocab_size, d_model=256, encoder_layers=3, decoder_layers=3,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+        activation_function="relu", scale_embedding=True, max_position_embeddings=task.model_config.context_length,
+        dropout=0.1, attention_dropout=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=2,
+        forced_eos_token_id=None, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+    model = transformers.MarianMTModel(config).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if n.endswith(".bias") or "layer_norm" in n]
+    decay = [p for n, p in named if not (n.endswith(".bias") or "layer_norm" in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    rows, generator = task.train_rows, torch.Generator().manual_seed(cfg.seed)
+    step, tokens, step_s, losses = 0, 0, 0.0, []
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed + step_s > budget:  # the next step would end past the budget
+            break
+        began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, elapsed, cfg, budget)
+        index = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
+        sources, targets = [rows[i][0] for i in index], [rows[i][1] for i in index]
+        input_ids = _right_pad(sources, config.pad_token_id)
+        attention_mask = _right_pad([[1] * len(s) for s in sources], 0)
+        labels = _right_pad(targets, IGNORE)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                                   label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += sum(len(s) + len(t) for s, t in zip(sources, targets))
+        losses.append(loss.item())
+        step_s = time.perf_counter() - began
+        if step % 50 == 0:
+            print(f"transformers step {step}: loss {loss.item():.4f}, {elapsed:.0f} s", flush=True)
+    train_s = time.perf_counter() - start
+    return {"steps": step, "wall_s": train_s, "train_s": train_s, "tokens": tokens, "tokens_per_s": tokens / train_s,
+            "precision": "bf16" if bf16 else "fp32",
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}, model.eval()
+
+
+# --- decoding: one function per system ----------------------------------------------------------------
+
+def _attnkit_texts(model, tokenizer, sources: list[str], plan) -> list[str]:
+    """attnkit's seq2seq_texts, batch by batch of the plan (tokenization and detokenization included)."""
+    from attnkit.generate import Beams, seq2seq_texts
+
+    out = [""] * len(sources)
+    for index, m in plan:
+        texts = seq2seq_texts(model, tokenizer, [sources[i] for i in index], beams=Beams(4), batch_size=BATCH,
+                              max_new_tokens=m)
+        for i, t in zip(index, texts):
+            out[i] = t[0]
+    return out
+
+
+def _attnkit_tokens(model, tokenizer, sources: list[str], plan) -> list[list[int]]:
+    """The tokens behind _attnkit_texts (what seq2seq_texts runs: beam_search from <s>), for the check."""
+    from attnkit.generate import Beams, beam_search
+    from attnkit.models.seq2seq import right_pad
+
+    eos, limit = model.cfg.eos_id, model.cfg.context_length - 1
+    out: list[list[int]] = [[] for _ in sources]
+    for index, m in plan:
+        ids, mask = right_pad([_source_ids(tokenizer, sources[i], eos, limit) for i in index], model.pad_id)
+        found = beam_search(model, [[model.decoder_start_id]] * len(index), beams=Beams(4), max_new_tokens=m,
+                            eos_ids=[eos], pad_id=model.pad_id, source_ids=ids, source_mask=mask)
+        for i, hyps in zip(index, found):
+            out[i] = hyps[0][0]
+    return out
+
+
+@torch.inference_mode()
+def _transformers_translate(model, tokenizer, sources: list[str], plan) -> tuple[list[str], list[list[int]]]:
+    """transformers' generate on the plan's batches -> (texts, tokens after <s> up to and with </s>)."""
+    cfg = model.config
+    eos, pad, limit = cfg.eos_token_id, cfg.pad_token_id, cfg.max_position_embeddings - 1
+    texts, tokens = [""] * len(sources), [[] for _ in sources]
+    for index, m in plan:
+        rows = [_source_ids(tokenizer, sources[i], eos, limit) for i in index]
+        mask = _right_pad([[1] * len(r) for r in rows], 0)
+        out = model.generate(input_ids=_right_pad(rows, pad), attention_mask=mask, num_beams=4, max_new_tokens=m,
+                             early_stopping=True, length_penalty=1.0, do_sample=False)
+        for i, row in zip(index, out.tolist()):
+            row = row[1:]  # the decoder start token
+            row = row[:row.index(eos) + 1] if eos in row else [t for t in row if t != pad]
+            tokens[i], texts[i] = row, _text(tokenizer, row, eos, pad)
+    return texts, tokens
+
+
+def _ct2_convert(folder: Path, out: Path, zero_start: bool = False) -> Path:
+    """The HF folder -> a CTranslate2 model (float32) through Marian's converter, starting the decoder
+    from <s>'s embedding as attnkit and transformers do (zero_start: Marian's zero embedding instead)."""
+    import ctranslate2
+    import transformers
+    from ctranslate2.converters import transformers as ct2
+
+    class Loader(ct2.MarianMTLoader):
+        def get_model_spec(self, model):  # Marian's, without dropping the last row (our <pad> is id 0)
+            model.config.normalize_before = False
+            model.config.normalize_embedding = False
+            return ct2.BartLoader.get_model_spec(self, model)
+
+        def set_decoder(self, spec, decoder):
+            ct2.BartLoader.set_decoder(self, spec, decoder)
+            spec.start_from_zero_embedding = zero_start
+
+        def set_config(self, config, model, tokenizer):
+            ct2.BartLoader.set_config(self, config, model, tokenizer)  # decoder_start_token: "<s>" (id 2)
+            if zero_start:
+                config.decoder_start_token = tokenizer.eos_token
+            config.unk_token = "<unk>"  # byte-level BPE has none; CTranslate2 needs a name
+
+        def get_vocabulary(self, model, tokenizer):
+            return ct2.BartLoader.get_vocabulary(self, model, tokenizer)  # every entry, ids unchanged
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def _load(self):  # AutoTokenizer cannot open attnkit's export (no tokenizer_config.json): load it by hand
+            model = transformers.MarianMTModel.from_pretrained(self._model_name_or_path)
+            tokenizer = transformers.PreTrainedTokenizerFast(
+                tokenizer_file=str(Path(self._model_name_or_path) / "tokenizer.json"),
+                pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+            return Loader()(model, tokenizer)
+
+    return Path(Converter(str(folder)).convert(str(out), quantization=None, force=True))
+
+
+def _ct2_translate(translator, tokenizer, sources: list[str], plan, eos: int, pad: int, limit: int
+                   ) -> tuple[list[str], list[list[int]]]:
+    """CTranslate2's translate_batch on the plan's batches (token strings in and out)."""
+    texts, tokens = [""] * len(sources), [[] for _ in sources]
+    end = tokenizer.hf.id_to_token(eos)
+    for index, m in plan:
+        batch = [tokenizer.hf.encode(sources[i], add_special_tokens=False).tokens[:limit] + [end] for i in index]
+        results = translator.translate_batch(batch, beam_size=4, max_batch_size=BATCH, max_decoding_length=m,
+                                             length_penalty=1.0, return_end_token=True)
+        for i, r in zip(index, results):
+            row = [tokenizer.hf.token_to_id(t) for t in r.hypotheses[0]]
+            tokens[i] = [-1 if t is None else t for t in row]  # <unk> is no token of ours
+            texts[i] = _text(tokenizer, tokens[i], eos, pad)
+    return texts, tokens
+
+
+# --- quality --------------------------------------------------------------------------------------
+
+def _summary_config(budget: float):
+    from attnkit.train import load_recipe
+    from attnkit.train.config import recipe_names
+
+    if "manpage-summary" in recipe_names():
+        cfg, source = load_recipe("manpage-summary"), "the manpage-summary recipe"
+    else:
+        cfg = load_recipe("de-en").replace(name="manpage-summary", data="manpage-summary", seq2seq_metric="rouge")
+        source = "the de-en recipe on manpage-summary (no manpage-summary recipe yet)"
+    return cfg.replace(max_time=budget, out_dir=str(SUMMARY_DIR)), source
+
+
+def bench_quality(args) -> None:
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.data.pairs import lead_baseline, load_pairs
+    from attnkit.generate import Beams, seq2seq_texts
+    from attnkit.train import load_recipe
+    from attnkit.train.seq2seq_tasks import scores
+
+    set_threads(args.threads)
+    limits = machine_limits()
+    results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "threads": args.threads,
+               "under_load": args.under_load, "limits": limits}
+    test = load_pairs("de-en")[2]
+    sources, references = [p.source for p in test], [p.target for p in test]
+
+    print("=== attnkit de-en", flush=True)
+    cfg = load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR))
+    ours, task = _attnkit_train(cfg)
+    model, tokenizer = load_checkpoint(RUN_DIR / "best")
+    t0 = time.perf_counter()
+    texts = [o[0] for o in seq2seq_texts(model, tokenizer, sources, beams=Beams(4), batch_size=BATCH)]
+    ours["decode_s"] = time.perf_counter() - t0
+    ours.update(scores(texts, references, "bleu"))
+    ours["examples"] = texts[:5]
+    print(json.dumps({k: v for k, v in ours.items() if k != "examples"}), flush=True)
+
+    print("=== transformers de-en", flush=True)
+    theirs, hf_model = _transformers_train(task, cfg, args.budget)
+    plan = _plan(task.tokenizer, sources, hf_model.config.eos_token_id, hf_model.config.max_position_embeddings - 1)
+    t0 = time.perf_counter()
+    texts, _ = _transformers_translate(hf_model, task.tokenizer, sources, plan)
+    theirs["decode_s"] = time.perf_counter() - t0
+    theirs.update(scores(texts, references, "bleu"))
+    theirs["examples"] = texts[:5]
+    print(json.dumps({k: v for k, v in theirs.items() if k != "examples"}), flush=True)
+    results.update(attnkit=ours, transformers=theirs)
+
+    print("=== attnkit manpage-summary", flush=True)
+    summary_cfg, summary_source = _summary_config(args.summary_budget)
+    summary, _ = _attnkit_train(summary_cfg)
+    summary_test = load_pairs("manpage-summary")[2]
+    model, tokenizer = load_checkpoint(SUMMARY_DIR / "best")
+    outputs = [o[0] for o in seq2seq_texts(model, tokenizer, [p.source for p in summary_test], beams=Beams(4),
+                                           batch_size=BATCH)]
+    refs = [p.target for p in summary_test]
+    summary.update(scores(outputs, refs, "rouge"), recipe=summary_source, examples=outputs[:5])
+    lead = scores([lead_baseline(p.source) for p in summary_test], refs, "rouge")
+    results.update(summary=summary, lead=lead, summary_budget_s=args.summary_budget, summary_test=len(summary_test))
+    _keep("quality", results)
+
+    speed_note = "" if not args.under_load else " (machine under load: not a speed figure)"
+    rows = [[name, f"{args.budget:.0f}", f"{r['wall_s']:.0f}", f"{r['train_s']:.0f}", r["steps"], r["precision"],
+             f"{r['tokens_per_s']:.0f}{speed_note}", f"{r['bleu']:.2f}", f"{r['chrf']:.2f}", f"{r['decode_s']:.0f}"]
+            for name, r in (("attnkit", ours), ("transformers", theirs))]
+    met = lambda ok: "met" if ok else "missed"  # noqa: E731
+    summary_rows = [[f"attnkit ({summary['steps']} steps, {args.summary_budget:.0f} s)"]
+                    + [f"{summary[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")],
+                    ["lead baseline (source up to its first clause end)"]
+                    + [f"{lead[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")]]
+    body = (
+        f"{limits_line(limits)}\n\nde-en (ding sentence pairs, fixed seeded split 15,933 / 885 / 885, one byte-level "
+        f"BPE of {task.tokenizer.vocab_size} trained on the training split), transformer-small shape for both "
+        f"(post-norm, d 256, 3 + 3 layers, 4 heads, FF 1024), the de-en recipe's hyperparameters, {args.budget:.0f} s "
+        "each: attnkit's budget holds its whole fit (its evaluations every 500 steps and saves included: "
+        f"{ours['train_s']:.0f} s of training), transformers' holds training alone (plain PyTorch loop, "
+        "MarianMTModel). "
+        f"Test: {len(test)} sources, beam 4, batches of {BATCH} by length, max_new_tokens 1.5 x longest source + 10; "
+        "BLEU and chrF by sacrebleu. Train tokens/s: real source + target tokens over training seconds.\n\n"
+        + table(["system", "budget s", "wall s", "train s", "steps", "precision", "train tokens/s", "test BLEU", "chrF",
+                 "decode s"], rows)
+        + f"\n\nattnkit / transformers: BLEU {ours['bleu']:.2f} vs {theirs['bleu']:.2f} "
+        f"({ours['bleu'] - theirs['bleu']:+.2f}); train tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+        f"{speed_note}; steps {ours['steps'] / max(1, theirs['steps']):.2f}x; test decoding seconds transformers / "
+        f"attnkit {theirs['decode_s'] / ours['decode_s']:.2f}x{speed_note}.\n\n"
+        f"manpage-summary ({summary_source}; DESCRIPTION -> NAME line, {len(summary_test)} test pairs, beam 4), "
+        "ROUGE F-measures x 100:\n\n"
+        + table(["system", "ROUGE-1", "ROUGE-2", "ROUGE-L"], summary_rows)
+        + f"\n\nTargets: attnkit test BLEU ≥ transformers' at equal wall time: {met(ours['bleu'] >= theirs['bleu'])} "
+        f"({ours['bleu']:.2f} vs {theirs['bleu']:.2f}); attnkit test BLEU ≥ 20 with a {args.budget:.0f} s budget: "
+        f"{met(ours['bleu'] >= 20)} ({ours['bleu']:.2f})."
+    )
+    print(body)
+    flags = f"--budget {args.budget:g} --summary-budget {args.summary_budget:g} --threads {args.threads}"
+    write_section("seq2seq-quality", f"Seq2seq quality at equal wall time: attnkit vs transformers "
+                                     f"({args.threads} threads)", body,
+                  f"python -m benchmarks.bench_seq2seq quality {flags}" + (" --under-load" if args.under_load else ""))
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+def _speed_model():
+    """(model, tokenizer, what the weights are): quality's de-en model, else a seeded random one."""
+    from attnkit.checkpoints import load_checkpoint
+
+    if (RUN_DIR / "best" / "config.json").is_file():
+        model, tokenizer = load_checkpoint(RUN_DIR / "best")
+        return model, tokenizer, f"trained ({RUN_DIR}/best, step {_step_of(RUN_DIR / 'best')})"
+    from attnkit.train import load_recipe
+    from attnkit.train.seq2seq_tasks import Seq2SeqTask
+
+    print(f"{RUN_DIR}/best does not exist (run `quality` first): timing a seeded random transformer-small",
+          flush=True)
+    cfg = load_recipe("de-en")
+    task = Seq2SeqTask.from_config(cfg)
+    model, _ = task.build_model(cfg.seed)
+    return model.eval(), task.tokenizer, ("seeded random transformer-small (quality has not run: outputs are not "
+                                          "translations and run to max_new_tokens)")
+
+
+def _step_of(folder: Path):
+    return json.loads((folder / "config.json").read_text()).get("training", {}).get("step", "?")
+
+
+def bench_speed(args) -> None:
+    import ctranslate2
+    import transformers
+
+    from attnkit.checkpoints import save_checkpoint
+    from attnkit.data.pairs import load_pairs
+
+    set_threads(args.threads)
+    limits = machine_limits()
+    model, tokenizer, weights = _speed_model()
+    sources = [p.source for p in load_pairs("de-en")[2]][:args.sentences]
+    eos, pad, limit = model.cfg.eos_id, model.pad_id, model.cfg.context_length - 1
+    plan = _plan(tokenizer, sources, eos, limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_checkpoint(tmp / "hf", model, tokenizer, layout="hf")
+        hf = transformers.MarianMTModel.from_pretrained(str(tmp / "hf"), dtype=torch.float32).eval()
+        translator = ctranslate2.Translator(str(_ct2_convert(tmp / "hf", tmp / "ct2")), device="cpu",
+                                            intra_threads=args.threads, inter_threads=1)
+        zero_start = ctranslate2.Translator(str(_ct2_convert(tmp / "hf", tmp / "ct2-zero", zero_start=True)),
+                                            device="cpu", intra_threads=args.threads, inter_threads=1)
+        runs = {
+            "attnkit": lambda: _attnkit_texts(model, tokenizer, sources, plan),
+            "transformers": lambda: _transformers_translate(hf, tokenizer, sources, plan),
+            "CTranslate2": lambda: _ct2_translate(translator, tokenizer, sources, plan, eos, pad, limit),
+        }
+        warm = {name: fn() for name, fn in runs.items()}  # the warm-up round; its outputs are checked
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so drifts in the machine hit all alike
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        zero_tokens = _ct2_translate(zero_start, tokenizer, sources, plan, eos, pad, limit)[1]
+    ours_tokens = _attnkit_tokens(model, tokenizer, sources, plan)
+    hf_texts, hf_tokens = warm["transformers"]
+    ct2_texts, ct2_tokens = warm["CTranslate2"]
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rate = {name: len(sources) / s for name, s in median.items()}
+    check = {"attnkit": (_identical(ours_tokens, hf_tokens), _identical(warm["attnkit"], hf_texts)),
+             "transformers": (1.0, 1.0),
+             "CTranslate2": (_identical(ct2_tokens, hf_tokens), _identical(ct2_texts, hf_texts))}
+    zero_identical = _identical(zero_tokens, hf_tokens)
+    generated = sum(len(t) for t in hf_tokens)
+    results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "weights": weights, "sentences": len(sources),
+               "repeats": args.repeats, "threads": args.threads, "under_load": args.under_load, "limits": limits,
+               "median_s": median, "sentences_per_s": rate,
+               "identical_tokens_vs_transformers": {k: v[0] for k, v in check.items()},
+               "identical_texts_vs_transformers": {k: v[1] for k, v in check.items()},
+               "ct2_zero_start_identical_tokens": zero_identical, "transformers_tokens_generated": generated,
+               "max_new_tokens": [m for _, m in plan]}
+    _keep("speed", results)
+
+    note = "" if not args.under_load else " (machine under load: not a speed figure)"
+    rows = [[name, f"{median[name]:.2f}", f"{rate[name]:.1f}{note}", f"{100 * check[name][0]:.1f}%",
+             f"{100 * check[name][1]:.1f}%"] for name in runs]
+    ratio, ct2_ratio = rate["attnkit"] / rate["transformers"], rate["attnkit"] / rate["CTranslate2"]
+    body = (
+        f"{limits_line(limits)}\n\nWeights: {weights}. The first {len(sources)} de-en test sources, sorted by length, "
+        f"{BATCH} a batch, beam 4, early stopping, length penalty 1.0, max_new_tokens 1.5 x longest source + 10 "
+        f"per batch (the same batches and limits for all three; {generated} tokens generated by transformers); "
+        "fp32; tokenization and detokenization included on all three sides; median of "
+        f"{args.repeats} interleaved rounds after a warm-up round. transformers: MarianMTModel.from_pretrained of "
+        "save_checkpoint(layout=\"hf\"), generate. CTranslate2 "
+        f"{ctranslate2.__version__}: that folder converted (float32, Marian's converter with the decoder started "
+        f"from <s>'s embedding as in the other two), translate_batch, intra_threads {args.threads}.\n\n"
+        + table(["system", "median s", "sentences/s", "outputs identical to transformers (tokens)",
+                 "(texts)"], rows)
+        + f"\n\nattnkit / transformers: {ratio:.2f}x{note}; attnkit / CTranslate2: {ct2_ratio:.2f}x{note}. "
+        f"CTranslate2 with Marian's own decoder start (a zero embedding): {100 * zero_identical:.1f}% of outputs "
+        f"identical to transformers.\n\nTarget: attnkit ≥ 2x transformers sentences/s: "
+        f"{'met' if ratio >= 2 else 'missed'}."
+    )
+    print(body)
+    write_section("seq2seq-speed", f"Seq2seq beam-4 translation speed: attnkit vs transformers vs CTranslate2 "
+                                   f"({args.threads} threads)", body,
+                  f"python -m benchmarks.bench_seq2seq speed --sentences {args.sentences} --repeats {args.repeats} "
+                  f"--threads {args.threads}" + (" --under-load" if args.under_load else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["quality", "speed", "all"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=900, help="de-en training seconds, the same for both.")
+    parser.add_argument("--summary-budget", type=float, default=300, help="manpage-summary training seconds.")
+    parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--under-load", action="store_true",
+                        help="Other jobs share the machine: keep the quality, mark speed figures as not comparable.")
+    args = parser.parse_args()
+    if args.what in ("quality", "all"):
+        bench_quality(args)
+    if args.what in ("speed", "all"):
+        bench_speed(args)
+
+
+if __name__ == "__main__":
+    main()
