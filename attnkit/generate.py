@@ -407,9 +407,11 @@ def beam_search(
     is_done = torch.zeros((B, K), dtype=torch.bool, device=device)
     can_improve = torch.ones((B, 1), dtype=torch.bool, device=device)
     history = [list(p) for p in prompts for _ in range(K)] if beams.no_repeat_ngram_size else None
-    offsets = torch.arange(B, device=device)[:, None] * K
+    live = list(range(B))  # the prompt of each row of the tensors above; closed prompts leave them
+    results: dict[int, tuple] = {}
 
     for step in range(N):
+        B = len(live)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B * K, V)
         if history is not None:
             log_probs = log_probs.masked_fill(
@@ -445,18 +447,31 @@ def beam_search(
         best_possible = running_scores[:, :1] / (longest ** beams.length_penalty)
         worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, torch.full_like(done_scores, -1e9))
         can_improve = can_improve & (best_possible > worst_done).any(-1, keepdim=True)
-        if not bool(can_improve.any()) or (bool(is_done.all()) and beams.early_stopping is True) or bool(ends.all()):
+        # a prompt whose finished list can no longer change is closed: its rows leave the state
+        closed = (~can_improve | (is_done.all(-1, keepdim=True) & (beams.early_stopping is True)))[:, 0]
+        if bool(closed.all()) or bool(ends.all()):
             break
+        offsets = torch.arange(B, device=device)[:, None] * K
+        if bool(closed.any()):
+            for b in closed.nonzero()[:, 0].tolist():
+                results[live[b]] = (done[b], done_scores[b], done_len[b])
+            keep = (~closed).nonzero()[:, 0]
+            live = [live[b] for b in keep.tolist()]
+            running, running_scores, parents, offsets = running[keep], running_scores[keep], parents[keep], offsets[keep]
+            done, done_scores, done_len, is_done = done[keep], done_scores[keep], done_len[keep], is_done[keep]
+            can_improve = can_improve[keep]
         rows = (parents + offsets).flatten()  # (B * K,) the state row each new beam continues
         state.reorder(rows)
         if history is not None:
             history = [history[r] + [t] for r, t in zip(rows.tolist(), running[:, :, step].flatten().tolist())]
-        logits = model.advance(state, running[:, :, step].reshape(B * K, 1))[:, -1]
+        logits = model.advance(state, running[:, :, step].reshape(len(live) * K, 1))[:, -1]
 
+    for b, prompt in enumerate(live):
+        results[prompt] = (done[b], done_scores[b], done_len[b])
     out = []
-    for b in range(B):
-        out.append([(done[b, i, : int(done_len[b, i])].tolist(), float(done_scores[b, i]))
-                    for i in range(beams.num_return_sequences)])
+    for prompt in range(len(prompts)):
+        tokens, scores_, lengths = results[prompt]
+        out.append([(tokens[i, : int(lengths[i])].tolist(), float(scores_[i])) for i in range(beams.num_return_sequences)])
     return out
 
 

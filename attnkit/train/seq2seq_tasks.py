@@ -146,9 +146,13 @@ class Seq2SeqTask(Task):
             count += n
             used += 1
         metrics = {"val_loss": total / count, "val_batches": used}
-        if self.sample and next_batch_fits():
-            outputs = seq2seq_texts(model, self.tokenizer, [self.val_pairs[i].source for i in self.sample],
-                                    sampling=Sampling(temperature=0.0), batch_size=self.cfg.batch_size)
+        outputs, size = [], self.cfg.batch_size
+        for start in range(0, len(self.sample), size):  # the metric's sample, a batch at a time within the budget
+            if (used or outputs) and not next_batch_fits():
+                break
+            chunk = [self.val_pairs[i].source for i in self.sample[start:start + size]]
+            outputs += seq2seq_texts(model, self.tokenizer, chunk, sampling=Sampling(temperature=0.0), batch_size=size)
+        if len(outputs) == len(self.sample) and outputs:  # a partial sample would not compare with the others
             metrics.update({f"val_{k}": v for k, v in scores([o[0] for o in outputs],
                                                              [self.val_pairs[i].target for i in self.sample],
                                                              self.cfg.seq2seq_metric).items()})
