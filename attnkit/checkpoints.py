@@ -100,7 +100,24 @@ def save_checkpoint(directory, model, tokenizer: Tokenizer | None = None, extra_
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
+            if layout == "hf" and hasattr(tokenizer, "hf"):  # so that transformers' AutoTokenizer opens it too
+                (tmp / "tokenizer_config.json").write_text(json.dumps(_hf_tokenizer_config(tokenizer), indent=2))
     return directory
+
+
+SPECIAL_ROLES = {"pad_token": ("<pad>", "[PAD]"), "eos_token": ("</s>", "<|endoftext|>"), "bos_token": ("<s>",),
+                 "unk_token": ("<unk>", "[UNK]"), "cls_token": ("[CLS]",), "sep_token": ("[SEP]",),
+                 "mask_token": ("[MASK]",)}
+
+
+def _hf_tokenizer_config(tokenizer) -> dict:
+    """tokenizer_config.json for a tokenizer.json: the fast tokenizer class and its special tokens."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for role, names in SPECIAL_ROLES.items():
+        found = next((n for n in names if tokenizer.hf.token_to_id(n) is not None), None)
+        if found is not None:
+            config[role] = found
+    return config
 
 
 def named_checkpoint_dir(name: str) -> Path:

@@ -235,3 +235,13 @@ def test_decoding_errors_are_one_sentence():
             bart.advance(state, torch.tensor([[4]]))
     with pytest.raises(AttnkitError, match="position limit"):
         bart.encode(torch.ones(1, 80, dtype=torch.long))
+
+
+def test_an_exported_folder_opens_with_transformers_auto_tokenizer(tmp_path):
+    from attnkit.tokenizers import SEQ2SEQ_SPECIALS, train_bpe
+
+    tokenizer = train_bpe(["Wie spät ist es?\n", "What time is it?\n"] * 3, 300, special_tokens=SEQ2SEQ_SPECIALS)
+    save_checkpoint(tmp_path / "hf", small("transformer-small"), tokenizer, layout="hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs("Wie spät ist es?", add_special_tokens=False)["input_ids"] == tokenizer.encode("Wie spät ist es?")
+    assert (theirs.pad_token_id, theirs.eos_token_id, theirs.bos_token_id) == (0, 1, 2)

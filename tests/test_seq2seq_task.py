@@ -175,3 +175,11 @@ def test_translate_beam_4_equals_transformers_on_a_marian_folder(tmp_path):
         out = out[: out.index(1)] if 1 in out else out
         expected.append(tokenizer.decode([t for t in out if t != 0]).strip())
     assert result.stdout.split("\n")[:-1] == expected
+
+
+def test_scores_are_described_by_their_names():
+    from attnkit.train.seq2seq_tasks import describe_scores
+
+    assert describe_scores({"val_rouge1": 1.0, "val_rouge2": 2.0, "val_rougeL": 3.0}, "val_") == \
+        "ROUGE-1 1.00, ROUGE-2 2.00, ROUGE-L 3.00"
+    assert describe_scores({"bleu": 20.0, "chrf": 45.5}) == "BLEU 20.00, chrF 45.50"

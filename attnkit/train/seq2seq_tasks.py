@@ -41,8 +41,8 @@ def scores(hypotheses: list[str], references: list[str], metric: str) -> dict:
 def describe_scores(values: dict, prefix: str = "") -> str:
     if f"{prefix}bleu" in values:
         return f"BLEU {values[prefix + 'bleu']:.2f}, chrF {values[prefix + 'chrf']:.2f}"
-    return ", ".join(f"{k.upper().replace('ROUGEL', 'ROUGE-L').replace('ROUGE', 'ROUGE-')} {values[prefix + k]:.2f}"
-                     for k in ("rouge1", "rouge2", "rougeL"))
+    names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+    return ", ".join(f"{name} {values[prefix + k]:.2f}" for k, name in names.items())
 
 
 class Seq2SeqTask(Task):
