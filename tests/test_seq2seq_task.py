@@ -183,3 +183,18 @@ def test_scores_are_described_by_their_names():
     assert describe_scores({"val_rouge1": 1.0, "val_rouge2": 2.0, "val_rougeL": 3.0}, "val_") == \
         "ROUGE-1 1.00, ROUGE-2 2.00, ROUGE-L 3.00"
     assert describe_scores({"bleu": 20.0, "chrf": 45.5}) == "BLEU 20.00, chrF 45.50"
+
+
+def test_a_resumed_seq2seq_run_equals_the_straight_run(tmp_path):
+    data = pairs_file(tmp_path, n=80)
+    config = tiny_config(tmp_path, data, max_steps=12, eval_interval=6, log_interval=3)
+    runner = CliRunner()
+    straight = runner.invoke(main, ["train", "--config", config, "--out", str(tmp_path / "a")])
+    first = runner.invoke(main, ["train", "--config", config, "--out", str(tmp_path / "b"), "--max-steps", "6"])
+    resumed = runner.invoke(main, ["train", "--out", str(tmp_path / "b"), "--resume", "--max-steps", "12"])
+    assert straight.exit_code == first.exit_code == resumed.exit_code == 0, resumed.output
+
+    def losses(run):
+        return [m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in m]
+    assert losses("b") == pytest.approx(losses("a"), abs=1e-6) and len(losses("a")) == 4
