@@ -271,13 +271,26 @@ class CrossCache:
         return self.k[layer], self.v[layer]
 
     def reorder(self, index: Tensor) -> None:
-        self.rows = index if self.rows is None else self.rows.index_select(0, index)
-        n_sources = next((t.shape[0] for t in self.k if t is not None), None)
-        if n_sources is None and self.source_valid is not None:
-            n_sources = self.source_valid.shape[0]
-        group = len(self.rows) // n_sources if n_sources and len(self.rows) % n_sources == 0 else 0
-        beams = torch.arange(n_sources or 0, device=self.rows.device).repeat_interleave(group) if group else None
-        self.group = group if beams is not None and torch.equal(self.rows, beams) else None
+        rows = index if self.rows is None else self.rows.index_select(0, index)
+        self.rows, self.group = rows, None
+        g = int((rows == rows[0]).sum()) if len(rows) else 0
+        if not g or len(rows) % g:
+            return
+        blocks = rows.view(-1, g)  # beams: g neighbours per source
+        if not bool((blocks == blocks[:, :1]).all()):
+            return
+        sources = blocks[:, 0]
+        stored = next((len(t) for t in self.k if t is not None), None)
+        if stored is None:
+            return  # nothing stored yet (and nothing may be: ``store`` refuses after a reorder)
+        if not torch.equal(sources, torch.arange(stored, device=rows.device)):
+            # some sources left (beam search closed them) or changed order: keep only theirs, once
+            self.k = [None if t is None else t.index_select(0, sources) for t in self.k]
+            self.v = [None if t is None else t.index_select(0, sources) for t in self.v]
+            if self.source_valid is not None:
+                self.source_valid = self.source_valid.index_select(0, sources)
+            self.rows = torch.arange(len(sources), device=rows.device).repeat_interleave(g)
+        self.group = g
 
     def crop(self, length: int) -> None:
         """The source stays whole: nothing to forget."""

@@ -245,3 +245,20 @@ def test_an_exported_folder_opens_with_transformers_auto_tokenizer(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert theirs("Wie spät ist es?", add_special_tokens=False)["input_ids"] == tokenizer.encode("Wie spät ist es?")
     assert (theirs.pad_token_id, theirs.eos_token_id, theirs.bos_token_id) == (0, 1, 2)
+
+
+def test_cross_cache_reorders_without_copies_and_keeps_only_the_sources_still_decoded():
+    from attnkit.cache import CrossCache
+
+    cache = CrossCache(1, torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]]))
+    keys = torch.arange(3.0)[:, None, None, None].expand(3, 1, 5, 2).contiguous()  # row r holds r
+    cache.store(0, keys, keys.clone())
+    cache.reorder(torch.arange(3).repeat_interleave(4))  # 4 beams per source
+    assert cache.group == 4 and cache.get(0)[0].data_ptr() == keys.data_ptr()  # nothing copied
+    cache.reorder(torch.tensor([1, 0, 0, 2, 4, 4, 5, 7, 8, 9, 11, 11]))  # beams trade places within their source
+    assert cache.group == 4 and cache.get(0)[0].data_ptr() == keys.data_ptr()
+    cache.reorder(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))  # source 2 closed; 0 and 1 swap
+    assert cache.group == 4 and cache.get(0)[0][:, 0, 0, 0].tolist() == [1.0, 0.0]
+    assert cache.source_valid.sum(1).tolist() == [3, 5] and cache.rows.tolist() == [0] * 4 + [1] * 4
+    cache.reorder(torch.tensor([0, 4, 1, 5, 2, 6, 3, 7]))  # interleaved: gathered by attention
+    assert cache.group is None and cache.rows.tolist() == [0, 1] * 4
