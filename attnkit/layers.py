@@ -116,7 +116,8 @@ class Embeddings(nn.Module):
         if self.pos is not None:
             x = x + self.pos(positions)
         elif self.sinusoidal:
-            if int(positions.max()) < len(self.sinusoids):
+            # the table outside compiled graphs (a compiled step computes them, fused; the check would break it)
+            if not torch.compiler.is_compiling() and int(positions.max()) < len(self.sinusoids):
                 x = x + self.sinusoids[positions].to(x.dtype)
             else:
                 x = x + sinusoidal_positions(positions, self.d_model, self.sinusoid_layout).to(x.dtype)
