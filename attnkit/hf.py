@@ -422,8 +422,7 @@ def _seq2seq_config_to_hf(cfg: ModelConfig) -> dict:
     act = {v: k for k, v in SEQ2SEQ_ACTIVATIONS.items() if k != "swish"}.get(cfg.mlp)
     ids = dict(pad_token_id=extra.get("pad_id", 0), eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
                decoder_start_token_id=extra.get("decoder_start_id", extra.get("pad_id", 0)), forced_eos_token_id=None)
-    fits = lambda shape: all(fields.get(k, cfg.n_kv_head if k == "n_kv_head" else None) == v  # noqa: E731
-                             for k, v in shape.items())
+    fits = lambda shape: all(fields[k] == v for k, v in shape.items())  # noqa: E731
     output_scale = float(extra.get("output_scale", 1.0))
     scaled = abs(output_scale - cfg.d_model ** -0.5) < 1e-9
     if fits(t5) and cfg.mlp in ("relu", "geglu") and cfg.eos_id is not None and (scaled or output_scale == 1.0):
