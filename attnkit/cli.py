@@ -741,9 +741,10 @@ def _seq2seq_outputs(ckpt, texts, input_file, beams, max_new_tokens, temperature
     from attnkit.generate import require_seq2seq, seq2seq_texts
 
     sources = _texts(texts, input_file, allow_empty=True)
-    beam_settings, sampling = _decoding(None if beams == 1 else beams, 0.0 if beams == 1 and temperature is None
-                                        else temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
-                                        num_return, length_penalty, early_stopping)
+    if beams == 1 and temperature is None and top_k is None and top_p is None:
+        temperature = 0.0  # one beam and no sampling flag: greedy
+    beam_settings, sampling = _decoding(None if beams == 1 else beams, temperature, top_k, top_p, repetition_penalty,
+                                        no_repeat_ngram, num_return, length_penalty, early_stopping)
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     require_seq2seq(model, command)
     if tokenizer is None:

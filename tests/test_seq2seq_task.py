@@ -86,6 +86,10 @@ def test_translate_prints_one_line_per_input_in_order_with_empty_lines_kept(trai
     again = CliRunner().invoke(main, ["translate", "--ckpt", str(run), "eins", "--beams", "1", "--temperature", "1",
                                       "--seed", "3"])
     assert sampled.exit_code == 0 and sampled.stdout == again.stdout
+    top_k = ["translate", "--ckpt", str(run), *["eins zwei drei"] * 8, "--beams", "1", "--top-k", "5", "--seed", "3"]
+    implied = CliRunner().invoke(main, top_k)  # a sampling flag without --temperature samples at generate's 0.8
+    assert implied.stdout == CliRunner().invoke(main, [*top_k, "--temperature", "0.8"]).stdout
+    assert implied.stdout != CliRunner().invoke(main, [*top_k[:-4], "--beams", "1"]).stdout  # not greedy
 
 
 def test_eval_and_attend_on_a_seq2seq_checkpoint(trained, tmp_path):
