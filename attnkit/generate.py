@@ -582,10 +582,14 @@ def stream_text(
 
 # --- encoder-decoders: texts in, texts out --------------------------------------------------------
 
+def _end_id(model, tokenizer: Tokenizer) -> int | None:
+    return model.cfg.eos_id if model.cfg.eos_id is not None else tokenizer.eos_id
+
+
 def source_ids(model, tokenizer: Tokenizer, text: str) -> tuple[list[int], bool]:
     """A source text's ids for an encoder-decoder: its tokens + the end token, cut to the model's
     position limit. -> (ids, whether it was cut)."""
-    eos = model.cfg.eos_id if model.cfg.eos_id is not None else tokenizer.eos_id
+    eos = _end_id(model, tokenizer)
     ids = tokenizer.encode(text)
     limit = model.cfg.context_length - 1
     return ids[:limit] + ([eos] if eos is not None else []), len(ids) > limit
@@ -621,7 +625,7 @@ def seq2seq_texts(
     if beams is not None:
         num_return = beams.num_return_sequences
     cfg = model.cfg
-    eos = cfg.eos_id if cfg.eos_id is not None else tokenizer.eos_id
+    eos = _end_id(model, tokenizer)
     pad, start = model.pad_id, model.decoder_start_id
     outputs: list[list[str]] = [[""] * num_return for _ in sources]
     encoded = {}
