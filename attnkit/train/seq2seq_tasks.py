@@ -51,7 +51,10 @@ class Seq2SeqTask(Task):
         self.cfg, self.tokenizer, self.model_config, self.base_state = cfg, tokenizer, model_config, base_state
         self.train_pairs, self.val_pairs = train, val
         extra = model_config.extra
-        self.pad, self.eos = int(extra["pad_id"]), model_config.eos_id
+        self.pad, self.eos = int(extra.get("pad_id", 0)), model_config.eos_id
+        if self.eos is None:
+            raise AttnkitError("this encoder-decoder's config names no end token (eos_id); set it in the "
+                               "checkpoint's config so that targets can end")
         limit = model_config.context_length
         self.max_length = min(cfg.max_length or limit, limit)
         cut = [0]
