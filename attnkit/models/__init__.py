@@ -3,6 +3,9 @@
 
 from attnkit.models.decoder import DecoderLM
 from attnkit.models.encoder import EncoderModel
+from attnkit.models.recurrent import GRULM
 from attnkit.models.seq2seq import Seq2SeqModel
+from attnkit.models.wavenet import WaveNet
 
-FAMILIES = {"decoder": DecoderLM, "encoder": EncoderModel, "seq2seq": Seq2SeqModel}
+FAMILIES = {"decoder": DecoderLM, "encoder": EncoderModel, "seq2seq": Seq2SeqModel, "gru": GRULM,
+            "wavenet": WaveNet}
