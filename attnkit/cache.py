@@ -296,6 +296,19 @@ class CrossCache:
         """The source stays whole: nothing to forget."""
 
 
+def check_prompts(prompts, vocab_size: int) -> None:
+    """The prompt errors a user can cause, checked by every family's ``start``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise AttnkitError("a prompt is empty; give at least one token of text")
+    if any(t < 0 or t >= vocab_size for p in prompts for t in p):
+        raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {vocab_size}")
+
+
+def refuse_compile(family: str) -> None:
+    raise AttnkitError(f"compiled decoding is for decoder LMs (a compiled attention step over a static cache); "
+                       f"decode this {family} model without --compile")
+
+
 class DecodeState:
     """What a generative model keeps between decoding steps: its caches and each row's next position.
 
@@ -326,7 +339,8 @@ class DecodeState:
         self.next_pos = self.next_pos.index_select(0, index)
 
     def crop(self, length: int) -> None:
-        """Forget the tokens fed after the first ``length`` (only those of the latest ``advance``)."""
+        """Forget the tokens fed after the first ``length``: at most the ``lookahead`` latest, which may
+        come from several ``advance`` calls (a draft model feeds its proposal one token at a time)."""
         dropped = self.length - length
         if dropped < 0:
             raise AttnkitError(f"cannot crop a decode state of {self.length} tokens to {length}")

@@ -106,7 +106,7 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(),
               help="attnkit checkpoint, a run folder (uses its best/) or a Hugging Face GPT-2/Llama folder.")
-@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-p", "--prompt", default=None, help="Text to continue (text models).")
 @click.option("--max-new-tokens", default=200, show_default=True, type=int)
 @click.option("--beams", default=None, type=int, help="Beam search with this many beams (deterministic).")
 @DECODE_OPTIONS
@@ -123,10 +123,21 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
 @click.option("--compile", "compile_step", is_flag=True,
               help="Compile the one-token step (dense attention): faster decoding after a one-off compile, "
                    "cached on disk for the next run.")
+@click.option("--out", default=None, type=click.Path(),
+              help="Image and audio models: the PNG grid (images) or WAV file (audio) to write.")
+@click.option("--num-samples", default=None, type=int,
+              help="Image models: images in the grid [default: 16]; audio: clips, FILE-1.wav ... [default: 1].")
+@click.option("--class", "class_name", default=None,
+              help="Class-conditional image models: the class to draw (name or index) [default: each in turn].")
+@click.option("--prompt-image", default=None, type=click.Path(),
+              help="Image models: keep this image's top half and draw the rest (the grid's first cell shows it).")
+@click.option("--prompt-audio", default=None, type=click.Path(), help="Audio models: continue this WAV.")
+@click.option("--seconds", default=2.0, show_default=True, type=float, help="Audio models: seconds of new audio.")
 def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, seed,
              num_return, length_penalty, early_stopping, stop, draft, draft_tokens, prompt_lookup, device, dtype_name,
-             compile_step):
-    """Continue a prompt, printing the text as it is generated.
+             compile_step, out, num_samples, class_name, prompt_image, prompt_audio, seconds):
+    """Continue a prompt, printing the text as it is generated; image and audio models write
+    a PNG grid of samples or a WAV file instead (--out).
 
     \b
     Examples:
@@ -134,16 +145,39 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
       attnkit generate --ckpt runs/shakespeare-char -p "ROMEO:" --beams 4 --num-return 2 --length-penalty 0.8
       attnkit generate --ckpt runs/big -p "ROMEO:" --temperature 0 --draft runs/small --draft-tokens 4
       attnkit generate --ckpt runs/x -p "$(cat notes.txt)" --temperature 0 --prompt-lookup 3
+      attnkit generate --ckpt runs/mnist --num-samples 16 --out samples.png
+      attnkit generate --ckpt runs/mnist --prompt-image digit.png --num-samples 8 --out completed.png
+      attnkit generate --ckpt runs/speech --seconds 3 --out speech.wav
+      attnkit generate --ckpt runs/speech --prompt-audio hello.wav --seconds 2 --out more.wav
     """
     from attnkit.checkpoints import load_checkpoint
     from attnkit.generate import Speculation, beam_search_text, stream_text
+    from attnkit.media import media_layout
     from attnkit.tokenizers import same_tokenizer
 
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
+    layout = media_layout(model.cfg)
+    media_flags = {"--out": out, "--num-samples": num_samples, "--class": class_name, "--prompt-image": prompt_image,
+                   "--prompt-audio": prompt_audio}
+    if layout is not None:
+        text_flags = {"-p": prompt, "--beams": beams, "--stop": stop or None, "--draft": draft,
+                      "--prompt-lookup": prompt_lookup or None}
+        given = [name for name, value in text_flags.items() if value is not None]
+        if given:
+            raise AttnkitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for text models; "
+                               f"this {layout.kind} model takes --out, --num-samples and the sampling flags")
+        _generate_media(model, layout, out, num_samples, class_name, prompt_image, prompt_audio, seconds,
+                        temperature, top_k, top_p, seed)
+        return
+    given = [name for name, value in media_flags.items() if value is not None]
+    if given:
+        raise AttnkitError(f"{given[0]} is for image and audio models; this is a text model, whose output is printed")
+    if prompt is None:
+        raise AttnkitError("give a prompt to continue: -p TEXT")
     speculative = draft is not None or prompt_lookup > 0
     beam_settings, sampling = _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
                                         num_return, length_penalty, early_stopping, speculative)
     speculation = Speculation(None, draft_tokens, prompt_lookup) if speculative else None
-    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; copy the tokenizer of this model into the folder")
     if model.cfg.family == "seq2seq":
@@ -170,6 +204,47 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
     for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+
+
+def _generate_media(model, layout, out, num_samples, class_name, prompt_image, prompt_audio, seconds, temperature,
+                    top_k, top_p, seed) -> None:
+    """generate for image and audio models: a PNG grid of samples, or WAV clips."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from attnkit import codecs, media
+
+    if out is None:
+        raise AttnkitError(f"say where to write the {layout.kind}: --out FILE{media.EXTENSIONS[layout.kind]}")
+    media.check_extension(out, layout)
+    temperature = 1.0 if temperature is None else temperature  # the model's own distribution
+    if layout.kind == "image":
+        if prompt_audio is not None:
+            raise AttnkitError("--prompt-audio is for audio models; this model draws images (--prompt-image)")
+        prompt = codecs.read_image(prompt_image, layout.height, layout.width) if prompt_image else None
+        count = 16 if num_samples is None else num_samples
+        images = media.generate_images(model, count, label=layout.class_index(class_name), prompt=prompt,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if prompt is not None:  # first cell: what was kept, the drawn half grey
+            shown = np.full_like(prompt, 128)
+            shown[: layout.height // 2] = prompt[: layout.height // 2]
+            images = np.concatenate([shown[None], images])
+        path = codecs.write_image_grid(out, images)
+        click.echo(f"wrote {path} ({count} images of {layout.width}x{layout.height}"
+                   f"{', after the prompt' if prompt is not None else ''})")
+        return
+    if prompt_image is not None or class_name is not None:
+        raise AttnkitError("--prompt-image and --class are for image models; this model makes audio (--prompt-audio)")
+    prompt = codecs.read_wav(prompt_audio, layout.rate) if prompt_audio else None
+    count = 1 if num_samples is None else num_samples
+    clips = media.generate_audio(model, seconds, prompt=prompt, count=count, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed)
+    out = Path(out)
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+    for path, clip in zip(paths, clips):
+        codecs.write_wav(path, clip, layout.rate)
+    click.echo(f"wrote {', '.join(map(str, paths))} ({len(clips[0]) / layout.rate:.2f} s at {layout.rate} Hz each)")
 
 
 @main.command()
@@ -267,7 +342,10 @@ DATA_OPTIONS = _options(
 
 
 def _fit_and_report(cfg, resume: bool) -> None:
-    """Train (or fine-tune) as ``cfg`` says and print where things went; an LM also prints a sample."""
+    """Train (or fine-tune) as ``cfg`` says and print where things went; an LM also prints a sample,
+    an image or audio model writes one into the run folder."""
+    from pathlib import Path
+
     from attnkit.train import Trainer, TrainingInterrupted, sample_text
 
     with Trainer(cfg, resume=resume) as trainer:  # the trainer sets up and tears down DDP
@@ -300,6 +378,18 @@ def _fit_and_report(cfg, resume: bool) -> None:
         click.echo("--- samples (val, beam 4) ---")
         for pair, out in zip(pairs, outputs):
             click.echo(f"source: {pair.source}\noutput: {out[0]}\ntarget: {pair.target}")
+    if cfg.task in ("pixels", "audio") and cfg.sample_tokens > 0:
+        from attnkit import codecs, media
+
+        model = trainer.raw_model.eval()
+        if cfg.task == "pixels":
+            path = codecs.write_image_grid(Path(cfg.out_dir) / "samples.png",
+                                           media.generate_images(model, 16, seed=cfg.seed))
+        else:
+            rate = trainer.task.layout.rate  # sample_tokens: the sample's length in audio samples
+            clip = media.generate_audio(model, cfg.sample_tokens / rate, seed=cfg.seed)[0]
+            path = codecs.write_wav(Path(cfg.out_dir) / "sample.wav", clip, rate)
+        click.echo(f"sample: {path}")
     if cfg.task == "lm" and cfg.sample_tokens > 0:
         text = sample_text(trainer.raw_model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
         click.echo("--- sample ---")
@@ -315,12 +405,13 @@ def _data_overrides(val_data, val_fraction, text_column, label_column, pair_colu
 
 @main.command()
 @RUN_OPTIONS
-@click.option("--task", default=None, type=click.Choice(["lm", "mlm", "classify", "qa", "seq2seq"]),
+@click.option("--task", default=None, type=click.Choice(["lm", "mlm", "classify", "qa", "seq2seq", "pixels", "audio"]),
               help="What to learn: next-token LM, masked LM, classification, span QA, source -> target "
-                   "(translation, summarization)  [default: lm].")
+                   "(translation, summarization), image pixels, audio samples  [default: lm].")
 @click.option("--data", default=None, help="Text recipe name or your .txt/.jsonl file or folder; "
                                            "classify: CSV/TSV/JSONL; qa: SQuAD JSON; seq2seq: pairs TSV/CSV/JSONL "
-                                           "(source first) or de-en / manpage-summary.")
+                                           "(source first) or de-en / manpage-summary; pixels: mnist, mnist-small "
+                                           "or a folder of images; audio: speech or a folder of WAVs.")
 @DATA_OPTIONS
 @click.option("--model", "model_name", default=None, help="Model preset (see `attnkit info`), e.g. gpt2-char-tiny, bert-tiny.")
 @click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "wordpiece", "gpt2"]))
@@ -346,6 +437,10 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
       attnkit train --task classify --data reviews.csv --model bert-tiny
       attnkit train --recipe de-en
       attnkit train --task seq2seq --data pairs.tsv --max-time 600
+      attnkit train --recipe mnist-small                     # pixels; then: generate --out samples.png
+      attnkit train --recipe speech                          # audio; then: generate --out speech.wav
+      attnkit train --task audio --data my_wavs/ --model wavenet-small --max-time 600
+      attnkit train --recipe shakespeare-gru                 # the recurrent baseline
       torchrun --nproc_per_node 2 -m attnkit train --recipe shakespeare-char
     """
     import torch
@@ -450,9 +545,20 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
 
     from attnkit.checkpoints import load_checkpoint
     from attnkit.data.text import RECIPES, load_text, read_corpus
+    from attnkit.media import media_layout
     from attnkit.train import evaluate_tokens
 
     model, tokenizer = load_checkpoint(ckpt, device=_device(device))
+    if media_layout(model.cfg) is not None:
+        result = {"ckpt": str(ckpt), "data": str(data), **_eval_media(model, data, split, batch_size, precision)}
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            unit = "bits/dim" if "bits_per_dim" in result else "bits/sample"
+            value = result.get("bits_per_dim", result.get("bits_per_sample"))
+            count = f"{result['images']:,} images" if "images" in result else f"{result['samples']:,} samples"
+            click.echo(f"{value:.4f} {unit}  ({count}, {result['split']})")
+        return
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; evaluate a checkpoint written by `attnkit train`")
     if model.cfg.family == "seq2seq":
@@ -496,6 +602,33 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
         click.echo(json.dumps(result))
     else:
         click.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
+
+
+def _eval_media(model, data: str, split: str | None, batch_size: int, precision: str) -> dict:
+    """Bits per dimension of an image model, bits per sample of an audio model, on a split of
+    an image / audio recipe or folder (default: its test split)."""
+    import math
+
+    from attnkit.media import AudioLayout, audio_codes, image_bits_per_dim, media_layout
+    from attnkit.train import evaluate_tokens
+
+    layout, split = media_layout(model.cfg), split or "test"
+    if isinstance(layout, AudioLayout):
+        from attnkit.data.audio import load_audio
+
+        audio = load_audio(data, rate=layout.rate)
+        clips = audio.train + audio.val + audio.test if split == "all" else getattr(audio, split)
+        result = evaluate_tokens(model, audio_codes(clips, layout), batch_size=batch_size, precision=precision)
+        return {"split": split, "bits_per_sample": result["loss"] / math.log(2), "samples": result["tokens"]}
+    import numpy as np
+
+    from attnkit.data.images import load_images
+
+    images = load_images(data)
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    pixels = np.concatenate([getattr(images, p) for p in parts])
+    labels = np.concatenate([getattr(images, f"{p}_labels") for p in parts]) if layout.classes else None
+    return {"split": split, **image_bits_per_dim(model, pixels, labels, batch_size=batch_size, precision=precision)}
 
 
 def _eval_seq2seq(model, tokenizer, data: str, split: str | None, beams: int, batch_size: int, precision: str) -> dict:
@@ -809,9 +942,15 @@ def attend(ckpt, prompt, target, out):
       attnkit attend --ckpt runs/de-en -p "Wie spät ist es?" --target "What time is it?" --out maps/
     """
     from attnkit.checkpoints import load_checkpoint
+    from attnkit.media import media_layout
     from attnkit.plots import plot_attention
 
     model, tokenizer = load_checkpoint(ckpt)
+    if model.cfg.family in ("gru", "wavenet"):
+        raise AttnkitError(f"{ckpt} is a {model.cfg.family} model: it has no attention to draw")
+    if media_layout(model.cfg) is not None:
+        raise AttnkitError(f"{ckpt} is a {media_layout(model.cfg).kind} model; attend draws the attention over a "
+                           "text prompt")
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; use a checkpoint written by `attnkit train`")
     if model.cfg.family == "seq2seq":

@@ -3,12 +3,12 @@
 An autoregressive model over pixels or audio predicts one token at a time, so each modality
 needs a small, exact mapping between its values and token ids 0..levels-1:
 
-* `PixelCodec(levels)`: an 8-bit grayscale pixel p (0..255) is the token floor(p * levels / 256);
-  a token t decodes to round(t * 255 / (levels - 1)), so token 0 is black, token levels-1 is white
-  and `levels=256` is the identity. An image of H x W pixels is H*W tokens in raster order (row
-  by row, left to right), which is how `attnkit.data.images` hands images to a model.
-  encode(decode(t)) == t for every token when levels is a power of two or at most 27; for other
-  levels a decoded pixel can round into the neighbouring token's bin (e.g. levels 28).
+* `PixelCodec(levels)`: the levels are evenly spaced grey values round(t * 255 / (levels - 1)),
+  so token 0 is black, token levels-1 is white and `levels=256` is the identity; a pixel p
+  (0..255) is the token of the nearest level, round(p * (levels - 1) / 255). Both round half up in
+  integers, and encode(decode(t)) == t for every token at every number of levels (the rounding
+  error of decode, at most 1/2, shrinks by (levels - 1) / 255 <= 1 on the way back). An image of
+  H x W pixels is H*W tokens in raster order (row by row, left to right).
 * `MuLawCodec(bits)`: a sample x in [-1, 1] is companded as in ITU G.711,
   y = sign(x) * ln(1 + mu |x|) / ln(1 + mu) with mu = 2**bits - 1, and y is quantized uniformly to
   the codes 0..mu: code = floor((y + 1) / 2 * mu + 1/2). Quiet samples get finely spaced codes and
@@ -68,13 +68,13 @@ class PixelCodec:
         self.levels = int(levels)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 pixels of any shape -> int64 tokens floor(p * levels / 256), same shape."""
+        """uint8 pixels of any shape -> int64 tokens round(p * (levels - 1) / 255) (the nearest level), same shape."""
         pixels = _numpy(pixels)
         if pixels.dtype != np.uint8 and (pixels.dtype == bool or not np.issubdtype(pixels.dtype, np.integer) or (
                 pixels.size and (pixels.min() < 0 or pixels.max() > 255))):
             raise AttnkitError(f"pixels must be 8-bit values 0..255 (uint8), got dtype {pixels.dtype}; "
                                "convert the image to 8-bit grayscale first.")
-        return pixels.astype(np.int64) * self.levels // 256
+        return (2 * (self.levels - 1) * pixels.astype(np.int64) + 255) // 510  # exact round half up in integers
 
     def decode(self, tokens) -> np.ndarray:
         """Tokens 0..levels-1 (numpy or torch, any shape) -> uint8 pixels round(t * 255 / (levels - 1))."""

@@ -168,6 +168,21 @@ PRESETS: dict[str, ModelConfig] = {
                                d_ff=2048, eos_id=0, extra=_seq2seq_extra(6, 58100, 58100, logits_bias=True)),
     "t5-small": ModelConfig(**T5, vocab_size=32128, context_length=512, n_layer=6, n_head=8, d_model=512, d_ff=2048,
                             eos_id=1, extra=_seq2seq_extra(6, 0, 0, output_scale=512 ** -0.5)),
+    # ImageGPT-style pixels (attnkit.media): vocab and context (one image) are set from the images at training time
+    "imagegpt-small": ModelConfig(**GPT2, vocab_size=257, context_length=784, n_layer=4, n_head=4, d_model=128),
+    # audio: mu-law codes through sliding-window attention (RoPE: no context limit when generating), about the
+    # size of wavenet-small (554k vs 526k weights); context_length is the training window
+    "audio-small": ModelConfig(**{**GPT2, "positional": "rope"}, vocab_size=256, context_length=1024, n_layer=3,
+                               n_head=4, d_model=120, attention="sliding", window=256),
+    # non-transformer families (n_head only satisfies validation). A char-level GRU with the weights of
+    # the 4-layer d=192 shakespeare-char transformer; vocab_size is set from the tokenizer at training time
+    "gru-small": ModelConfig(family="gru", vocab_size=128, context_length=128, n_layer=2, n_head=1, d_model=384,
+                             positional="none", tie_embeddings=False, dropout=0.0),
+    # WaveNet over 8-bit mu-law codes: two cycles of dilations 1..128 (receptive field 511 at kernel 2);
+    # d_model: residual channels, d_ff: skip channels, context_length: the training window
+    "wavenet-small": ModelConfig(family="wavenet", vocab_size=256, context_length=2048, n_layer=16, n_head=1,
+                                 d_model=64, d_ff=128, positional="none", tie_embeddings=False,
+                                 extra={"dilation_cycle": 8, "kernel_size": 2}),
 }
 
 

@@ -29,13 +29,15 @@ from attnkit.tokenizers import StreamDecoder, Tokenizer
 @dataclass
 class Sampling:
     """temperature 0 is greedy; top_k / top_p None are off; repetition_penalty 1 is off;
-    no_repeat_ngram_size 0 is off (n > 0: no n-gram occurs twice in a row's tokens)."""
+    no_repeat_ngram_size 0 is off (n > 0: no n-gram occurs twice in a row's tokens); token_limit
+    n: only ids below n are ever chosen (a pixel or audio model's sample tokens, not its start tokens)."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    token_limit: int | None = None
 
     def validate(self) -> "Sampling":
         if self.temperature < 0:
@@ -48,6 +50,8 @@ class Sampling:
             raise AttnkitError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
             raise AttnkitError(f"no_repeat_ngram_size must be >= 0 (0 is off), got {self.no_repeat_ngram_size}")
+        if self.token_limit is not None and self.token_limit < 1:
+            raise AttnkitError(f"token_limit must be a positive number of tokens, got {self.token_limit}")
         return self
 
 
@@ -80,6 +84,8 @@ def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = Non
     """logits (B, V) -> fp32 logits with the penalties, temperature, top-k and top-p applied
     (order as in Hugging Face); -inf marks removed tokens. Greedy skips the temperature and filters."""
     logits = logits.float()
+    if sampling.token_limit is not None and sampling.token_limit < logits.shape[-1]:
+        logits[:, sampling.token_limit:] = float("-inf")
     if seen is not None and sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)

@@ -21,7 +21,7 @@ from attnkit.errors import AttnkitError
 # PixelCodec ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("levels", [2, 4, 16, 256])
+@pytest.mark.parametrize("levels", range(2, 257))
 def test_pixel_codec_round_trips_every_level(levels):
     codec = PixelCodec(levels)
     tokens = np.arange(levels)
@@ -34,8 +34,9 @@ def test_pixel_codec_round_trips_every_level(levels):
 
 def test_pixel_codec_formulas():
     codec = PixelCodec(4)
-    assert codec.encode(np.array([0, 63, 64, 127, 128, 191, 192, 255], dtype=np.uint8)).tolist() == [0, 0, 1, 1, 2, 2,
-                                                                                                     3, 3]
+    # the nearest of the levels 0, 85, 170, 255 (42.5 and 127.5 are the boundaries; halves round up)
+    pixels = np.array([0, 42, 43, 127, 128, 212, 213, 255], dtype=np.uint8)
+    assert codec.encode(pixels).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert codec.decode([0, 1, 2, 3]).tolist() == [0, 85, 170, 255]
     assert PixelCodec(2).decode([0, 1]).tolist() == [0, 255]
     assert PixelCodec(16).decode(np.arange(16)).tolist() == [17 * t for t in range(16)]

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from attnkit.cache import DecodeState, KVCache, RollingKVCache
+from attnkit.cache import DecodeState, KVCache, RollingKVCache, check_prompts
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear, native_available
@@ -250,15 +250,12 @@ class DecoderLM(ModelSize, nn.Module):
         (speculative decoding); ``compile``: one-token steps run ``compiled_step`` (dense attention).
         """
         cfg = self.cfg
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise AttnkitError("a prompt is empty; give at least one token of text")
+        check_prompts(prompts, cfg.vocab_size)
         longest = max(len(p) for p in prompts)
         if (cfg.attention != "sliding" or self.embed.pos is not None) and longest > cfg.context_length:
             raise AttnkitError(
                 f"the prompt is {longest} tokens but the model's context is {cfg.context_length}; shorten the prompt"
             )
-        if any(t < 0 or t >= cfg.vocab_size for p in prompts for t in p):
-            raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {cfg.vocab_size}")
         device = self.embed.tok.weight.device
         ids, valid, positions = left_pad(prompts, pad_id, device)
         B, T = ids.shape

@@ -17,24 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnkit.cache import DecodeState
+from attnkit.cache import DecodeState, check_prompts, refuse_compile
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
 from attnkit.layers import Embeddings, ModelSize
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """The prompt errors a user can cause, for the families without a context limit on decoding."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise AttnkitError("a prompt is empty; give at least one token of text")
-    if any(t < 0 or t >= vocab_size for p in prompts for t in p):
-        raise AttnkitError(f"a prompt token id is outside the model's vocabulary of {vocab_size}")
-
-
-def refuse_compile(family: str) -> None:
-    raise AttnkitError(f"compiled decoding is for decoder LMs (a compiled attention step over a static cache); "
-                       f"decode this {family} model without --compile")
 
 
 class GRUState(DecodeState):

@@ -28,7 +28,7 @@ from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.layers import Embeddings, ModelSize
 from attnkit.models.decoder import left_pad
-from attnkit.models.recurrent import check_prompts, refuse_compile
+from attnkit.cache import check_prompts, refuse_compile
 
 
 class WaveNetState(DecodeState):

@@ -24,10 +24,10 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
               "sample_prompt", "sample_tokens", "name", "save_every_minutes")
 
 
-TASKS = ("lm", "mlm", "classify", "qa", "seq2seq")
+TASKS = ("lm", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
                 "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-                "label_smoothing", "eval_sample", "seq2seq_metric")
+                "label_smoothing", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional", "audio_rate")
 
 
 @dataclass
@@ -55,6 +55,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_sample: int = 200  # val pairs decoded (greedy) at every evaluation for the metric
     seq2seq_metric: str = "bleu"  # bleu (with chrF): translation; rouge: summarization
+    # pixels (attnkit.media): images of `data` (mnist, mnist-small or a folder), raster order
+    pixel_levels: int = 256  # grey levels the pixels are quantised to (256: 8-bit, bits/dim comparable)
+    class_conditional: bool = False  # the first token is the image's class
+    # audio: mu-law codes of `data` (speech or a folder of WAVs) at this rate
+    audio_rate: int = 8000
     # LoRA (attnkit.lora): rank 0 trains every weight
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -90,7 +95,7 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs/train"
     sample_prompt: str = "\n"
-    sample_tokens: int = 300
+    sample_tokens: int = 300  # the end-of-training sample: text tokens; audio: samples (images: 16 images, if > 0)
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, message: str):
@@ -107,6 +112,8 @@ class TrainConfig:
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.eval_sample >= 0, f"eval_sample must be >= 0, got {self.eval_sample}")
         need(self.seq2seq_metric in ("bleu", "rouge"), f"seq2seq_metric {self.seq2seq_metric!r} is not bleu or rouge")
+        need(2 <= self.pixel_levels <= 256, f"pixel_levels must be between 2 and 256, got {self.pixel_levels}")
+        need(self.audio_rate in (8000, 16000), f"audio_rate must be 8000 or 16000 Hz, got {self.audio_rate}")
         need(0.0 < self.mask_prob < 1.0, f"mask_prob must be between 0 and 1, got {self.mask_prob}")
         need(self.lora_rank >= 0, f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         need(self.max_length is None or self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
@@ -262,6 +269,11 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
             cfg = cfg.replace(model="transformer-small", tokenizer="bpe", vocab_size=8000, lr=1e-3, warmup_steps=400,
                               batch_size=64, label_smoothing=0.1, beta2=0.98, weight_decay=0.01, max_steps=4000,
                               eval_interval=500, log_interval=50, model_overrides={"context_length": 128})
+        elif overrides.get("task") in ("pixels", "audio"):  # a small transformer over pixels / mu-law codes
+            model = "imagegpt-small" if overrides["task"] == "pixels" else "audio-small"
+            cfg = cfg.replace(model=model, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=100, precision="auto",
+                              max_steps=2000, eval_interval=250, eval_batches=16,
+                              sample_tokens=8000 if overrides["task"] == "audio" else cfg.sample_tokens)
         elif overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
             cfg = cfg.replace(model="bert-tiny", tokenizer="wordpiece", lr=1e-4 if "init" in overrides else 5e-4,
                               max_steps=1000, warmup_steps=50, eval_interval=100)

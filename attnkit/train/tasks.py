@@ -194,9 +194,9 @@ def make_task(cfg: TrainConfig, *, train_text: str | None = None, val_text: str 
             raise AttnkitError("fine-tuning a language model (--ckpt with task lm) is not supported yet; "
                                "train it from scratch, or fine-tune an encoder with --task classify / qa / mlm")
         return LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text, checkpoint=checkpoint)
-    from attnkit.train import encoder_tasks, seq2seq_tasks
+    from attnkit.train import encoder_tasks, media_tasks, seq2seq_tasks
 
-    tasks = {**encoder_tasks.TASKS, **seq2seq_tasks.TASKS}
+    tasks = {**encoder_tasks.TASKS, **seq2seq_tasks.TASKS, **media_tasks.TASKS}
     return tasks[cfg.task].from_config(cfg, checkpoint=checkpoint)
 
 
