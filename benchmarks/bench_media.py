@@ -127,7 +127,7 @@ def run_mnist(args) -> None:
     _keep("mnist", figures)
     cfg = model.cfg
     body = f"""The `mnist` recipe (ImageGPT-style causal transformer over the 784 8-bit pixels in raster order,
-256 levels, unconditional; {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, learned positions,
+256 levels, unconditional; {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, {cfg.positional} positions,
 {figures['params']:,} parameters) trained by `attnkit train --recipe mnist --max-time {args.budget:.0f}` on
 the 50k training digits, batch 16, {figures['precision']}. Test: negative log2-likelihood per pixel of all
 {test['images']:,} test digits (`attnkit eval --ckpt runs/bench-mnist --data mnist --split test`), best/
@@ -239,24 +239,24 @@ def run_sampling(args) -> None:
             prompts = torch.full((batch, prompt_len), first, dtype=torch.long)
             if prompt_len > 1:
                 prompts = torch.randint(100, 156, (batch, prompt_len), generator=g)  # quiet audio codes
-            n = steps if batch == 1 else max(16, steps // 4)
+            n = steps
             times, outs = {}, {}
             for name, fn in (("cache", _cached), ("recompute", _recompute)):
                 fn(model, prompts, 4, limit)  # warm-up
                 t0 = time.perf_counter()
                 outs[name] = fn(model, prompts, n, limit)
                 times[name] = time.perf_counter() - t0
-            same = bool((outs["cache"] == outs["recompute"]).float().mean() > 0.99)
+            same = (outs["cache"] == outs["recompute"]).float().mean().item()
             rate_c, rate_r = batch * n / times["cache"], batch * n / times["recompute"]
             rows.append([what, source, batch, n, f"{rate_c:,.0f}", f"{rate_r:,.0f}", f"{rate_c / rate_r:.1f}x",
-                         "yes" if same else "NO"])
+                         f"{100 * same:.1f}%"])
             print(rows[-1], flush=True)
     _keep("sampling", {"rows": rows})
     body = f"""Greedy generation, fp32, one process. Pixels: a whole 28x28 image (784 tokens) from the start
-token. Audio: {args.audio_steps} new samples after a {args.audio_prompt}-sample prompt (batch 16: a quarter as
-many steps). "with cache" is `attnkit generate`'s loop; "full recompute" runs the model over the whole
-sequence so far (up to its context) at every step. "same tokens": greedy outputs agree (>= 99% of tokens;
-ties in bf16-free fp32 are rare).
+token. Audio: {args.audio_steps} new samples after a {args.audio_prompt}-sample prompt. "with cache" is
+`attnkit generate`'s loop; "full recompute" runs the model over the whole sequence so far (up to its
+context) at every step. "same tokens": the share of positions where the two greedy outputs agree (fp32;
+a near-tie can flip one argmax, and the rest of that row follows it).
 
 {table(["model", "weights", "batch", "steps", "tokens/s with cache", "tokens/s full recompute", "speed-up",
         "same tokens"], rows)}
