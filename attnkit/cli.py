@@ -607,9 +607,8 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
 def _eval_media(model, data: str, split: str | None, batch_size: int, precision: str) -> dict:
     """Bits per dimension of an image model, bits per sample of an audio model, on a split of
     an image / audio recipe or folder (default: its test split)."""
-    import math
-
     from attnkit.media import AudioLayout, audio_codes, image_bits_per_dim, media_layout
+    from attnkit.metrics import bits
     from attnkit.train import evaluate_tokens
 
     layout, split = media_layout(model.cfg), split or "test"
@@ -619,7 +618,7 @@ def _eval_media(model, data: str, split: str | None, batch_size: int, precision:
         audio = load_audio(data, rate=layout.rate)
         clips = audio.train + audio.val + audio.test if split == "all" else getattr(audio, split)
         result = evaluate_tokens(model, audio_codes(clips, layout), batch_size=batch_size, precision=precision)
-        return {"split": split, "bits_per_sample": result["loss"] / math.log(2), "samples": result["tokens"]}
+        return {"split": split, "bits_per_sample": bits(result["loss"]), "samples": result["tokens"]}
     import numpy as np
 
     from attnkit.data.images import load_images

@@ -205,6 +205,7 @@ def image_bits_per_dim(model, images: np.ndarray, labels: np.ndarray | None = No
                        precision: str = "fp32") -> dict:
     """Mean negative log2-likelihood per pixel of ``images`` (N, H, W) uint8 under an image model
     (the model's levels: 256 gives the usual 8-bit bits/dim)."""
+    from attnkit.metrics import bits
     from attnkit.train.config import autocast
     from attnkit.train.tasks import next_token_losses
 
@@ -225,7 +226,7 @@ def image_bits_per_dim(model, images: np.ndarray, labels: np.ndarray | None = No
             total += next_token_losses(model, rows).sum().item()  # every target is a pixel
     model.train(was_training)
     nats = total / (len(images) * layout.pixels)
-    return {"bits_per_dim": nats / math.log(2), "images": len(images), "levels": layout.levels}
+    return {"bits_per_dim": bits(nats), "images": len(images), "levels": layout.levels}
 
 
 def audio_codes(clips: Sequence[np.ndarray], layout: AudioLayout) -> Tensor:

@@ -6,6 +6,7 @@ lists or 1-D tensors. Zero divisions count as 0, as scikit-learn's `zero_divisio
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 
@@ -171,3 +172,8 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
         for kind in kinds:
             totals[kind] += scores[kind].fmeasure
     return {kind: 100.0 * total / len(hypotheses) for kind, total in totals.items()}
+
+
+def bits(nats: float) -> float:
+    """A mean negative log-likelihood in nats -> in bits (bits per dimension, per sample)."""
+    return nats / math.log(2)

@@ -161,17 +161,23 @@ def run_speech(args) -> None:
     test_codes = audio_codes(corpus.test, layout)
     rows = []
     for recipe, wav in (("speech", SPEECH_WAV), ("speech-wavenet", WAVENET_WAV)):
-        figures, trainer = _train(recipe, args.budget, f"runs/bench-{recipe}")
-        model = _best(f"runs/bench-{recipe}")
-        scored = evaluate_tokens(model, test_codes, batch_size=16, precision=trainer.cfg.precision)
-        figures["test_bits"], figures["test_samples"] = scored["loss"] / math.log(2), scored["tokens"]
-        prompt = corpus.test[0][: corpus.rate // 2]  # half a second of a held-out sentence, then the model's own
-        clip = generate_audio(model, 2.0, prompt=prompt, seed=0)[0]
-        write_wav(wav, clip, corpus.rate)
-        _keep(f"speech/{recipe}", figures)
-        rows.append([recipe, model.cfg.family, f"{figures['params']:,}", figures["steps"],
-                     f"{figures['val'].get('val_bits', float('nan')):.4f}", f"{figures['test_bits']:.4f}",
-                     f"[{wav.name}]({wav.name})"])
+        if args.only and recipe != args.only:  # the other model's figures from its earlier run in this file
+            figures = _kept()[f"speech/{recipe}"]
+        else:
+            figures, trainer = _train(recipe, args.budget, f"runs/bench-{recipe}")
+            model = _best(f"runs/bench-{recipe}")
+            scored = evaluate_tokens(model, test_codes, batch_size=16, precision=trainer.cfg.precision)
+            figures["test_bits"], figures["test_samples"] = scored["loss"] / math.log(2), scored["tokens"]
+            figures["family"], figures["attention"] = model.cfg.family, model.cfg.attention
+            prompt = corpus.test[0][: corpus.rate // 2]  # half a second of a held-out sentence, then the model's own
+            clip = generate_audio(model, 2.0, prompt=prompt, seed=0)[0]
+            write_wav(wav, clip, corpus.rate)
+            figures["run_at"] = time.strftime("%Y-%m-%d %H:%M")
+            _keep(f"speech/{recipe}", figures)
+        rows.append([recipe, figures.get("family", "decoder" if recipe == "speech" else "wavenet"),
+                     figures.get("attention", ""), f"{figures['params']:,}", figures["steps"],
+                     f"{figures['tokens_per_s']:,.0f}", f"{figures['val'].get('val_bits', float('nan')):.4f}",
+                     f"{figures['test_bits']:.4f}", f"[{wav.name}]({wav.name})", figures.get("run_at", "")])
         print(rows[-1], flush=True)
     seconds = {split: sum(len(c) for c in getattr(corpus, split)) / corpus.rate for split in ("train", "val", "test")}
     body = f"""The `speech` corpus: {len(corpus.train) + len(corpus.val) + len(corpus.test)} Shakespeare lines spoken by
@@ -182,7 +188,8 @@ espeak-ng (several voices and speeds), resampled by sox to {corpus.rate} Hz, 8-b
 stream of all test sentences (`attnkit eval --data speech --split test`), best/ checkpoint. Each WAV: half a
 second of a test sentence, then 2 s sampled at temperature 1.
 
-{table(["recipe", "family", "parameters", "steps", "val bits/sample", "test bits/sample", "sample"], rows)}
+{table(["recipe", "family", "attention", "parameters", "steps", "train samples/s", "val bits/sample",
+        "test bits/sample", "sample", "run at (UTC)"], rows)}
 
 {limits_line(machine_limits())}
 """
@@ -276,6 +283,8 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=100_000)
     parser.add_argument("--audio-steps", type=int, default=512)
     parser.add_argument("--audio-prompt", type=int, default=1024)
+    parser.add_argument("--only", default=None, help="speech: train only this recipe, the other's figures from "
+                        "media_runs.json (its earlier run)")
     args = parser.parse_args()
     set_threads(args.threads)
     args.budget = args.budget or {"gru": 300, "mnist": 1800, "speech": 300}.get(args.what, 0)

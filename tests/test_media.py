@@ -230,3 +230,27 @@ def test_text_models_refuse_media_flags(tmp_path):
     save_checkpoint(tmp_path / "ck", model, tok)
     result = CliRunner().invoke(main, ["generate", "--ckpt", str(tmp_path / "ck"), "-p", "a", "--out", "x.png"])
     assert result.exit_code == 2 and "--out is for image and audio models" in result.output
+
+
+def test_a_class_conditional_model_draws_the_class_asked_for(tmp_path):
+    data = _digit_folder(tmp_path / "digits", per_class=8)
+    config = tmp_path / "pixels.yaml"
+    config.write_text(f"task: pixels\ndata: {data}\nclass_conditional: true\nsample_tokens: 0\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--out", str(out), "--max-steps", "40",
+                                       "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--lr", "3e-3"])
+    assert result.exit_code == 0, result.output
+    from attnkit.checkpoints import load_checkpoint
+
+    model = load_checkpoint(out)[0]
+    assert media_layout(model.cfg).classes == ["one", "zero"]
+    ones = generate_images(model, 4, label=0, temperature=0.0)  # greedy: the learnt shape of each class
+    zeros = generate_images(model, 4, label=1, temperature=0.0)
+    assert ones[:, :, 4].mean() > ones[:, :, 1].mean() + 50  # a bright vertical stroke down the middle
+    assert zeros[:, :, 1].mean() > zeros[:, :, 4].mean() + 50  # a ring: the left edge is lit, the middle not
+    grid = tmp_path / "ones.png"
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "--class", "one", "--num-samples", "2",
+                                       "--out", str(grid), "--seed", "0"])
+    assert result.exit_code == 0 and grid.exists(), result.output
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "--class", "seven", "--out", str(grid)])
+    assert result.exit_code == 2 and "unknown class 'seven'" in result.output

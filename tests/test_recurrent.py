@@ -28,14 +28,6 @@ def greedy(model, prompts, n, **kw) -> list[list[int]]:
     return [list(row) for row in zip(*steps)]
 
 
-def greedy_by_full_forwards(model, prompt, n) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 def test_the_family_is_registered_and_the_preset_builds():
     assert FAMILIES["gru"] is GRULM
     assert isinstance(build_model(preset("gru-small")), GRULM)
@@ -90,12 +82,6 @@ def test_padding_on_either_side_runs_each_row_as_if_alone():
         torch.testing.assert_close(out[1, 3:], model(torch.tensor([rows[1]]))[0], atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_equals_argmax_over_full_forwards():
-    model = gru()
-    prompts = [[1, 2, 3], [9, 9, 9, 9, 4]]
-    assert greedy(model, prompts, 15) == [greedy_by_full_forwards(model, p, 15) for p in prompts]
-
-
 def test_beam_search_beam_one_is_greedy_and_scores_are_the_full_forward_log_probs():
     model = gru()
     prompt = [5, 6, 7]
@@ -110,14 +96,6 @@ def test_beam_search_beam_one_is_greedy_and_scores_are_the_full_forward_log_prob
             expected = log_probs.gather(-1, torch.tensor(tokens)[:, None]).sum() / len(tokens)
             assert score == pytest.approx(float(expected), abs=1e-5)
     assert hyps[0][0][1] >= hyps[0][1][1] >= hyps[0][2][1]
-
-
-def test_speculative_greedy_with_prompt_lookup_equals_plain_greedy():
-    model = gru()
-    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 4, 4, 5, 4, 4]]
-    spec = Speculation(prompt_lookup=2)
-    assert greedy(model, prompts, 30, speculation=spec) == greedy(model, prompts, 30)
-    assert spec.proposed > spec.accepted  # some proposals were rejected: the state was cropped
 
 
 def test_speculative_greedy_with_a_draft_gru_equals_plain_greedy():
@@ -155,21 +133,6 @@ def test_crop_forgets_the_latest_tokens_and_refuses_older_ones():
             state.crop(state.length - 5)
 
 
-def test_reorder_then_advance_equals_advancing_the_picked_rows_alone():
-    model = gru()
-    prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
-    index = torch.tensor([2, 0, 0, 1])
-    tokens = torch.tensor([[3, 4], [5, 6], [7, 8], [9, 10]])
-    with torch.no_grad():
-        state, _ = model.start(prompts, max_new_tokens=2)
-        state.reorder(index)
-        got = model.advance(state, tokens)  # (4, 2, V)
-        for r, i in enumerate(index.tolist()):
-            alone, _ = model.start([prompts[i]], max_new_tokens=2)
-            torch.testing.assert_close(got[r], model.advance(alone, tokens[r:r + 1])[0], atol=1e-5, rtol=0)
-    assert state.next_pos.flatten().tolist() == [3, 5, 5, 6]
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_and_load_round_trip_gives_identical_logits(tmp_path, tied):
     model = gru(tie_embeddings=tied)
@@ -205,3 +168,23 @@ def test_compiled_decoding_and_bad_prompts_are_refused():
         model.start([[V]], max_new_tokens=3)
     with pytest.raises(AttnkitError, match="positional"):
         GRULM(preset("gru-small", positional="learned"))
+
+
+def test_the_cli_trains_and_samples_a_gru_on_any_text(tmp_path):
+    from click.testing import CliRunner
+
+    from attnkit.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(corpus), "--model", "gru-small", "--out", str(out),
+                                       "--max-steps", "20", "--batch-size", "8", "--device", "cpu", "--lr", "3e-3"])
+    assert result.exit_code == 0, result.output
+    assert "training gru-small (lm)" in result.output and "--- sample ---" in result.output
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "-p", "the cat", "--max-new-tokens", "200",
+                                       "--temperature", "0"])  # past the 128-token training window
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("the cat") and len(result.stdout) == len("the cat") + 200 + 1  # + newline
+    result = CliRunner().invoke(main, ["attend", "--ckpt", str(out), "-p", "the", "--out", str(tmp_path / "maps")])
+    assert result.exit_code == 2 and "no attention" in result.output

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from attnkit.checkpoints import build_model, load_checkpoint, save_checkpoint
 from attnkit.config import ModelConfig, preset
 from attnkit.errors import AttnkitError
-from attnkit.generate import Sampling, Speculation, generate_tokens
 from attnkit.models import FAMILIES
 from attnkit.models.wavenet import WaveNet
 from attnkit.train.tasks import next_token_losses
@@ -21,12 +20,6 @@ def wavenet(seed: int = 0, kernel_size: int = 2, **changes) -> WaveNet:
                       positional="none", tie_embeddings=False,
                       extra={"dilation_cycle": 3, "kernel_size": kernel_size}).replace(**changes)
     return WaveNet(cfg).eval()
-
-
-def greedy(model, prompts, n, **kw) -> list[list[int]]:
-    steps = [t.tolist() for t, _ in generate_tokens(model, prompts, max_new_tokens=n,
-                                                    sampling=Sampling(temperature=0), **kw)]
-    return [list(row) for row in zip(*steps)]
 
 
 def random_ids(B: int, T: int, seed: int) -> torch.Tensor:
@@ -101,27 +94,6 @@ def test_prompts_of_different_lengths_give_each_row_what_it_gives_alone():
     assert state.next_pos.flatten().tolist() == [43, 4, 12]
 
 
-def test_greedy_generation_equals_argmax_over_full_forwards():
-    model = wavenet()
-    prompts = [[1, 2, 3], [4, 4, 4, 4, 4, 4, 4]]
-    expected = []
-    with torch.no_grad():
-        for p in prompts:
-            seq = list(p)
-            for _ in range(30):  # past the receptive field (15)
-                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-            expected.append(seq[len(p):])
-    assert greedy(model, prompts, 30) == expected
-
-
-def test_speculative_greedy_with_prompt_lookup_equals_plain_greedy():
-    model = wavenet()
-    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 4, 4, 5, 4, 4]]
-    spec = Speculation(prompt_lookup=2)
-    assert greedy(model, prompts, 40, speculation=spec) == greedy(model, prompts, 40)
-    assert spec.proposed > spec.accepted  # some proposals were rejected: the state was cropped
-
-
 def test_crop_forgets_up_to_the_lookahead_and_refuses_more():
     model = wavenet()
     prompt, follow = random_ids(1, 20, 5), torch.tensor([[3]])
@@ -136,21 +108,6 @@ def test_crop_forgets_up_to_the_lookahead_and_refuses_more():
         model.advance(state, torch.tensor([[1, 2, 3, 4]]))
         with pytest.raises(AttnkitError, match="larger lookahead"):
             state.crop(state.length - 4)
-
-
-def test_reorder_then_advance_equals_advancing_the_picked_rows_alone():
-    model = wavenet()
-    prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
-    index = torch.tensor([2, 0, 0, 1])
-    tokens = torch.tensor([[3, 4], [5, 6], [7, 8], [9, 10]])
-    with torch.no_grad():
-        state, _ = model.start(prompts, max_new_tokens=2)
-        state.reorder(index)
-        got = model.advance(state, tokens)  # (4, 2, V)
-        for r, i in enumerate(index.tolist()):
-            alone, _ = model.start([prompts[i]], max_new_tokens=2)
-            torch.testing.assert_close(got[r], model.advance(alone, tokens[r:r + 1])[0], atol=1e-5, rtol=0)
-    assert state.next_pos.flatten().tolist() == [3, 5, 5, 6]
 
 
 def test_save_and_load_round_trip_gives_identical_logits(tmp_path):

@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.cache import DecodeState
+from attnkit.cache import DecodeState, check_prompts, refuse_compile
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.layers import Embeddings, ModelSize
 from attnkit.models.decoder import left_pad
-from attnkit.cache import check_prompts, refuse_compile
 
 
 class WaveNetState(DecodeState):

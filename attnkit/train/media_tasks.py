@@ -20,8 +20,9 @@ from torch import Tensor
 from attnkit.config import preset
 from attnkit.errors import AttnkitError
 from attnkit.media import AudioLayout, ImageLayout, audio_codes, with_layout
+from attnkit.metrics import bits
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import LanguageModelingTask, Task, always, next_token_losses
+from attnkit.train.tasks import LanguageModelingTask, Task, always, mean_next_token_loss, next_token_losses
 
 
 class PixelTask(Task):
@@ -57,15 +58,10 @@ class PixelTask(Task):
         return next_token_losses(model, batch).mean()
 
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
-        total, used = 0.0, 0
-        for b in range(self.eval_batches):
-            if used and not next_batch_fits():
-                break
-            rows = self.val_rows[b * self.batch_size:(b + 1) * self.batch_size].to(device)
-            total += next_token_losses(model, rows).mean().item()
-            used += 1
-        loss = total / used
-        return {"val_loss": loss, "val_bpd": loss / math.log(2), "val_batches": used}
+        rows = (self.val_rows[b * self.batch_size:(b + 1) * self.batch_size].to(device)
+                for b in range(self.eval_batches))
+        loss, used = mean_next_token_loss(model, rows, next_batch_fits)
+        return {"val_loss": loss, "val_bpd": bits(loss), "val_batches": used}
 
     def describe(self, metrics: dict) -> str:
         return f"val loss {metrics['val_loss']:.4f} ({metrics['val_bpd']:.3f} bits/dim)"
@@ -92,7 +88,7 @@ class AudioTask(LanguageModelingTask):
 
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
         metrics = super().evaluate(model, device=device, next_batch_fits=next_batch_fits)
-        return {**metrics, "val_bits": metrics["val_loss"] / math.log(2)}
+        return {**metrics, "val_bits": bits(metrics["val_loss"])}
 
     def describe(self, metrics: dict) -> str:
         return f"val loss {metrics['val_loss']:.4f} ({metrics['val_bits']:.3f} bits/sample)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,19 @@ def next_token_losses(model: nn.Module, windows: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
+def mean_next_token_loss(model: nn.Module, batches: Iterable[Tensor],
+                         next_batch_fits: Callable[[], bool] = always) -> tuple[float, int]:
+    """The mean of the batches' mean next-token losses, asking ``next_batch_fits()`` before every
+    batch after the first (an evaluation's time budget) -> (loss, batches used)."""
+    total, used = 0.0, 0
+    for batch in batches:  # a lazy iterable: a batch that does not fit is never built
+        total += next_token_losses(model, batch).mean().item()
+        used += 1
+        if not next_batch_fits():
+            break
+    return total / used, used
+
+
 def random_windows(tokens: Tensor, context: int, n: int, generator: torch.Generator) -> Tensor:
     """(n, context + 1) windows at uniformly random starts."""
     starts = torch.randint(len(tokens) - context, (n,), generator=generator)
@@ -172,14 +185,9 @@ class LanguageModelingTask(Task):
         return next_token_losses(model, batch).mean()
 
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
-        total, used = 0.0, 0
-        for starts in self.eval_starts:
-            if used and not next_batch_fits():
-                break
-            windows = self.val_tokens[starts[:, None] + torch.arange(self.context + 1)].to(device)
-            total += next_token_losses(model, windows).mean().item()
-            used += 1
-        loss = total / used
+        windows = (self.val_tokens[starts[:, None] + torch.arange(self.context + 1)].to(device)
+                   for starts in self.eval_starts)
+        loss, used = mean_next_token_loss(model, windows, next_batch_fits)
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_batches": used}
 
     def describe(self, metrics: dict) -> str:
