@@ -39,6 +39,14 @@ NAMED_CHECKPOINTS = {
 NAMED_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 
 
+def umask_permissions(path: Path) -> None:
+    """Give a file or directory made by tempfile (private: 0600 / 0700) the permissions a plain
+    open() / mkdir() would have given it under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
@@ -50,6 +58,8 @@ def atomic_directory(path: str | os.PathLike):
         raise AttnkitError(f"cannot write to {path.parent} ({e.strerror}); choose a writable output folder") from e
     try:
         yield tmp
+        for made in [tmp, *tmp.rglob("*")]:  # safetensors, too, writes private files
+            umask_permissions(made)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)

@@ -118,3 +118,18 @@ def test_hf_translation_does_not_import_checkpoint_io():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not any(name and name.startswith("attnkit.checkpoints") for name in imported), imported
+
+
+def test_a_checkpoint_folder_gets_the_umask_permissions(tmp_path):
+    import os
+
+    from attnkit.checkpoints import build_model, save_checkpoint
+    from attnkit.config import preset
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", build_model(preset("gpt2-char-tiny", n_layer=1, d_model=32, n_head=2)))
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "ck").stat().st_mode & 0o777) == 0o755
+    assert ((tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777) == 0o644

@@ -1,4 +1,5 @@
 import math
+import os
 import struct
 import wave
 
@@ -331,3 +332,13 @@ def test_resample_keeps_a_tone_below_nyquist_and_drops_one_above():
     up = resample(_sine(440, 8000, 1.0), 8000, 22050)
     assert np.abs(up - _sine(440, 22050, 1.0)).max() < 1e-9
     assert math.isclose(np.abs(up).max(), 0.5, rel_tol=1e-3)
+
+
+def test_written_files_get_the_umask_permissions_not_tempfile_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        png = write_image_grid(tmp_path / "grid.png", np.zeros((1, 2, 2), dtype=np.uint8))
+        wav = write_wav(tmp_path / "x.wav", np.zeros(10), 8000)
+    finally:
+        os.umask(old)
+    assert (png.stat().st_mode & 0o777) == 0o644 and (wav.stat().st_mode & 0o777) == 0o644
