@@ -85,6 +85,7 @@ def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = Non
     (order as in Hugging Face); -inf marks removed tokens. Greedy skips the temperature and filters."""
     logits = logits.float()
     if sampling.token_limit is not None and sampling.token_limit < logits.shape[-1]:
+        logits = logits.clone()  # .float() of fp32 logits is the caller's tensor
         logits[:, sampling.token_limit:] = float("-inf")
     if seen is not None and sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty

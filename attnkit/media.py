@@ -119,17 +119,15 @@ def media_layout(cfg) -> ImageLayout | AudioLayout | None:
 def with_layout(model_config, layout: ImageLayout | AudioLayout):
     """The model config with the layout's vocabulary recorded (and, for images, a context of one image)."""
     extra = {**model_config.extra, "media": asdict(layout)}
-    changes = {"vocab_size": layout.vocab_size, "extra": extra, "tie_embeddings": model_config.tie_embeddings}
+    changes = {"vocab_size": layout.vocab_size, "extra": extra}
     if isinstance(layout, ImageLayout):
         changes["context_length"] = layout.pixels
     return model_config.replace(**changes).validate()
 
 
-def check_extension(path: str, layout: ImageLayout | AudioLayout | None) -> None:
-    """--out must be what the model makes: a PNG for images, a WAV for audio, nothing for text."""
+def check_extension(path: str, layout: ImageLayout | AudioLayout) -> None:
+    """--out must be what the model makes: a PNG for images, a WAV for audio."""
     suffix = str(path).lower().rsplit(".", 1)[-1] if "." in str(path) else ""
-    if layout is None:
-        raise AttnkitError("--out is for image and audio models; this is a text model, whose output is printed")
     want = EXTENSIONS[layout.kind]
     if f".{suffix}" != want:
         raise AttnkitError(f"this is an {layout.kind} model: --out must be a {want} file, not {path}")

@@ -248,3 +248,17 @@ def test_compiled_decode_step_matches_eager(family):
             want = model(token, cache=eager_cache)
             got = model(token, cache=static_cache, compiled=compiled_step(model))
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_token_limit_removes_the_ids_past_it_without_touching_the_callers_logits():
+    from attnkit.generate import process_logits
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0]])
+    kept = process_logits(logits, Sampling(temperature=0.0, token_limit=2))
+    assert kept.tolist() == [[0.0, 1.0, float("-inf"), float("-inf")]]
+    assert logits.tolist() == [[0.0, 1.0, 5.0, 9.0]]
+    hot = Sampling(temperature=5.0, token_limit=2)
+    draws = {int(sample_next(logits, hot, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {0, 1}
+    with pytest.raises(AttnkitError, match="token_limit"):
+        Sampling(token_limit=0).validate()
