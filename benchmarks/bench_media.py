@@ -116,7 +116,8 @@ def run_mnist(args) -> None:
     from attnkit.data.images import mnist
     from attnkit.media import generate_images, image_bits_per_dim
 
-    figures, trainer = _train("mnist", args.budget, "runs/bench-mnist")
+    changes = {"model_overrides": {"d_model": args.d_model}} if args.d_model else {}
+    figures, trainer = _train("mnist", args.budget, "runs/bench-mnist", **changes)
     model = _best("runs/bench-mnist")
     images = mnist()
     t0 = time.perf_counter()
@@ -145,7 +146,8 @@ Samples (64, temperature 1, seed 0): [mnist-samples.png](mnist-samples.png)
 {limits_line(machine_limits())}
 """
     write_section("media-mnist", "MNIST bits per dimension (pixels)", body,
-                  f"python -m benchmarks.bench_media mnist --budget {args.budget:.0f}")
+                  f"python -m benchmarks.bench_media mnist --budget {args.budget:.0f}"
+                  + (f" --d-model {args.d_model}" if args.d_model else ""))
 
 
 # --- speech: transformer vs WaveNet ------------------------------------------------------------------
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=100_000)
     parser.add_argument("--audio-steps", type=int, default=512)
     parser.add_argument("--audio-prompt", type=int, default=1024)
+    parser.add_argument("--d-model", type=int, default=None, help="mnist: the model width instead of the recipe's")
     parser.add_argument("--only", default=None, help="speech: train only this recipe, the other's figures from "
                         "media_runs.json (its earlier run)")
     args = parser.parse_args()
