@@ -107,7 +107,7 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
 @click.option("--ckpt", required=True, type=click.Path(),
               help="attnkit checkpoint, a run folder (uses its best/) or a Hugging Face GPT-2/Llama folder.")
 @click.option("-p", "--prompt", default=None, help="Text to continue (text models).")
-@click.option("--max-new-tokens", default=200, show_default=True, type=int)
+@click.option("--max-new-tokens", default=None, type=int, help="Text models: tokens to generate  [default: 200].")
 @click.option("--beams", default=None, type=int, help="Beam search with this many beams (deterministic).")
 @DECODE_OPTIONS
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
@@ -160,12 +160,15 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
     media_flags = {"--out": out, "--num-samples": num_samples, "--class": class_name, "--prompt-image": prompt_image,
                    "--prompt-audio": prompt_audio}
     if layout is not None:
-        text_flags = {"-p": prompt, "--beams": beams, "--stop": stop or None, "--draft": draft,
-                      "--prompt-lookup": prompt_lookup or None}
+        text_flags = {"-p": prompt, "--max-new-tokens": max_new_tokens, "--beams": beams, "--stop": stop or None,
+                      "--draft": draft, "--prompt-lookup": prompt_lookup or None, "--num-return": num_return != 1 or None,
+                      "--repetition-penalty": repetition_penalty != 1.0 or None,
+                      "--no-repeat-ngram": no_repeat_ngram or None, "--compile": compile_step or None}
         given = [name for name, value in text_flags.items() if value is not None]
         if given:
-            raise AttnkitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for text models; "
-                               f"this {layout.kind} model takes --out, --num-samples and the sampling flags")
+            raise AttnkitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for text models; this "
+                               f"{layout.kind} model takes --out, --num-samples, --temperature, --top-k, --top-p, "
+                               f"--seed{' and --seconds' if layout.kind == 'audio' else ''}")
         _generate_media(model, layout, out, num_samples, class_name, prompt_image, prompt_audio, seconds,
                         temperature, top_k, top_p, seed)
         return
@@ -174,6 +177,7 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
         raise AttnkitError(f"{given[0]} is for image and audio models; this is a text model, whose output is printed")
     if prompt is None:
         raise AttnkitError("give a prompt to continue: -p TEXT")
+    max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
     speculative = draft is not None or prompt_lookup > 0
     beam_settings, sampling = _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
                                         num_return, length_penalty, early_stopping, speculative)

@@ -189,6 +189,8 @@ def generate_audio(model, seconds: float, *, prompt: np.ndarray | None = None, c
         raise AttnkitError("this checkpoint does not make audio")
     if seconds <= 0:
         raise AttnkitError(f"--seconds must be positive, got {seconds}")
+    if count < 1:
+        raise AttnkitError(f"the number of clips must be at least 1, got {count}")
     kept = layout.codec.encode(prompt).tolist() if prompt is not None and len(prompt) else [layout.silence_id]
     new = _tokens(model, [kept] * count, int(round(seconds * layout.rate)),
                   Sampling(temperature, top_k, top_p, token_limit=layout.levels), seed, "samples")  # (count, n)

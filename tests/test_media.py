@@ -171,6 +171,8 @@ def test_eval_scores_bits_per_dim(pixel_run):
     (["--out", "x.png", "-p", "hi"], "-p is for text models"),
     ([], "--out FILE.png"),
     (["--out", "x.png", "--prompt-audio", "a.wav"], "--prompt-audio is for audio models"),
+    (["--out", "x.png", "--max-new-tokens", "5", "--compile"], "--max-new-tokens, --compile are for text models"),
+    (["--out", "x.png", "--num-samples", "0"], "at least 1"),
 ])
 def test_bad_media_requests_are_one_sentence(pixel_run, args, message):
     root, data, out, _ = pixel_run
@@ -216,6 +218,8 @@ def test_audio_training_and_generation_write_a_wav(tmp_path, wav_folder, model):
         assert w.getframerate() == 8000 and w.getnframes() == 6000 + 400  # the 16 kHz prompt at 8 kHz + 0.05 s
     result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "must be a .wav file" in result.output
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "--out", str(clip), "--num-samples", "0"])
+    assert result.exit_code == 2 and "number of clips must be at least 1" in result.output
     result = CliRunner().invoke(main, ["eval", "--ckpt", str(out), "--data", str(wav_folder), "--split", "test"])
     assert result.exit_code == 0 and "bits/sample" in result.output, result.output
 
