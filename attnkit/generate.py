@@ -553,14 +553,16 @@ def stream_text(
     seed: int | None = None,
     compile: bool = False,
     speculation: Speculation | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> Iterator[str]:
     """Yields the continuation of one prompt piece by piece as it is produced.
 
     Text that could be the start of a stop string is held back until it is known not to be;
-    generation ends at the first stop string (not included) or the tokenizer's end token.
+    generation ends at the first stop string (not included), the tokenizer's end token or one of
+    ``stop_ids`` (a chat's end-of-turn token).
     """
     stop = [s for s in stop if s]
-    stop_ids = _stop_ids(tokenizer, model)
+    stop_ids = sorted({*_stop_ids(tokenizer, model), *stop_ids})
     decoder, pending = StreamDecoder(tokenizer), ""
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,

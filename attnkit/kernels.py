@@ -5,7 +5,7 @@ for one query per head.
 
 The kernels are built on first use with the machine's C++ compiler against torch's stable C ABI
 (about a second), into ``cache_dir()/kernels`` under a name that hashes the source, torch's version
-and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16
+and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16 and AVX512-VNNI
 (and the AVX512 F/BW/VL/DQ parts that come with it); elsewhere torch's own ops run. Where there is no
 compiler or the build fails, torch's ops run too and a warning says why, once. ``ATTNKIT_NATIVE=0``
 turns the kernels off; ``native_status()`` (and ``attnkit info``) says which applies.
@@ -31,7 +31,7 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the kernels use
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # what the kernels use
 
 
 def _cpu_has_flags() -> bool:
@@ -96,6 +96,8 @@ def native_available() -> bool:
                     lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
                 for name in ("attnkit::linear_rows_fp32", "attnkit::linear_rows_bf16"):
                     torch.library.register_fake(name)(lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
+                torch.library.register_fake("attnkit::linear_quantized")(
+                    lambda x, q, d, m, kind: x.new_empty((*x.shape[:-1], q.shape[0])))
                 torch.library.register_fake("attnkit::decode_attention")(
                     lambda q, k, v, mask, scale: torch.empty_like(q))
                 _loaded, _status = True, f"loaded from {library}"
@@ -197,6 +199,20 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask.reshape(-1, S).expand(B, S)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.attnkit.decode_attention(q, k, v, mask.contiguous(), scale)
+
+
+def quantized_kernels_available() -> bool:
+    """Whether block-quantized weights multiply natively (``linear_quantized``)."""
+    return native_available()
+
+
+def linear_quantized(x: Tensor, q: Tensor, d: Tensor, m: Tensor | None, kind: int) -> Tensor | None:
+    """One row of fp32 / bf16 activations times block-quantized weights (``attnkit.quant``) through the
+    native kernel, or None where it does not apply (several rows, not the CPU, gradients, no kernels)."""
+    if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
+            and _no_grad_needed(x) and _loaded_now()):
+        return None
+    return torch.ops.attnkit.linear_quantized(x.contiguous(), q, d, m, kind)
 
 
 class Linear(nn.Linear):

@@ -91,6 +91,7 @@ class HFTokenizer(Tokenizer):
         hf.no_padding()  # a shipped tokenizer.json may pad or cut every text to a fixed length (MiniLM's: 128)
         hf.no_truncation()
         self.hf, self.kind = hf, kind
+        self.chat_template: str | None = None  # Jinja source (attnkit.chat), saved as chat_template.jinja
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((hf.token_to_id(t) for t in EOS_TOKENS if hf.token_to_id(t) is not None), None)
 
@@ -104,6 +105,8 @@ class HFTokenizer(Tokenizer):
         path = Path(directory) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(path))
+        if self.chat_template is not None:
+            (path.parent / CHAT_TEMPLATE).write_text(self.chat_template, encoding="utf-8")
         return path
 
 
@@ -188,7 +191,27 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         hf = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception for a malformed file
         raise AttnkitError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); save the tokenizer again.") from None
-    return HFTokenizer(hf)
+    tokenizer = HFTokenizer(hf)
+    tokenizer.chat_template = _chat_template_beside(file)
+    return tokenizer
+
+
+CHAT_TEMPLATE = "chat_template.jinja"
+
+
+def _chat_template_beside(file: Path) -> str | None:
+    """The chat template saved next to a tokenizer.json: chat_template.jinja, or the "chat_template" of a
+    Hugging Face tokenizer_config.json."""
+    if (file.parent / CHAT_TEMPLATE).is_file():
+        return (file.parent / CHAT_TEMPLATE).read_text(encoding="utf-8")
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return None
+        return template if isinstance(template, str) else None
+    return None
 
 
 TOKENIZER_KINDS = ("char", "bpe", "wordpiece", "gpt2")

@@ -5,6 +5,9 @@
 //                                        x @ weight.T (+ bias) for ONE row of fp32 activations.
 //   attnkit::linear_rows_fp32(x, weight), attnkit::linear_rows_bf16(x, weight)
 //                                        x @ weight.T for 2 to 8 rows (beam search, draft checking).
+//   attnkit::linear_quantized(x, q, d, m, kind)
+//                                        x @ W.T for ONE row, W in GGML's Q8_0 / Q4_0 / Q4_1 blocks
+//                                        (int8 dot products, AVX512-VNNI; see its section).
 //   attnkit::decode_attention(q, k, v, mask, scale)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
 //                                        query per head (grouped-query heads), fp32 or bf16.
@@ -23,11 +26,12 @@
 // products over pairs of keys (bf16).
 //
 // Built by attnkit/kernels.py against PyTorch's stable C ABI (torch/csrc/stable), which compiles in
-// about a second, and only on CPUs with AVX512-BF16.
+// about a second, and only on CPUs with AVX512-BF16 and AVX512-VNNI.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -505,6 +509,176 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   return out;
 }
 
+
+// ---- linear_q8_0, linear_q4: block-quantized weights (attnkit/quant.py) ------------------------
+//
+// Weights stay in GGML's blocks of 32 along K, split into arrays: quants q (Q8_0: N x K int8; Q4:
+// N x K/2 bytes, byte j of a block holding weight j low and weight j + 16 high), scales d (N x K/32
+// fp16) and, for Q4_1, minimums m. The one row of activations is quantized to int8 per block of 32
+// (scale dx = max|x| / 127, as llama.cpp does for its Q8 dot products), so each block's product is
+// an integer dot product (AVX512-VNNI vpdpbusd: unsigned bytes times signed bytes, sums of four into
+// int32 lanes), two blocks per 512-bit step, then scaled by d * dx in fp32:
+//   Q8_0: sum_b d_b dx_b (q . xq)_b; vpdpbusd wants one unsigned side, so |q| times xq with q's sign;
+//   Q4_0: w = d (q - 8): sum_b d_b dx_b (q . xq)_b - 8 sum_b d_b (dx_b sum xq_b);
+//   Q4_1: w = d q + m:   sum_b d_b dx_b (q . xq)_b + sum_b m_b (dx_b sum xq_b).
+// The activations are laid out once per call in the order a step's lanes need them (for Q4 the low
+// nibbles of two blocks, then their high nibbles), with their scales spread over the lanes.
+
+struct QuantizedRow {
+  std::vector<int8_t> xq;   // steps x 64 quantized activations, in each step's lane order
+  std::vector<float> dxv;   // steps x 16: each lane's activation scale
+  std::vector<float> sx;    // blocks (padded to 16): dx_b * sum(xq_b), for the Q4 corrections
+  int64_t blocks = 0;
+};
+
+template <typename T>
+QuantizedRow quantize_row(const T* x, int64_t K, bool nibble_order) {
+  QuantizedRow r;
+  r.blocks = K / 32;
+  const int64_t steps = (r.blocks + 1) / 2;
+  r.xq.assign(steps * 64, 0);
+  r.dxv.assign(steps * 16, 0.0f);
+  r.sx.assign((r.blocks + 15) / 16 * 16, 0.0f);
+  float v[32];
+  for (int64_t b = 0; b < r.blocks; ++b) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        v[i] = x[b * 32 + i];
+      } else {
+        uint32_t u = static_cast<uint32_t>(x[b * 32 + i]) << 16;
+        std::memcpy(&v[i], &u, sizeof u);
+      }
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    const float dx = amax / 127.0f, inv = dx > 0 ? 1.0f / dx : 0.0f;
+    const int64_t step = b / 2, half = b % 2;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int q = static_cast<int>(std::nearbyint(v[i] * inv));
+      sum += q;
+      // Q8: [block b | block b + 1]; Q4: [lo(b) | lo(b+1) | hi(b) | hi(b+1)], 16 each
+      const int64_t at = nibble_order ? (i < 16 ? half * 16 + i : 32 + half * 16 + (i - 16)) : half * 32 + i;
+      r.xq[step * 64 + at] = static_cast<int8_t>(q);
+    }
+    for (int lane = 0; lane < 16; ++lane) {
+      const bool mine = nibble_order ? ((lane / 4) % 2 == half) : (lane / 8 == half);
+      if (mine) r.dxv[step * 16 + lane] = dx;
+    }
+    r.sx[b] = dx * static_cast<float>(sum);
+  }
+  return r;
+}
+
+// lane -> which of a group's 16 block scales it takes, for step s of the group (0..7)
+inline __m512i scale_index(int s, bool nibble_order) {
+  alignas(64) int32_t idx[16];
+  for (int lane = 0; lane < 16; ++lane)
+    idx[lane] = 2 * s + (nibble_order ? (lane / 4) % 2 : lane / 8);
+  return _mm512_load_si512(idx);
+}
+
+struct ScaleIndices {
+  __m512i q8[8], q4[8];
+  ScaleIndices() {
+    for (int s = 0; s < 8; ++s) q8[s] = scale_index(s, false), q4[s] = scale_index(s, true);
+  }
+};
+
+inline __m512 half16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+// kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. One output row: q, d, m point at row n's quants, scales, minimums.
+template <int Kind>
+inline float quantized_row_dot(const uint8_t* q, const uint16_t* d, const uint16_t* m, const QuantizedRow& x,
+                               const ScaleIndices& si) {
+  const int64_t nb = x.blocks;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  for (int64_t g = 0; g < nb; g += 16) {
+    const __mmask16 bm = lanes(nb - g);
+    const __m512 dw = half16(d + g, bm);
+    if constexpr (Kind == 1) corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x.sx.data() + g), corr);
+    if constexpr (Kind == 2) corr = _mm512_fmadd_ps(half16(m + g, bm), _mm512_loadu_ps(x.sx.data() + g), corr);
+    const int steps = static_cast<int>((std::min<int64_t>(16, nb - g) + 1) / 2);
+    for (int s = 0; s < steps; ++s) {
+      const int64_t b = g + 2 * s, step = b / 2;
+      const bool pair = b + 1 < nb;
+      const __m512i xv = _mm512_loadu_si512(x.xq.data() + step * 64);
+      __m512i dot;
+      if constexpr (Kind == 0) {
+        const __m512i w = pair ? _mm512_loadu_si512(q + b * 32) : _mm512_maskz_loadu_epi8(0xffffffffULL, q + b * 32);
+        const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), zero, xv);  // xq with q's sign
+        dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), xs);
+      } else {
+        const __m256i v = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 16))
+                               : _mm256_maskz_loadu_epi8(0xffffu, q + b * 16);
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        dot = _mm512_dpbusd_epi32(zero, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), xv);
+      }
+      const __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(Kind == 0 ? si.q8[s] : si.q4[s], dw),
+                                         _mm512_loadu_ps(x.dxv.data() + step * 16));
+      if (s % 2) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
+      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+    }
+  }
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  if constexpr (Kind == 1) total -= 8.0f * _mm512_reduce_add_ps(corr);
+  if constexpr (Kind == 2) total += _mm512_reduce_add_ps(corr);
+  return total;
+}
+
+template <int Kind, typename T>
+void quantized_linear(const T* xs, int64_t K, const uint8_t* q, int64_t q_row, const uint16_t* d,
+                      const uint16_t* m, int64_t N, T* y) {
+  const QuantizedRow x = quantize_row(xs, K, Kind != 0);
+  const ScaleIndices si;
+  const int64_t nb = K / 32;
+  torch::stable::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float v = quantized_row_dot<Kind>(q + n * q_row, d + n * nb, m ? m + n * nb : nullptr, x, si);
+      if constexpr (std::is_same_v<T, float>) y[n] = v;
+      else y[n] = to_bf16(v);
+    }
+  });
+}
+
+// x (..., K): one contiguous row, fp32 or bf16; q (N, K) int8 (Q8_0) or (N, K/2) uint8 (Q4); d (N, K/32)
+// fp16; m None (Q8_0, Q4_0) or (N, K/32) fp16 (Q4_1). kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. -> (..., N), x's dtype.
+Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, int64_t kind) {
+  STD_TORCH_CHECK(kind >= 0 && kind <= 2, "attnkit::linear_quantized: kind is 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1)");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16,
+                  "attnkit::linear_quantized takes fp32 or bf16 activations");
+  const int64_t N = q.size(0), nb = d.size(1), K = nb * 32;
+  STD_TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.size(1) == (kind == 0 ? K : K / 2) && d.size(0) == N &&
+                      d.is_contiguous() && d.scalar_type() == ScalarType::Half,
+                  "attnkit::linear_quantized: q must be (N, K or K/2) and d (N, K/32) fp16, contiguous");
+  STD_TORCH_CHECK((kind == 2) == m.has_value(), "attnkit::linear_quantized: Q4_1 (only) takes minimums m");
+  if (m.has_value())
+    STD_TORCH_CHECK(m->is_contiguous() && m->scalar_type() == ScalarType::Half && m->size(0) == N &&
+                        m->size(1) == nb, "attnkit::linear_quantized: m must be (N, K/32) fp16, contiguous");
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
+                  "attnkit::linear_quantized: x must be one contiguous row of K values");
+  std::vector<int64_t> shape;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) shape.push_back(x.size(i));
+  shape.push_back(N);
+  Tensor out = torch::stable::empty(shape, x.scalar_type(), std::nullopt, x.device());
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const uint16_t* dp = static_cast<const uint16_t*>(d.data_ptr());
+  const uint16_t* mp = m.has_value() ? static_cast<const uint16_t*>(m->data_ptr()) : nullptr;
+  const int64_t q_row = q.size(1);
+  auto run = [&](auto* xs, auto* y) {
+    if (kind == 0) quantized_linear<0>(xs, K, qp, q_row, dp, mp, N, y);
+    else if (kind == 1) quantized_linear<1>(xs, K, qp, q_row, dp, mp, N, y);
+    else quantized_linear<2>(xs, K, qp, q_row, dp, mp, N, y);
+  };
+  if (x.scalar_type() == ScalarType::Float)
+    run(static_cast<const float*>(x.data_ptr()), static_cast<float*>(out.data_ptr()));
+  else
+    run(static_cast<const uint16_t*>(x.data_ptr()), static_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(attnkit, m) {
@@ -513,6 +687,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_rows_fp32(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
@@ -521,4 +696,5 @@ STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("linear_rows_fp32", TORCH_BOX(&linear_rows_fp32));
   m.impl("linear_rows_bf16", TORCH_BOX(&linear_rows_bf16));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
+  m.impl("linear_quantized", TORCH_BOX(&linear_quantized));
 }
