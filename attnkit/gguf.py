@@ -57,7 +57,7 @@ class GGUFModel:
     """What a GGUF file holds, translated: Hugging Face Llama config and weights, tokenizer, template."""
 
     hf_config: dict
-    hf_state: dict  # HF name -> fp32 tensor, or ("q8_0" | "q4_0" | "q4_1", blocks) with keep_quantized
+    hf_state: dict  # HF name -> fp32 tensor, or with keep_quantized its blocks (attnkit.quant)
     tokenizer: object  # attnkit.tokenizers.HFTokenizer
     chat_template: str | None
     metadata: dict = field(default_factory=dict)
@@ -91,14 +91,15 @@ def _field(reader, key: str, default=None, required: bool = True):
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's RoPE row order for q or k (n_head * head_dim, d): within each head, rows
+    """Undo llama.cpp's RoPE row order for q or k (n_head * head_dim, ...): within each head, rows
     were reordered from halves [x_0..x_{h/2-1}, y_0..] to pairs [x_0, y_0, x_1, y_1, ...]."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _tensor(t, keep_quantized: bool):
-    """One GGUF tensor -> fp32 (N, K) (rows are GGUF's ne1) or (kind, blocks (N, K // 32, bytes))."""
+    """One GGUF tensor -> fp32 (N, K) (rows are GGUF's ne1) or, kept quantized, its blocks (N, K // 32,
+    bytes) uint8 (``quant.kind_of`` tells the kind by the bytes per block)."""
     kind = t.tensor_type.name
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row length) first
     raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
@@ -106,16 +107,9 @@ def _tensor(t, keep_quantized: bool):
         return raw.view(FLOAT_TYPES[kind]).reshape(shape).float()
     if kind in BLOCK_TYPES:
         blocks = raw.reshape(shape[0], -1, quant.BLOCK_BYTES[BLOCK_TYPES[kind]])
-        return (BLOCK_TYPES[kind], blocks) if keep_quantized else quant.dequantize(BLOCK_TYPES[kind], blocks)
+        return blocks if keep_quantized else quant.dequantize(BLOCK_TYPES[kind], blocks)
     raise AttnkitError(f"tensor {t.name} is of type {kind}, which attnkit does not read (it reads "
                        f"{', '.join([*FLOAT_TYPES, *BLOCK_TYPES])}); requantize the file to one of those")
-
-
-def _permute_rows(value, n_head: int):
-    """_unpermute a float tensor, or the rows of a quantized one (blocks run along K, so rows move whole)."""
-    if isinstance(value, tuple):
-        return value[0], _unpermute(value[1], n_head)
-    return _unpermute(value, n_head)
 
 
 def read_gguf(path, keep_quantized: bool = False) -> GGUFModel:
@@ -165,9 +159,9 @@ def read_gguf(path, keep_quantized: bool = False) -> GGUFModel:
                                "not of the Llama family")
         value = _tensor(t, keep_quantized)
         if t.name.endswith("attn_q.weight"):
-            value = _permute_rows(value, n_head)
+            value = _unpermute(value, n_head)  # blocks run along K: a quantized tensor's rows move whole
         elif t.name.endswith("attn_k.weight"):
-            value = _permute_rows(value, n_kv)
+            value = _unpermute(value, n_kv)
         state[table[t.name]] = value
     if hf_config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)

@@ -110,12 +110,12 @@ def quantize(kind: str, weight: Tensor) -> Tensor:
 
 def split_blocks(blocks: Tensor) -> tuple[str, Tensor, Tensor, Tensor | None]:
     """GGUF blocks (N, nb, bytes) -> (kind, quants, scales, minimums or None) as the kernels take them:
-    quants (N, K) int8 (Q8_0) or (N, K / 2) uint8 (Q4), scales and minimums (N, nb) fp16 stored as int16
+    quants (N, K) (Q8_0: the int8 quant + 128) or (N, K / 2) (Q4) uint8, scales and minimums (N, nb) fp16 stored as int16
     (so that ``module.to(dtype)`` leaves them alone)."""
     kind, N = kind_of(blocks), blocks.shape[0]
     start = 4 if kind == "q4_1" else 2
     q = blocks[..., start:].reshape(N, -1).contiguous()
-    q = q.view(torch.int8) if kind == "q8_0" else q
+    q = q ^ 0x80 if kind == "q8_0" else q  # int8 -> unsigned (q + 128): what the kernel's products take
     d = blocks[..., 0:2].contiguous().view(torch.int16).reshape(N, -1)
     m = blocks[..., 2:4].contiguous().view(torch.int16).reshape(N, -1) if kind == "q4_1" else None
     return kind, q, d, m
@@ -129,8 +129,18 @@ def _join_blocks(kind: str, q: Tensor, d: Tensor, m: Tensor | None, rows: Tensor
     parts = [d.view(torch.uint8).reshape(N, nb, 2)]
     if m is not None:
         parts.append(m.view(torch.uint8).reshape(N, nb, 2))
-    parts.append(q.view(torch.uint8).reshape(N, nb, -1))
+    parts.append((q ^ 0x80 if kind == "q8_0" else q).reshape(N, nb, -1))
     return torch.cat(parts, dim=-1)
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """x (..., K) rounded as the native kernel quantizes activations: to int8 per block of 32 with an
+    fp32 scale max|x| / 127 (returned dequantized, in x's dtype), so that several rows (prefill,
+    perplexity) compute what one-row decoding computes."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, 0)
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape).to(x.dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -156,8 +166,8 @@ class QuantizedLinear(nn.Module):
 
         y = linear_quantized(x, self.q, self.d.view(torch.float16),
                              None if self.m is None else self.m.view(torch.float16), KIND_CODES[self.kind])
-        if y is None:
-            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        if y is None:  # the kernel's arithmetic in torch's ops: int8 activations times the dequantized weight
+            return F.linear(quantize_activations(x), self.dequantized(x.dtype), self.bias)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight_bytes(self) -> int:

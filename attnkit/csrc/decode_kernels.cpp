@@ -510,140 +510,138 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
 }
 
 
-// ---- linear_q8_0, linear_q4: block-quantized weights (attnkit/quant.py) ------------------------
+// ---- linear_quantized: block-quantized weights (attnkit/quant.py) ------------------------------
 //
-// Weights stay in GGML's blocks of 32 along K, split into arrays: quants q (Q8_0: N x K int8; Q4:
-// N x K/2 bytes, byte j of a block holding weight j low and weight j + 16 high), scales d (N x K/32
-// fp16) and, for Q4_1, minimums m. The one row of activations is quantized to int8 per block of 32
-// (scale dx = max|x| / 127, as llama.cpp does for its Q8 dot products), so each block's product is
-// an integer dot product (AVX512-VNNI vpdpbusd: unsigned bytes times signed bytes, sums of four into
-// int32 lanes), two blocks per 512-bit step, then scaled by d * dx in fp32:
-//   Q8_0: sum_b d_b dx_b (q . xq)_b; vpdpbusd wants one unsigned side, so |q| times xq with q's sign;
-//   Q4_0: w = d (q - 8): sum_b d_b dx_b (q . xq)_b - 8 sum_b d_b (dx_b sum xq_b);
-//   Q4_1: w = d q + m:   sum_b d_b dx_b (q . xq)_b + sum_b m_b (dx_b sum xq_b).
-// The activations are laid out once per call in the order a step's lanes need them (for Q4 the low
-// nibbles of two blocks, then their high nibbles), with their scales spread over the lanes.
+// Weights stay in GGML's blocks of 32 along K, split into arrays: quants q (Q8_0: N x K bytes, each
+// int8 quant stored plus 128 so that it is unsigned; Q4: N x K/2 bytes, byte j of a block holding
+// weight j low and weight j + 16 high), scales d (N x K/32 fp16) and, for Q4_1, minimums m. The one
+// row of activations is quantized to int8 per block of 32 (scale dx = max|x| / 127, as llama.cpp
+// does for its Q8 dot products), so each block's product is an integer dot product (AVX512-VNNI
+// vpdpbusd: unsigned bytes times signed bytes, summed in fours into int32 lanes), two blocks per
+// 512-bit step, then scaled by d * dx in fp32. With u the unsigned quant of a weight:
+//   Q8_0: w = d (u - 128):  sum_b d_b dx_b (u . xq)_b - 128 sum_b d_b (dx_b sum xq_b);
+//   Q4_0: w = d (u - 8):    the same with 8;
+//   Q4_1: w = d u + m:      sum_b d_b dx_b (u . xq)_b + sum_b m_b (dx_b sum xq_b).
+// The activations are laid out once per call in the order a step's lanes need them (for Q4: the low
+// nibbles of two blocks, then their high nibbles). Four weight rows are read side by side, so one
+// load of activations serves four dot products; per group of 16 blocks the scales d * dx are one
+// multiply, and each step picks its two blocks' scales out of them with one permute.
 
 struct QuantizedRow {
-  std::vector<int8_t> xq;   // steps x 64 quantized activations, in each step's lane order
-  std::vector<float> dxv;   // steps x 16: each lane's activation scale
-  std::vector<float> sx;    // blocks (padded to 16): dx_b * sum(xq_b), for the Q4 corrections
+  std::vector<int8_t> xq;  // steps x 64 quantized activations, in each step's lane order
+  std::vector<float> dx;   // blocks (padded to 16): activation scale per block
+  std::vector<float> sx;   // blocks (padded to 16): dx_b * sum(xq_b), for the offset / minimum terms
   int64_t blocks = 0;
 };
 
 template <typename T>
-QuantizedRow quantize_row(const T* x, int64_t K, bool nibble_order) {
-  QuantizedRow r;
+void quantize_row(const T* x, int64_t K, bool nibble_order, QuantizedRow& r) {
   r.blocks = K / 32;
-  const int64_t steps = (r.blocks + 1) / 2;
+  const int64_t steps = (r.blocks + 1) / 2, padded = (r.blocks + 15) / 16 * 16;
   r.xq.assign(steps * 64, 0);
-  r.dxv.assign(steps * 16, 0.0f);
-  r.sx.assign((r.blocks + 15) / 16 * 16, 0.0f);
-  float v[32];
+  r.dx.assign(padded, 0.0f);
+  r.sx.assign(padded, 0.0f);
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < r.blocks; ++b) {
-    float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        v[i] = x[b * 32 + i];
-      } else {
-        uint32_t u = static_cast<uint32_t>(x[b * 32 + i]) << 16;
-        std::memcpy(&v[i], &u, sizeof u);
-      }
-      amax = std::max(amax, std::fabs(v[i]));
-    }
+    const __m512 v0 = load16(x + b * 32, 0xffff), v1 = load16(x + b * 32 + 16, 0xffff);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign_off), _mm512_and_ps(v1, sign_off)));
     const float dx = amax / 127.0f, inv = dx > 0 ? 1.0f / dx : 0.0f;
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));  // nearest, ties to even
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
     const int64_t step = b / 2, half = b % 2;
-    int sum = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-      sum += q;
-      // Q8: [block b | block b + 1]; Q4: [lo(b) | lo(b+1) | hi(b) | hi(b+1)], 16 each
-      const int64_t at = nibble_order ? (i < 16 ? half * 16 + i : 32 + half * 16 + (i - 16)) : half * 32 + i;
-      r.xq[step * 64 + at] = static_cast<int8_t>(q);
-    }
-    for (int lane = 0; lane < 16; ++lane) {
-      const bool mine = nibble_order ? ((lane / 4) % 2 == half) : (lane / 8 == half);
-      if (mine) r.dxv[step * 16 + lane] = dx;
-    }
-    r.sx[b] = dx * static_cast<float>(sum);
+    // Q8: [block b | block b + 1]; Q4: [lo(b) | lo(b+1) | hi(b) | hi(b+1)], 16 each
+    int8_t* out = r.xq.data() + step * 64;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (nibble_order ? half * 16 : half * 32)), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (nibble_order ? 32 + half * 16 : half * 32 + 16)),
+                     _mm512_cvtsepi32_epi8(q1));
+    r.dx[b] = dx;
+    r.sx[b] = dx * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
   }
-  return r;
 }
-
-// lane -> which of a group's 16 block scales it takes, for step s of the group (0..7)
-inline __m512i scale_index(int s, bool nibble_order) {
-  alignas(64) int32_t idx[16];
-  for (int lane = 0; lane < 16; ++lane)
-    idx[lane] = 2 * s + (nibble_order ? (lane / 4) % 2 : lane / 8);
-  return _mm512_load_si512(idx);
-}
-
-struct ScaleIndices {
-  __m512i q8[8], q4[8];
-  ScaleIndices() {
-    for (int s = 0; s < 8; ++s) q8[s] = scale_index(s, false), q4[s] = scale_index(s, true);
-  }
-};
 
 inline __m512 half16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
-// kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. One output row: q, d, m point at row n's quants, scales, minimums.
-template <int Kind>
-inline float quantized_row_dot(const uint8_t* q, const uint16_t* d, const uint16_t* m, const QuantizedRow& x,
-                               const ScaleIndices& si) {
-  const int64_t nb = x.blocks;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+// Kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. The dot products of R consecutive weight rows (q/d/m rows apart) with
+// the quantized activations x, into y[0..R).
+template <int Kind, int R>
+inline void quantized_rows_dot(const uint8_t* q, int64_t q_row, const uint16_t* d, const uint16_t* m, int64_t nb,
+                               const QuantizedRow& x, float* y) {
+  __m512 acc[R], corr[R];
+  for (int r = 0; r < R; ++r) acc[r] = corr[r] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i nibble_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // low half: low nibbles; high: high
+  // lane -> which of two blocks it belongs to: Q8 [0 x8, 1 x8]; Q4 [0 x4, 1 x4, 0 x4, 1 x4]
+  const __m512i pick = Kind == 0 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t g = 0; g < nb; g += 16) {
     const __mmask16 bm = lanes(nb - g);
-    const __m512 dw = half16(d + g, bm);
-    if constexpr (Kind == 1) corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x.sx.data() + g), corr);
-    if constexpr (Kind == 2) corr = _mm512_fmadd_ps(half16(m + g, bm), _mm512_loadu_ps(x.sx.data() + g), corr);
+    const __m512 dxg = _mm512_loadu_ps(x.dx.data() + g), sxg = _mm512_loadu_ps(x.sx.data() + g);
+    __m512 scale[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512 dw = half16(d + r * nb + g, bm);
+      scale[r] = _mm512_mul_ps(dw, dxg);
+      corr[r] = _mm512_fmadd_ps(Kind == 2 ? half16(m + r * nb + g, bm) : dw, sxg, corr[r]);
+    }
     const int steps = static_cast<int>((std::min<int64_t>(16, nb - g) + 1) / 2);
     for (int s = 0; s < steps; ++s) {
-      const int64_t b = g + 2 * s, step = b / 2;
+      const int64_t b = g + 2 * s;
       const bool pair = b + 1 < nb;
-      const __m512i xv = _mm512_loadu_si512(x.xq.data() + step * 64);
-      __m512i dot;
-      if constexpr (Kind == 0) {
-        const __m512i w = pair ? _mm512_loadu_si512(q + b * 32) : _mm512_maskz_loadu_epi8(0xffffffffULL, q + b * 32);
-        const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), zero, xv);  // xq with q's sign
-        dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), xs);
-      } else {
-        const __m256i v = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 16))
-                               : _mm256_maskz_loadu_epi8(0xffffu, q + b * 16);
-        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        dot = _mm512_dpbusd_epi32(zero, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), xv);
+      const __m512i xv = _mm512_loadu_si512(x.xq.data() + (b / 2) * 64);
+      const __m512i idx = _mm512_add_epi32(pick, _mm512_set1_epi32(2 * s));
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* qr = q + r * q_row;
+        __m512i w;
+        if constexpr (Kind == 0) {
+          w = pair ? _mm512_loadu_si512(qr + b * 32) : _mm512_maskz_loadu_epi8(0xffffffffULL, qr + b * 32);
+        } else {
+          const __m512i v = pair ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + b * 16)))
+                                 : _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(0xffffu, qr + b * 16));
+          w = _mm512_and_si512(_mm512_srlv_epi64(v, nibble_shift), low4);
+        }
+        const __m512i dot = _mm512_dpbusd_epi32(zero, w, xv);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[r]), acc[r]);
       }
-      const __m512 scale = _mm512_mul_ps(_mm512_permutexvar_ps(Kind == 0 ? si.q8[s] : si.q4[s], dw),
-                                         _mm512_loadu_ps(x.dxv.data() + step * 16));
-      if (s % 2) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
-      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
     }
   }
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  if constexpr (Kind == 1) total -= 8.0f * _mm512_reduce_add_ps(corr);
-  if constexpr (Kind == 2) total += _mm512_reduce_add_ps(corr);
-  return total;
+  const float offset = Kind == 0 ? -128.0f : Kind == 1 ? -8.0f : 1.0f;
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(corr[r], _mm512_set1_ps(offset), acc[r]);
+  if constexpr (R == 4) {
+    _mm_storeu_ps(y, sum4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+  }
 }
 
 template <int Kind, typename T>
 void quantized_linear(const T* xs, int64_t K, const uint8_t* q, int64_t q_row, const uint16_t* d,
                       const uint16_t* m, int64_t N, T* y) {
-  const QuantizedRow x = quantize_row(xs, K, Kind != 0);
-  const ScaleIndices si;
+  thread_local QuantizedRow calling_thread;  // reused: no allocation per call
+  const QuantizedRow& x = calling_thread;   // (a reference: worker threads must see this thread's copy)
+  quantize_row(xs, K, Kind != 0, calling_thread);
   const int64_t nb = K / 32;
-  torch::stable::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float v = quantized_row_dot<Kind>(q + n * q_row, d + n * nb, m ? m + n * nb : nullptr, x, si);
-      if constexpr (std::is_same_v<T, float>) y[n] = v;
-      else y[n] = to_bf16(v);
+  constexpr int R = 4;
+  torch::stable::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    float out[R];
+    for (int64_t n = R * begin; n < std::min(R * end, N); n += R) {
+      const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
+      const uint16_t* mn = m ? m + n * nb : nullptr;
+      if (rows == R) {
+        quantized_rows_dot<Kind, R>(q + n * q_row, q_row, d + n * nb, mn, nb, x, out);
+      } else {
+        for (int r = 0; r < rows; ++r)
+          quantized_rows_dot<Kind, 1>(q + (n + r) * q_row, q_row, d + (n + r) * nb, m ? mn + r * nb : nullptr, nb, x,
+                                      out + r);
+      }
+      for (int r = 0; r < rows; ++r) {
+        if constexpr (std::is_same_v<T, float>) y[n + r] = out[r];
+        else y[n + r] = to_bf16(out[r]);
+      }
     }
   });
 }
 
-// x (..., K): one contiguous row, fp32 or bf16; q (N, K) int8 (Q8_0) or (N, K/2) uint8 (Q4); d (N, K/32)
+// x (..., K): one contiguous row, fp32 or bf16; q (N, K) (Q8_0, quants + 128) or (N, K/2) (Q4) uint8; d (N, K/32)
 // fp16; m None (Q8_0, Q4_0) or (N, K/32) fp16 (Q4_1). kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. -> (..., N), x's dtype.
 Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, int64_t kind) {
   STD_TORCH_CHECK(kind >= 0 && kind <= 2, "attnkit::linear_quantized: kind is 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1)");
