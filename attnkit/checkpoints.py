@@ -6,11 +6,18 @@ weight-name table per family) lives in ``attnkit.hf``; every read and write of a
 here. Writes are atomic: a new directory replaces the old only when complete. Weights are only
 ever read from safetensors (pickle files can run code). A run folder of ``attnkit train``
 (best/ + last/) stands for its best/ checkpoint wherever a checkpoint is read.
+
+An adapter checkpoint (a LoRA fine-tune of a decoder, ``save_adapter_checkpoint``) holds the
+adapters alone (``attnkit.lora``), the tokenizer and a config.json (``"format": "attnkit-adapters"``)
+naming its base checkpoint and a fingerprint of it; ``load_checkpoint`` loads the base, checks the
+fingerprint and returns the base with the adapters merged into its weights (a plain model, as
+fast as the base).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +34,7 @@ from attnkit.errors import AttnkitError
 from attnkit.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+ADAPTERS_FORMAT = "attnkit-adapters"  # config.json of an adapter checkpoint (save_adapter_checkpoint)
 FORMAT_VERSION = 2
 # version 1 named the decoder's parts tok_emb / pos_emb / blocks / norm_f and called tanh-GELU "gelu"
 _VERSION_1_NAMES = {"tok_emb.": "embed.tok.", "pos_emb.": "embed.pos.", "blocks.": "stack.layers.", "norm_f.": "stack.norm."}
@@ -85,9 +93,11 @@ def build_model(cfg: ModelConfig):
 
 def _unique_state(model) -> dict[str, torch.Tensor]:
     """State dict without tied duplicates (safetensors refuses shared storage)."""
+    first: dict[int, str] = {}  # tied parameters by identity too: on the meta device every data_ptr is 0
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name}
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
+        if name in tied or (not tensor.is_meta and tensor.data_ptr() in seen):
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous()
@@ -133,6 +143,11 @@ def _hf_tokenizer_config(tokenizer) -> dict:
         found = next((n for n in names if tokenizer.hf.token_to_id(n) is not None), None)
         if found is not None:
             config[role] = found
+    template = getattr(tokenizer, "chat_template", None)
+    if template:  # a chat model: its template, and the token that ends its turns (SmolLM2's <|im_end|>)
+        config["chat_template"] = template
+        if tokenizer.eos_id is not None:
+            config["eos_token"] = tokenizer.hf.id_to_token(tokenizer.eos_id)
     return config
 
 
@@ -154,7 +169,7 @@ def named_checkpoint_dir(name: str) -> Path:
     return folder / files[0] if name in NAMED_GGUF else folder
 
 
-def resolve_checkpoint_dir(directory) -> Path:
+def resolve_checkpoint_dir(directory, announce: bool = True) -> Path:
     """The checkpoint folder to read: ``directory`` itself, the best/ of a run folder, or a named
     pretrained checkpoint (``minilm-l6``; ``smollm2-135m`` is a .gguf file) when no such folder exists.
 
@@ -168,7 +183,8 @@ def resolve_checkpoint_dir(directory) -> Path:
         return directory
     best, last = directory / "best", directory / "last"
     if (best / CONFIG).is_file():
-        print(f"using {best} (the best checkpoint of the run folder {directory})", file=sys.stderr)
+        if announce:
+            print(f"using {best} (the best checkpoint of the run folder {directory})", file=sys.stderr)
         return best
     if (last / CONFIG).is_file():
         raise AttnkitError(f"the run folder {directory} has no best/ checkpoint yet; pass {last} to use its last one")
@@ -216,8 +232,9 @@ def read_weights(directory) -> dict[str, torch.Tensor]:
     raise AttnkitError(f"{directory} has no model.safetensors; the checkpoint is incomplete")
 
 
-def load_state(model, state: dict[str, torch.Tensor], source) -> None:
-    """Load weights strictly, naming what is missing, unexpected or the wrong shape."""
+def load_state(model, state: dict[str, torch.Tensor], source, assign: bool = False) -> None:
+    """Load weights strictly, naming what is missing, unexpected or the wrong shape. ``assign``: the
+    tensors become the parameters (a model built on the meta device; tied weights are re-tied by the caller)."""
     expected = _unique_state(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -232,7 +249,7 @@ def load_state(model, state: dict[str, torch.Tensor], source) -> None:
         problems.append(f"wrong shapes {'; '.join(wrong[:5])}")
     if problems:
         raise AttnkitError(f"the weights in {source} do not fit the model config: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=False)  # tied duplicates are absent on purpose
+    model.load_state_dict(state, strict=False, assign=assign)  # tied duplicates are absent on purpose
 
 
 def _from_version_1(model_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -249,13 +266,16 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None, q
     """An attnkit or Hugging Face (GPT-2 / Llama / BERT) directory, a Llama-family .gguf file, or a named
     checkpoint -> (model in eval mode, tokenizer or None).
 
-    A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir).
+    A run folder of `attnkit train` stands for its best/ checkpoint (see resolve_checkpoint_dir); an
+    adapter checkpoint (a LoRA fine-tune) is its base with the adapters merged in.
     ``quantize`` ("int8" | "int4", decoders): keep the linear weights block-quantized (``attnkit.quant``);
     a GGUF file's own blocks are kept where they are of that kind."""
     directory = resolve_checkpoint_dir(directory)
     if directory.suffix == ".gguf" and not directory.is_dir():
         return _load_gguf(directory, device, dtype, quantize)
     config = read_config(directory)
+    if config.get("format") == ADAPTERS_FORMAT:
+        return _load_adapter_checkpoint(directory, config, device, dtype, quantize)
     if config.get("format") == "attnkit":
         model_config, state = config["model"], read_weights(directory)
         if config.get("version", 1) == 1:
@@ -265,18 +285,27 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None, q
         cfg, state = hf.from_hf(config, read_weights(directory), directory)
     model = build_model(cfg)
     load_state(model, state, directory)
-    tokenizer = load_tokenizer(directory) if (directory / TOKENIZER).is_file() else None
+    tokenizer = _fitting_tokenizer(load_tokenizer(directory) if (directory / TOKENIZER).is_file() else None, cfg,
+                                   directory)
+    return _place(model, device, dtype, quantize), tokenizer
+
+
+def _fitting_tokenizer(tokenizer, cfg: ModelConfig, directory):
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise AttnkitError(
             f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
             "the tokenizer.json belongs to another model"
         )
+    return tokenizer
+
+
+def _place(model, device, dtype, quantize: str | None):
     model = model.to(device=device, dtype=dtype).eval()
     if quantize is not None:
         from attnkit.quant import quantize_model
 
         quantize_model(model, quantize)
-    return model, tokenizer
+    return model
 
 
 def _load_gguf(path: Path, device, dtype, quantize: str | None):
@@ -285,10 +314,127 @@ def _load_gguf(path: Path, device, dtype, quantize: str | None):
 
     cfg, state, tokenizer = gguf.load_gguf(path, keep_quantized=quantize is not None)
     blocks = {name: state.pop(name) for name in [n for n, t in state.items() if quant.is_blocks(t)]}
-    model = build_model(cfg)
-    initial = model.state_dict()
-    load_state(model, {**state, **{name: initial[name] for name in blocks}}, path)  # blocks: placed just below
-    model = model.to(device=device, dtype=dtype).eval()
-    if quantize is not None:
-        quant.quantize_model(model, quantize, blocks)
-    return model, tokenizer
+    model = empty_model(cfg)  # the file's tensors become the weights: no second copy, no initialisation
+    expected = model.state_dict()
+    load_state(model, {**state, **{name: expected[name] for name in blocks}}, path, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.tok.weight
+    if quantize is not None:  # replaces the weights still on the meta device by their blocks
+        quant.quantize_model(model, quantize, blocks, device=torch.device(device))
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise AttnkitError(f"{path} left weights of the model unset; the file is incomplete")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def empty_model(cfg: ModelConfig):
+    """The model of ``cfg`` with its weights on the meta device (no memory, no initialisation), to be
+    loaded with ``load_state(..., assign=True)``; the buffers computed from the config (RoPE
+    frequencies, sinusoids, ALiBi slopes) are real, taken from a one-layer model of the same widths."""
+    import re
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    small = dict(build_model(cfg.replace(n_layer=1, vocab_size=min(cfg.vocab_size, 64))).named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = small[re.sub(r"\.layers\.\d+\.", ".layers.0.", name)].clone()
+    return model
+
+
+# --- adapter checkpoints: LoRA adapters alone, on a named base ------------------------------------------
+
+FINGERPRINT_SAMPLE = 4096  # values of each sampled weight that the fingerprint reads
+
+
+def base_reference(checkpoint) -> str:
+    """How an adapter checkpoint names its base: a named checkpoint by its name, anything else by its
+    absolute path."""
+    if str(checkpoint) in NAMED and not Path(checkpoint).exists():
+        return str(checkpoint)
+    return str(Path(checkpoint).expanduser().resolve())
+
+
+def base_fingerprint(model) -> str:
+    """sha256 of the model's config, its weights' names and shapes, and an evenly spaced sample of
+    the values of four of them (first, a third, two thirds, last by name): the same shape with other
+    weights gives another fingerprint, at the cost of reading a few thousand numbers."""
+    state = _unique_state(model)
+    names = sorted(state)
+    digest = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    digest.update(json.dumps([(n, list(state[n].shape)) for n in names]).encode())
+    for name in sorted({names[0], names[len(names) // 3], names[2 * len(names) // 3], names[-1]}):
+        flat = state[name].detach().float().flatten()
+        digest.update(flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter_checkpoint(directory, model, tokenizer, base: str, fingerprint: str,
+                            extra_json: dict | None = None) -> Path:
+    """Write a model's LoRA adapters alone (``attnkit.lora``), its tokenizer and a config.json naming
+    the base checkpoint (``base_reference``) and its ``base_fingerprint`` to ``directory``, atomically."""
+    from attnkit.lora import write_adapters
+
+    config = {"format": ADAPTERS_FORMAT, "version": 1, "base": {"checkpoint": base, "fingerprint": fingerprint},
+              "model": model.cfg.to_dict()}
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_adapters(tmp, model)
+        (tmp / CONFIG).write_text(json.dumps({**config, **(extra_json or {})}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
+
+
+def is_adapter_checkpoint(directory) -> bool:
+    """Whether ``directory`` (or the best/ of a run folder) is an adapter checkpoint."""
+    if str(directory) in NAMED and not Path(directory).exists():
+        return False
+    directory = resolve_checkpoint_dir(directory, announce=False)
+    try:
+        return json.loads((directory / CONFIG).read_text()).get("format") == ADAPTERS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoint_family(checkpoint) -> str | None:
+    """The model family (decoder, encoder, seq2seq) a checkpoint holds, from its config alone; None
+    when that does not say (load_checkpoint then names the problem)."""
+    name = str(checkpoint)
+    if name in NAMED and not Path(name).exists():
+        return "decoder" if name in NAMED_GGUF else "encoder"
+    directory = resolve_checkpoint_dir(checkpoint, announce=False)
+    if directory.suffix == ".gguf" and directory.is_file():
+        return "decoder"
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("format") in ("attnkit", ADAPTERS_FORMAT) and isinstance(config.get("model"), dict):
+        return config["model"].get("family", "decoder")
+    return {"gpt2": "decoder", "llama": "decoder", "bert": "encoder", "bart": "seq2seq", "marian": "seq2seq",
+            "t5": "seq2seq"}.get(config.get("model_type"))
+
+
+def _load_adapter_checkpoint(directory: Path, config: dict, device, dtype, quantize: str | None):
+    """load_checkpoint for an adapter checkpoint: the base (fp32, on the CPU), its fingerprint checked,
+    the adapters merged in; then the dtype, device and quantization asked for."""
+    from attnkit.lora import load_adapters, merge_lora
+
+    base = config.get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("checkpoint"), str) or "fingerprint" not in base:
+        raise AttnkitError(f"{directory / CONFIG} names no base checkpoint; the adapter checkpoint is incomplete")
+    try:
+        model, _ = load_checkpoint(base["checkpoint"])
+    except AttnkitError as e:
+        raise AttnkitError(f"the adapters in {directory} need their base {base['checkpoint']}, which does not load "
+                           f"({e})") from None
+    if base_fingerprint(model) != base["fingerprint"]:
+        raise AttnkitError(f"the adapters in {directory} were trained on another model than {base['checkpoint']} "
+                           "holds now (its config or weights differ); restore that base or fine-tune again on this one")
+    merge_lora(load_adapters(directory, model))
+    tokenizer = _fitting_tokenizer(load_tokenizer(directory) if (directory / TOKENIZER).is_file() else None,
+                                   model.cfg, directory)
+    return _place(model, device, dtype, quantize), tokenizer

@@ -103,9 +103,16 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
     return beam_settings, sampling
 
 
+QUANTIZE_OPTION = click.option(
+    "--quantize", default=None, type=click.Choice(["int8", "int4"]),
+    help="Decoders on the CPU: keep the linear weights block-quantized (int8: Q8_0; int4: a GGUF's own 4-bit "
+         "blocks, else Q4_0) and multiply them quantized (AVX512-VNNI; elsewhere: a warning, float weights).")
+
+
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(),
-              help="attnkit checkpoint, a run folder (uses its best/) or a Hugging Face GPT-2/Llama folder.")
+              help="attnkit checkpoint, a run folder (uses its best/), a Hugging Face GPT-2/Llama folder, a "
+                   "Llama-family .gguf file or a named checkpoint (smollm2-135m).")
 @click.option("-p", "--prompt", default=None, help="Text to continue (text models).")
 @click.option("--max-new-tokens", default=None, type=int, help="Text models: tokens to generate  [default: 200].")
 @click.option("--beams", default=None, type=int, help="Beam search with this many beams (deterministic).")
@@ -123,6 +130,10 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
 @click.option("--compile", "compile_step", is_flag=True,
               help="Compile the one-token step (dense attention): faster decoding after a one-off compile, "
                    "cached on disk for the next run.")
+@QUANTIZE_OPTION
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Chat models: -p is a user message, rendered with the model's chat template; prints the reply.")
+@click.option("--system", default=None, help="With --chat: the system message.")
 @click.option("--out", default=None, type=click.Path(),
               help="Image and audio models: the PNG grid (images) or WAV file (audio) to write.")
 @click.option("--num-samples", default=None, type=int,
@@ -135,7 +146,7 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
 @click.option("--seconds", default=2.0, show_default=True, type=float, help="Audio models: seconds of new audio.")
 def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, seed,
              num_return, length_penalty, early_stopping, stop, draft, draft_tokens, prompt_lookup, device, dtype_name,
-             compile_step, out, num_samples, class_name, prompt_image, prompt_audio, seconds):
+             compile_step, quantize, as_chat, system, out, num_samples, class_name, prompt_image, prompt_audio, seconds):
     """Continue a prompt, printing the text as it is generated; image and audio models write
     a PNG grid of samples or a WAV file instead (--out).
 
@@ -145,6 +156,8 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
       attnkit generate --ckpt runs/shakespeare-char -p "ROMEO:" --beams 4 --num-return 2 --length-penalty 0.8
       attnkit generate --ckpt runs/big -p "ROMEO:" --temperature 0 --draft runs/small --draft-tokens 4
       attnkit generate --ckpt runs/x -p "$(cat notes.txt)" --temperature 0 --prompt-lookup 3
+      attnkit generate --ckpt smollm2-135m -p "The capital of France is" --temperature 0
+      attnkit generate --ckpt smollm2-135m --chat -p "Write a haiku about tea." --quantize int4 --compile
       attnkit generate --ckpt runs/mnist --num-samples 16 --out samples.png
       attnkit generate --ckpt runs/mnist --prompt-image digit.png --num-samples 8 --out completed.png
       attnkit generate --ckpt runs/speech --seconds 3 --out speech.wav
@@ -155,7 +168,7 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
     from attnkit.media import media_layout
     from attnkit.tokenizers import same_tokenizer
 
-    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name), quantize=quantize)
     layout = media_layout(model.cfg)
     media_flags = {"--out": out, "--num-samples": num_samples, "--class": class_name, "--prompt-image": prompt_image,
                    "--prompt-audio": prompt_audio}
@@ -163,7 +176,8 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
         text_flags = {"-p": prompt, "--max-new-tokens": max_new_tokens, "--beams": beams, "--stop": stop or None,
                       "--draft": draft, "--prompt-lookup": prompt_lookup or None, "--num-return": num_return != 1 or None,
                       "--repetition-penalty": repetition_penalty != 1.0 or None,
-                      "--no-repeat-ngram": no_repeat_ngram or None, "--compile": compile_step or None}
+                      "--no-repeat-ngram": no_repeat_ngram or None, "--compile": compile_step or None,
+                      "--chat": as_chat or None, "--system": system}
         given = [name for name, value in text_flags.items() if value is not None]
         if given:
             raise AttnkitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for text models; this "
@@ -177,6 +191,8 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
         raise AttnkitError(f"{given[0]} is for image and audio models; this is a text model, whose output is printed")
     if prompt is None:
         raise AttnkitError("give a prompt to continue: -p TEXT")
+    if system is not None and not as_chat:
+        raise AttnkitError("--system is for chat: add --chat (or use `attnkit chat --system TEXT`)")
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
     speculative = draft is not None or prompt_lookup > 0
     beam_settings, sampling = _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram,
@@ -201,10 +217,18 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
                 click.echo(f"--- beam {rank} (score {score:.4f}) ---")
             click.echo(prompt + text)
         return
+    stop_ids, shown = (), prompt
+    if as_chat:
+        from attnkit.chat import end_of_turn_ids, render_chat
+
+        if beams is not None:
+            raise AttnkitError("--chat samples or decodes greedily; drop --beams")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt, shown, stop_ids = render_chat(tokenizer, messages), "", end_of_turn_ids(tokenizer, model.cfg.eos_id)
     pieces = stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                         stop=stop, seed=seed, compile=compile_step, speculation=speculation)
+                         stop=stop, seed=seed, compile=compile_step, speculation=speculation, stop_ids=stop_ids)
     first = next(pieces, "")  # the prompt's checks run here, so an error is printed alone
-    click.echo(prompt + first, nl=False)
+    click.echo(shown + first, nl=False)
     for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
@@ -252,6 +276,72 @@ def _generate_media(model, layout, out, num_samples, class_name, prompt_image, p
 
 
 @main.command()
+@click.option("--ckpt", required=True, type=click.Path(),
+              help="A chat model: a named checkpoint (smollm2-135m), a .gguf file, or a folder with a chat template.")
+@click.option("--system", default=None, help="The system message (default: the template's own, if it has one).")
+@click.option("--max-new-tokens", default=512, show_default=True, type=int, help="The longest reply, in tokens.")
+@click.option("--temperature", default=0.7, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-k", default=None, type=int)
+@click.option("--top-p", default=0.9, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seed for reproducible replies.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--compile", "compile_step", is_flag=True, help="Compile the one-token step (see generate --help).")
+@QUANTIZE_OPTION
+def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, device, dtype_name,
+         compile_step, quantize):
+    """Talk to a chat model in the terminal: replies stream as they are written, the history is kept
+    (the oldest turns are dropped when it outgrows the context). Type /reset to start over, /exit
+    (or Ctrl-D) to leave.
+
+    \b
+    Examples:
+      attnkit chat --ckpt smollm2-135m
+      attnkit chat --ckpt smollm2-135m --system "Answer in one sentence." --quantize int4 --compile
+      attnkit chat --ckpt runs/my-lora-chat --temperature 0
+    """
+    from attnkit.chat import Conversation, end_of_turn_ids, render_chat
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.generate import Sampling, stream_text
+
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name), quantize=quantize)
+    if tokenizer is None or model.cfg.family != "decoder":
+        raise AttnkitError(f"{ckpt} is not a chat model (a decoder LM with a tokenizer and a chat template)")
+    render_chat(tokenizer, [{"role": "user", "content": "hi"}])  # no template: one clear error, before the prompt
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty).validate()
+    conversation = Conversation(tokenizer, model.cfg.context_length, system)
+    stop_ids = end_of_turn_ids(tokenizer, model.cfg.eos_id)
+    click.echo("chat: /reset starts over, /exit (or Ctrl-D) leaves", err=True)
+    turn = 0
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            conversation.reset()
+            click.echo("(history cleared)", err=True)
+            continue
+        conversation.add("user", message)
+        ids = conversation.prompt_ids(max_new_tokens)
+        reply = []
+        for piece in stream_text(model, tokenizer, tokenizer.decode(ids), max_new_tokens=max_new_tokens,
+                                 sampling=sampling, seed=None if seed is None else seed + turn,
+                                 compile=compile_step, stop_ids=stop_ids):
+            reply.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        conversation.add("assistant", "".join(reply).strip())
+        turn += 1
+
+
+@main.command()
 @click.option("--ckpt", default=None, type=click.Path(), help="A checkpoint folder.")
 @click.option("--model", "preset_name", default=None, help="A model preset name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -293,22 +383,36 @@ def info(ckpt, preset_name, as_json):
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(), help="An attnkit checkpoint folder.")
+@click.option("--ckpt", required=True, type=click.Path(),
+              help="An attnkit checkpoint folder or run folder, a LoRA run's adapters (with --merge), a .gguf file "
+                   "or a named checkpoint (smollm2-135m).")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the Hugging Face layout to.")
-def export(ckpt, out):
-    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama decoders, BERT encoders).
+@click.option("--merge", is_flag=True,
+              help="A LoRA run of a decoder (adapters alone): merge the adapters into their base and export that.")
+def export(ckpt, out, merge):
+    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama decoders, BERT encoders),
+    with its tokenizer (and chat template) for AutoTokenizer.
 
     \b
     Example:
       attnkit export --ckpt runs/shakespeare-char/best --out hf-shakespeare
       python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf-shakespeare')"
       attnkit export --ckpt runs/sentiment-minilm --out hf-sentiment   # BertForSequenceClassification
+      attnkit export --ckpt smollm2-135m --out hf-smollm2                # the GGUF's weights, dequantized
+      attnkit export --ckpt runs/my-lora --merge --out hf-my-lora        # base + adapters: LlamaForCausalLM
     """
-    from attnkit.checkpoints import load_checkpoint, save_checkpoint
+    from attnkit.checkpoints import is_adapter_checkpoint, load_checkpoint, save_checkpoint
 
+    adapters = is_adapter_checkpoint(ckpt)
+    if adapters and not merge:
+        raise AttnkitError(f"{ckpt} holds LoRA adapters alone, which Hugging Face cannot load without their base; "
+                           "add --merge to export the base with the adapters merged in")
+    if merge and not adapters:
+        click.echo(f"note: {ckpt} has no separate adapters to merge (an encoder's LoRA run is merged already); "
+                   "exporting it as it is", err=True)
     model, tokenizer = load_checkpoint(ckpt)
     written = save_checkpoint(out, model, tokenizer, layout="hf")
-    click.echo(f"wrote {written} ({model.cfg.n_layer} layers)")
+    click.echo(f"wrote {written} ({model.cfg.n_layer} layers{', adapters merged' if adapters else ''})")
 
 
 # --- train, eval, attend ----------------------------------------------------------------------
@@ -464,23 +568,39 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
 
 
 @main.command()
-@click.option("--ckpt", default=None, help="The checkpoint to fine-tune: a folder, or a named one (minilm-l6).")
+@click.option("--ckpt", default=None, help="The checkpoint to fine-tune: a folder, a run folder, a .gguf file, or a "
+                                           "named one (minilm-l6, smollm2-135m).")
 @RUN_OPTIONS
-@click.option("--task", default=None, type=click.Choice(["classify", "qa", "mlm", "seq2seq"]), help="[default: classify]")
-@click.option("--data", default=None, help="classify: CSV/TSV/JSONL (or rotten-tomatoes); qa: SQuAD JSON; mlm: text; "
-                                           "seq2seq: pairs TSV/CSV/JSONL (an encoder-decoder checkpoint).")
+@click.option("--task", default=None, type=click.Choice(["classify", "qa", "mlm", "seq2seq", "lm", "chat"]),
+              help="lm: next-token loss on a text (decoders); chat: the loss on the assistant's turns of a JSONL of "
+                   "conversations (decoders)  [default: classify; a decoder: chat for a JSONL of conversations, "
+                   "else lm].")
+@click.option("--data", default=None, help="classify: CSV/TSV/JSONL (or rotten-tomatoes); qa: SQuAD JSON; mlm and lm: "
+                                           "text (.txt, a folder, or JSONL of {\"text\": ...}); chat: JSONL, one "
+                                           "{\"messages\": [{\"role\": ..., \"content\": ...}, ...]} or "
+                                           "{\"prompt\": ..., \"response\": ...} per line; seq2seq: pairs "
+                                           "TSV/CSV/JSONL (an encoder-decoder checkpoint).")
 @DATA_OPTIONS
 @click.option("--lora-rank", default=None, type=int, help="Train rank-R adapters (and the head) instead of every weight.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA scaling numerator  [default: 16].")
-@click.option("--lora-targets", default=None, help="Comma-separated projections to adapt (q, k, v, out, up, down, gate)  [default: all of q,k,v,out,up,down].")
+@click.option("--lora-targets", default=None,
+              help="Comma-separated projections to adapt (q, k, v, out, up, down, gate)  [default: every projection "
+                   "the model has: q,k,v,out,up,down, and gate in a SwiGLU MLP (decoders)].")
 def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
              precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
              max_length, no_truncate, pooling, lora_rank, lora_alpha, lora_targets):
-    """Fine-tune a pretrained encoder (classification of your labelled texts, span QA), or an
-    encoder-decoder on your pairs (--task seq2seq).
+    """Fine-tune a pretrained encoder (classification of your labelled texts, span QA), an
+    encoder-decoder on your pairs (--task seq2seq), or a decoder LM on your text (--task lm) or
+    your conversations (--task chat: the loss is on the assistant's tokens only, rendered with the
+    model's own chat template).
 
-    The run folder gets best/ and last/ (with LoRA: the merged model, and the adapters alone in
-    adapter/); Ctrl-C or SIGTERM saves last/, continue with --resume.
+    The run folder gets best/ and last/. Encoders with LoRA: the merged model, and the adapters
+    alone in adapter/. Decoders with LoRA: the adapters alone, the tokenizer and a config.json
+    naming the base checkpoint; every command that takes --ckpt loads them onto that base (merged
+    into its weights), and `attnkit export --merge` writes the merged model. A decoder's --max-length
+    is its training window on text (default 512 tokens) or its longest conversation (default: the
+    context; longer ones are cut); --val takes a held-out text or JSONL. Ctrl-C or SIGTERM saves
+    last/, continue with --resume.
 
     \b
     Examples:
@@ -490,6 +610,10 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
       attnkit finetune --ckpt minilm-l6 --data squad_format.json --task qa
       attnkit finetune --recipe sentiment-minilm
       attnkit finetune --ckpt runs/de-en --task seq2seq --data my_pairs.tsv --max-time 300
+      attnkit finetune --ckpt smollm2-135m --data notes.txt --lora-rank 8 --max-time 600 --out runs/notes
+      attnkit finetune --ckpt smollm2-135m --data chats.jsonl --lora-rank 8 --max-length 512 --out runs/chats
+      attnkit finetune --out runs/chats --resume --max-steps 2000
+      attnkit generate --ckpt runs/chats --chat -p "Hello!"
     """
     import torch
 
@@ -497,12 +621,15 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 
     if threads:
         torch.set_num_threads(threads)
+    from attnkit.train.decoder_tasks import default_task
+
     if not (ckpt or recipe or config_file or resume):
         raise AttnkitError("give --ckpt (the checkpoint to fine-tune, e.g. minilm-l6) or --recipe NAME")
     targets = [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None
-    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data,
-                         task=task or (None if recipe or config_file or resume else "classify"), init=ckpt,
-                         max_steps=max_steps, max_time=max_time, save_every_minutes=save_every_minutes,
+    if task is None and not (recipe or config_file or resume):
+        task = default_task(ckpt, data) or "classify"
+    cfg = resolve_config(recipe=recipe, config_file=config_file, resume=resume, out=out, data=data, task=task,
+                         init=ckpt, max_steps=max_steps, max_time=max_time, save_every_minutes=save_every_minutes,
                          device=device, precision=precision, seed=seed, batch_size=batch_size, lr=lr,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=targets,
                          **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
@@ -528,8 +655,9 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 @click.option("--no-truncate", is_flag=True, help="Classifier: refuse texts longer than the position limit.")
 @click.option("--plot", default=None, type=click.Path(), help="Classifier: write the confusion matrix as this PNG.")
 @click.option("--beams", default=4, show_default=True, type=int, help="Encoder-decoder: beams (1: greedy).")
+@QUANTIZE_OPTION
 def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json, text_column, label_column,
-          pair_column, no_truncate, plot, beams):
+          pair_column, no_truncate, plot, beams, quantize):
     """Score a checkpoint: a language model's loss and perplexity on a text, a classifier's
     accuracy, macro-F1 and confusion matrix on labelled data, or an encoder-decoder's BLEU, chrF
     and ROUGE on pairs (a recipe such as de-en or manpage-summary, or your TSV / CSV / JSONL).
@@ -542,6 +670,7 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
       attnkit eval --ckpt runs/sentiment-minilm --data pang-lee --json
       attnkit eval --ckpt runs/de-en --data de-en --beams 4
       attnkit eval --ckpt runs/de-en --data my_pairs.tsv --json
+      attnkit eval --ckpt smollm2-135m --data shakespeare --max-tokens 20000 --quantize int4
     """
     import json
 
@@ -552,7 +681,7 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
     from attnkit.media import media_layout
     from attnkit.train import evaluate_tokens
 
-    model, tokenizer = load_checkpoint(ckpt, device=_device(device))
+    model, tokenizer = load_checkpoint(ckpt, device=_device(device), quantize=quantize)
     if media_layout(model.cfg) is not None:
         result = {"ckpt": str(ckpt), "data": str(data), **_eval_media(model, data, split, batch_size, precision)}
         if as_json:

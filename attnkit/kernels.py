@@ -242,23 +242,35 @@ def weights_on_huge_pages(model: nn.Module) -> bool:
     if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("ATTNKIT_HUGE_PAGES", "1") == "0":
         return False
     params = list(dict.fromkeys(model.parameters()))  # tied weights once
-    if not params or any(p.device.type != "cpu" for p in params):
+    # block-quantized weights (attnkit.quant) are buffers: (owner, name) of those
+    from attnkit.quant import QuantizedLinear
+
+    quantized = [(m, name) for m in (model.modules() if isinstance(model, nn.Module) else ())
+                 if isinstance(m, QuantizedLinear)
+                 for name in ("q", "d", "m") if getattr(m, name) is not None]
+    tensors = params + [getattr(m, name) for m, name in quantized]
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
         return False
     arena_ref, start, end = _ARENAS.get(model, (lambda: None, 0, 0))
-    if arena_ref() is not None and all(start <= p.data_ptr() < end for p in params):
+    if arena_ref() is not None and all(start <= t.data_ptr() < end for t in tensors):
         return True
-    if any(p.untyped_storage().nbytes() != p.numel() * p.element_size() for p in params):
+    if any(t.untyped_storage().nbytes() != t.numel() * t.element_size() for t in tensors):
         return False  # weights that are views into a shared buffer (flat parameters, say) stay where they are
-    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # each starts on a cache line
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]  # each starts on a cache line
     arena = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arena.madvise(mmap.MADV_HUGEPAGE)
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
         raw = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive
         offset = start = (-raw.data_ptr()) % _HUGE_PAGE  # the first weight on a 2 MB boundary
-        for p, size in zip(params, sizes):
-            home = raw[offset: offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-            home.copy_(p.data)
-            p.data = home
+        homes = []
+        for t, size in zip(tensors, sizes):
+            home = raw[offset: offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            home.copy_(t.data)
+            homes.append(home)
             offset += size
+        for p, home in zip(params, homes):
+            p.data = home
+        for (m, name), home in zip(quantized, homes[len(params):]):
+            m._buffers[name] = home
     _ARENAS[model] = (weakref.ref(arena), raw.data_ptr() + start, raw.data_ptr() + offset)
     return True

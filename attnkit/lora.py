@@ -38,6 +38,7 @@ from attnkit.layers import MLP, CrossAttention, SelfAttention
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 FORMAT = "attnkit-lora"
 NAMED_TARGETS = ("q", "k", "v", "qkv", "out", "gate", "up", "down")
+NAMED_TARGETS_EVERY = ("q", "k", "v", "out", "gate", "up", "down")  # every projection, each once
 
 
 @dataclass
@@ -154,6 +155,12 @@ def _fused_slices(model: nn.Module, target: str) -> list[tuple[str, tuple[tuple[
     return found
 
 
+def present_targets(model: nn.Module, targets=NAMED_TARGETS_EVERY) -> tuple[str, ...]:
+    """The named targets that match a module of ``model`` (every projection it has, by default: "gate" only
+    where the MLP is SwiGLU)."""
+    return tuple(t for t in targets if _fused_slices(model, t))
+
+
 def _plan(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[tuple[int, int], ...]]:
     """Linear name -> the sorted row slices to adapt, for every target; errors name the bad target."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -257,15 +264,20 @@ def _config_of(model: nn.Module) -> LoRAConfig:
 
 def save_adapters(directory, model: nn.Module) -> Path:
     """Write adapter.safetensors (only lora_state) + adapter_config.json to ``directory``, atomically."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_adapters(tmp, model)
+    return directory
+
+
+def write_adapters(folder: Path, model: nn.Module) -> None:
+    """save_adapters' two files, into an existing folder that the caller writes atomically."""
     config, state = _config_of(model), lora_state(model)
     meta = {"format": FORMAT, "version": 1, "lora": config.to_dict(),
             "modules": sorted(_adapted(model)), "tensors": len(state),
             "parameters": sum(t.numel() for t in state.values())}
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-        save_file({n: t.contiguous() for n, t in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return directory
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    save_file({n: t.contiguous() for n, t in state.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_adapter_config(directory) -> LoRAConfig:

@@ -199,12 +199,14 @@ def _target_kind(choice: str, kind: str | None) -> str:
     return kind if kind in ("q4_0", "q4_1") else "q4_0"
 
 
-def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | None = None,
+                   device: torch.device | None = None) -> nn.Module:
     """Replace a decoder's linear weights by block-quantized ones, in place: ``choice`` "int8" (Q8_0)
     or "int4" (a GGUF's own Q4_0 / Q4_1 blocks where it has them, else Q4_0). ``blocks``: weights that
     are already quantized (a GGUF file's, by attnkit name); they are kept when of the target kind.
     The lm_head (and a tied embedding table, which shares it) is Q8_0 either way, as llama.cpp's own
-    files keep it. Without the native kernels, the weights stay float and a warning says so."""
+    files keep it. Without the native kernels, the weights stay float and a warning says so. ``device``
+    (default: the model's): where the weights go; weights on the meta device are taken from ``blocks``."""
     from attnkit.kernels import native_status, quantized_kernels_available
 
     if choice not in QUANTIZE_CHOICES:
@@ -212,7 +214,7 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
     if getattr(model.cfg, "family", None) != "decoder":
         raise AttnkitError(f"--quantize is for decoder LMs; this is a {model.cfg.family} model")
     blocks = dict(blocks or {})
-    device = next(model.parameters()).device
+    device = device or next(p.device for p in model.parameters() if not p.is_meta)
     if device.type != "cpu" or not quantized_kernels_available():
         why = "they decode on the CPU" if device.type != "cpu" else f"native kernels {native_status()}"
         warnings.warn(f"attnkit: --quantize {choice} needs the native CPU kernels ({why}); decoding with "
@@ -242,8 +244,10 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
 
 
 def _dequantize_into(model: nn.Module, blocks: dict[str, Tensor]) -> None:
-    """Put dequantized copies of ``blocks`` (attnkit name -> GGUF blocks) into the model's weights."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, value in blocks.items():
-            params[name].copy_(dequantize(kind_of(value), value))
+    """Make dequantized ``blocks`` (attnkit name -> GGUF blocks) the model's weights (they may be on the
+    meta device until now); a tied lm_head follows its embedding table."""
+    for name, value in blocks.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(dequantize(kind_of(value), value)))
+    if blocks and getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.embed.tok.weight

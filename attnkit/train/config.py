@@ -24,7 +24,7 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
               "sample_prompt", "sample_tokens", "name", "save_every_minutes")
 
 
-TASKS = ("lm", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
+TASKS = ("lm", "chat", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
                 "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
                 "label_smoothing", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional", "audio_rate")
@@ -35,7 +35,7 @@ class TrainConfig:
     name: str = ""
     # what is learned (attnkit.train.tasks): next-token LM, masked LM, classification, span QA
     task: str = "lm"
-    init: str | None = None  # fine-tune this checkpoint (a folder, or a named one such as minilm-l6)
+    init: str | None = None  # fine-tune this checkpoint (a folder, or a named one such as minilm-l6, smollm2-135m)
     # data and tokenizer
     data: str = "shakespeare"  # a text recipe name (attnkit.data.text.RECIPES) or a path to your text
     val_data: str | None = None  # classify / qa: a held-out file; None: a seeded val_fraction of data
@@ -46,7 +46,9 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     pair_column: str | None = None
-    max_length: int | None = None  # encoder tasks: tokens per example, specials included (None: the context)
+    # tokens per example: encoder tasks (specials included; None: the context); a pretrained decoder's
+    # training window on text (None: 512) and its longest conversation (chat; None: the context)
+    max_length: int | None = None
     truncate: bool = True  # cut longer examples (counted in the log); False refuses them
     pooling: str = "cls"  # classify: the pooled [CLS] (BERT) or the mean of the tokens
     mask_prob: float = 0.15  # mlm
@@ -274,6 +276,10 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
             cfg = cfg.replace(model=model, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=100, precision="auto",
                               max_steps=2000, eval_interval=250, eval_batches=16,
                               sample_tokens=8000 if overrides["task"] == "audio" else cfg.sample_tokens)
+        elif overrides.get("task", "lm") in ("lm", "chat") and "init" in overrides:  # fine-tuning a pretrained decoder
+            lora = bool(overrides.get("lora_rank"))
+            cfg = cfg.replace(lr=5e-4 if lora else 5e-5, weight_decay=0.0 if lora else 0.1, batch_size=8,
+                              max_steps=1000, warmup_steps=20, eval_interval=100, eval_batches=10, sample_tokens=100)
         elif overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
             cfg = cfg.replace(model="bert-tiny", tokenizer="wordpiece", lr=1e-4 if "init" in overrides else 5e-4,
                               max_steps=1000, warmup_steps=50, eval_interval=100)

@@ -139,17 +139,19 @@ def perplexity(loss: float) -> float:
 
 class LanguageModelingTask(Task):
     """Next-token prediction on random windows of context + 1 tokens of a token stream; evaluation
-    on fixed val windows (the same ones at every evaluation, drawn from seed + 1)."""
+    on fixed val windows (the same ones at every evaluation, drawn from seed + 1). ``context``: the
+    window, if shorter than the model's context."""
 
     def __init__(self, tokenizer, train_tokens: Tensor, val_tokens: Tensor, model_config: ModelConfig, *,
-                 batch_size: int, eval_batches: int, seed: int):
+                 batch_size: int, eval_batches: int, seed: int, context: int | None = None):
         self.tokenizer, self.model_config = tokenizer, model_config
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
-        self.context = model_config.context_length
+        self.context = context or model_config.context_length
         for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
             if len(tokens) < self.context + 2:
                 raise AttnkitError(f"the {split} text has {len(tokens)} tokens, fewer than the context length "
-                                   f"{self.context} + 2; give more text or a smaller context_length")
+                                   f"{self.context} + 2; give more text or a smaller "
+                                   f"{'--max-length' if context else 'context_length'}")
         self.batch_size = batch_size
         self.tokens_per_batch = batch_size * self.context
         self.eval_batches = eval_batches
@@ -197,10 +199,11 @@ class LanguageModelingTask(Task):
 def make_task(cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
               checkpoint: Path | None = None) -> Task:
     """The task ``cfg.task`` names, built from the config (``checkpoint``: the last/ of a resumed run)."""
+    if cfg.task == "chat" or (cfg.task == "lm" and cfg.init is not None):  # fine-tuning a pretrained decoder
+        from attnkit.train.decoder_tasks import make_decoder_task
+
+        return make_decoder_task(cfg, train_text=train_text, val_text=val_text)
     if cfg.task == "lm":
-        if cfg.init is not None:
-            raise AttnkitError("fine-tuning a language model (--ckpt with task lm) is not supported yet; "
-                               "train it from scratch, or fine-tune an encoder with --task classify / qa / mlm")
         return LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text, checkpoint=checkpoint)
     from attnkit.train import encoder_tasks, media_tasks, seq2seq_tasks
 
