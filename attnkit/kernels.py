@@ -97,7 +97,7 @@ def native_available() -> bool:
                 for name in ("attnkit::linear_rows_fp32", "attnkit::linear_rows_bf16"):
                     torch.library.register_fake(name)(lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
                 torch.library.register_fake("attnkit::linear_quantized")(
-                    lambda x, q, d, m, kind: x.new_empty((*x.shape[:-1], q.shape[0])))
+                    lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)))
                 torch.library.register_fake("attnkit::decode_attention")(
                     lambda q, k, v, mask, scale: torch.empty_like(q))
                 _loaded, _status = True, f"loaded from {library}"
@@ -206,13 +206,13 @@ def quantized_kernels_available() -> bool:
     return native_available()
 
 
-def linear_quantized(x: Tensor, q: Tensor, d: Tensor, m: Tensor | None, kind: int) -> Tensor | None:
+def linear_quantized(x: Tensor, q: Tensor, d: Tensor, m: Tensor | None, kind: int, n: int) -> Tensor | None:
     """One row of fp32 / bf16 activations times block-quantized weights (``attnkit.quant``) through the
     native kernel, or None where it does not apply (several rows, not the CPU, gradients, no kernels)."""
     if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
             and _no_grad_needed(x) and _loaded_now()):
         return None
-    return torch.ops.attnkit.linear_quantized(x.contiguous(), q, d, m, kind)
+    return torch.ops.attnkit.linear_quantized(x.contiguous(), q, d, m, kind, n)
 
 
 class Linear(nn.Linear):

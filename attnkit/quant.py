@@ -108,28 +108,46 @@ def quantize(kind: str, weight: Tensor) -> Tensor:
     return torch.cat([*scales, packed], dim=-1)
 
 
-def split_blocks(blocks: Tensor) -> tuple[str, Tensor, Tensor, Tensor | None]:
-    """GGUF blocks (N, nb, bytes) -> (kind, quants, scales, minimums or None) as the kernels take them:
-    quants (N, K) (Q8_0: the int8 quant + 128) or (N, K / 2) (Q4) uint8, scales and minimums (N, nb) fp16 stored as int16
-    (so that ``module.to(dtype)`` leaves them alone)."""
-    kind, N = kind_of(blocks), blocks.shape[0]
+ROWS = 16  # rows interleaved in the kernel's layout: one 512-bit product covers 16 rows
+
+
+def interleave(blocks: Tensor) -> tuple[str, Tensor, Tensor, Tensor | None]:
+    """GGUF blocks (N, nb, bytes) -> (kind, quants, scales, minimums or None) in the kernel's layout:
+    rows in groups of 16 (the last padded with zero rows), and within a group block by block, the
+    quants of the 16 rows interleaved four bytes at a time, so that one 64-byte load holds bytes
+    4j..4j+3 of one block of all 16 rows (a lane per row):
+
+      quants    (G, nb, 8 | 4, 16, 4) uint8  Q8_0: int8 quant + 128 (unsigned), 8 loads per block;
+                                             Q4: GGML's 16 nibble bytes, 4 loads per block
+      scales    (G, nb, 16) fp16 stored as int16 (so that ``module.to(dtype)`` leaves them alone)
+      minimums  (G, nb, 16) likewise (Q4_1), else None
+    """
+    kind, (N, nb, _) = kind_of(blocks), blocks.shape
+    G = -(-N // ROWS)
+    if G * ROWS != N:
+        blocks = torch.cat([blocks, torch.zeros(G * ROWS - N, nb, blocks.shape[2], dtype=torch.uint8)])
     start = 4 if kind == "q4_1" else 2
-    q = blocks[..., start:].reshape(N, -1).contiguous()
+    q = blocks[..., start:]
     q = q ^ 0x80 if kind == "q8_0" else q  # int8 -> unsigned (q + 128): what the kernel's products take
-    d = blocks[..., 0:2].contiguous().view(torch.int16).reshape(N, -1)
-    m = blocks[..., 2:4].contiguous().view(torch.int16).reshape(N, -1) if kind == "q4_1" else None
-    return kind, q, d, m
+    q = q.reshape(G, ROWS, nb, -1, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+    def half(byte: int) -> Tensor:
+        return blocks[..., byte:byte + 2].contiguous().view(torch.int16).reshape(G, ROWS, nb).transpose(1, 2).contiguous()
+
+    return kind, q, half(0), half(2) if kind == "q4_1" else None
 
 
-def _join_blocks(kind: str, q: Tensor, d: Tensor, m: Tensor | None, rows: Tensor | None = None) -> Tensor:
-    """split_blocks' inverse (for the rows ``rows`` only, if given)."""
-    if rows is not None:
-        q, d, m = q[rows], d[rows], (m[rows] if m is not None else None)
-    N, nb = d.shape
-    parts = [d.view(torch.uint8).reshape(N, nb, 2)]
+def deinterleave(kind: str, q: Tensor, d: Tensor, m: Tensor | None, rows: Tensor | None = None) -> Tensor:
+    """interleave's inverse: GGUF blocks (rows, nb, bytes) of the rows ``rows`` (default: all, padding
+    included)."""
+    G, nb = d.shape[:2]
+    rows = torch.arange(G * ROWS) if rows is None else rows
+    group, lane = rows // ROWS, rows % ROWS
+    parts = [d[group, :, lane].contiguous().view(torch.uint8).reshape(len(rows), nb, 2)]  # (n, nb, 2)
     if m is not None:
-        parts.append(m.view(torch.uint8).reshape(N, nb, 2))
-    parts.append((q ^ 0x80 if kind == "q8_0" else q).reshape(N, nb, -1))
+        parts.append(m[group, :, lane].contiguous().view(torch.uint8).reshape(len(rows), nb, 2))
+    quants = q.permute(0, 3, 1, 2, 4)[group, lane].reshape(len(rows), nb, -1)  # (n, nb, 32 | 16)
+    parts.append(quants ^ 0x80 if kind == "q8_0" else quants)
     return torch.cat(parts, dim=-1)
 
 
@@ -150,7 +168,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, blocks: Tensor, bias: Tensor | None = None):
         super().__init__()
-        self.kind, q, d, m = split_blocks(blocks)
+        self.kind, q, d, m = interleave(blocks)
         self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] * BLOCK
         self.register_buffer("q", q)
         self.register_buffer("d", d)
@@ -159,13 +177,15 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype, rows: Tensor | None = None) -> Tensor:
         """The weight (or its rows ``rows``) as float (N, K)."""
-        return dequantize(self.kind, _join_blocks(self.kind, self.q, self.d, self.m, rows)).to(dtype)
+        rows = torch.arange(self.out_features, device=self.q.device) if rows is None else rows
+        return dequantize(self.kind, deinterleave(self.kind, self.q, self.d, self.m, rows)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         from attnkit.kernels import linear_quantized
 
         y = linear_quantized(x, self.q, self.d.view(torch.float16),
-                             None if self.m is None else self.m.view(torch.float16), KIND_CODES[self.kind])
+                             None if self.m is None else self.m.view(torch.float16), KIND_CODES[self.kind],
+                             self.out_features)
         if y is None:  # the kernel's arithmetic in torch's ops: int8 activations times the dequantized weight
             return F.linear(quantize_activations(x), self.dequantized(x.dtype), self.bias)
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -5,17 +5,17 @@
 The shipped file (Q4_1 body, Q8_0 embeddings) is requantized by llama.cpp's own
 ``llama_model_quantize`` (llama-cpp-python, a benchmark-only dependency built from its PyPI sdist)
 into BF16 (every tensor), Q8_0 (every tensor) and Q4_0 (body; embeddings stay Q8_0, as shipped), in
-runs/bench-quant/. For each type, attnkit and llama.cpp each run in their own process (so that peak
-memory is the engine's), one after the other:
+runs/bench-quant/. For each type:
 
 - speed: greedy decoding of ``--new-tokens`` tokens after a short prompt, timed from the first new
-  token to the last (prefill excluded), median of 3 runs after a warm-up; attnkit on its fastest path
+  token to the last (prefill excluded); both engines in one process, their runs alternating (the
+  machine's speed drifts by tens of percent over minutes); attnkit on its fastest path
   (compiled one-token step; weights quantized in memory: ``--quantize int8`` / ``int4`` keep the
   file's own blocks; bf16: ``--dtype bf16``);
 - perplexity on the first ``--ppl-tokens`` tokens of the Shakespeare val split (the SmolLM2
   tokenizer), in non-overlapping windows of 512 tokens, with the same arithmetic as decoding (attnkit:
   int8 activations per block, as its kernel; llama.cpp: its own batched path);
-- peak resident memory of the process after decoding (load + decode, before the perplexity pass).
+- peak resident memory of each engine alone in a process, after loading and decoding.
 
 Beside them: the machine's copy bandwidth and the bandwidth each decode reaches (bytes of weights
 read per token x tokens/s).
@@ -102,10 +102,10 @@ def windows(tokens: list[int], size: int = 512):
             yield chunk
 
 
-# --- the two engines, each in its own process -----------------------------------------------------
+# --- the two engines ----------------------------------------------------------------------------------
 
-def worker_attnkit(path: str, dtype_name: str, quantize: str | None, threads: int, new_tokens: int,
-                   ppl_n: int) -> dict:
+def attnkit_engine(path: str, dtype_name: str, quantize: str | None, threads: int, new_tokens: int):
+    """-> (decode() -> (tokens/s, tokens), score(chunk) -> summed NLL, weight bytes read per token)."""
     import torch
 
     from attnkit.checkpoints import load_checkpoint
@@ -126,28 +126,22 @@ def worker_attnkit(path: str, dtype_name: str, quantize: str | None, threads: in
                 first = time.perf_counter()
         return (len(out) - 1) / (time.perf_counter() - first), out
 
-    decode()  # compiles (once; cached on disk)
-    runs = [decode() for _ in range(3)]
-    rss = peak_rss_mb()
+    def score(chunk: list[int]) -> float:
+        with torch.inference_mode():
+            return _nll(model(torch.tensor([chunk]))[0, :-1].float().numpy(), chunk[1:])
+
     weight_bytes = sum(m.weight_bytes() if isinstance(m, QuantizedLinear) else m.weight.numel() * m.weight.element_size()
-                       for name, m in model.named_modules()
-                       if isinstance(m, QuantizedLinear) or isinstance(m, torch.nn.Linear))
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for chunk in windows(ppl_tokens(ppl_n)):
-            logits = model(torch.tensor([chunk]))[0, :-1].float().numpy()
-            nll += _nll(logits, chunk[1:])
-            count += len(chunk) - 1
-    return {"tok_s": statistics.median(r[0] for r in runs), "peak_rss_mb": rss, "ppl": math.exp(nll / count),
-            "tokens": runs[0][1], "weight_mb_per_token": weight_bytes / 1e6, "ppl_count": count}
+                       for m in model.modules() if isinstance(m, (QuantizedLinear, torch.nn.Linear)))
+    return decode, score, weight_bytes
 
 
-def worker_llama(path: str, threads: int, new_tokens: int, ppl_n: int) -> dict:
+def llama_engine(path: str, threads: int, new_tokens: int, logits_all: bool = False):
+    """-> (decode, score) as attnkit_engine's, for llama.cpp on the same file."""
     import numpy as np
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
-                logits_all=False, verbose=False)
+                logits_all=logits_all, verbose=False)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
 
     def decode() -> tuple[float, list[int]]:
@@ -161,25 +155,49 @@ def worker_llama(path: str, threads: int, new_tokens: int, ppl_n: int) -> dict:
                 break
         return (len(out) - 1) / (time.perf_counter() - first), out
 
+    def score(chunk: list[int]) -> float:
+        llm.reset()
+        llm.eval(chunk)
+        return _nll(np.array(llm.scores[: len(chunk) - 1]), chunk[1:])
+
+    return decode, score
+
+
+def worker_speed(path: str, dtype_name: str, quantize: str | None, threads: int, new_tokens: int, rounds: int) -> dict:
+    """Both engines in one process, their decodes alternating (after a warm-up of each), so that both see the
+    same machine: the medians, and the median of the per-round ratios."""
+    ours, _, weight_bytes = attnkit_engine(path, dtype_name, quantize, threads, new_tokens)
+    theirs, _ = llama_engine(path, threads, new_tokens)
+    ours(), theirs()  # attnkit compiles its step here (once; cached on disk)
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(ours())
+        b.append(theirs())
+    return {"attnkit_tok_s": statistics.median(r[0] for r in a), "llama_tok_s": statistics.median(r[0] for r in b),
+            "ratio": statistics.median(x[0] / y[0] for x, y in zip(a, b)), "rounds": rounds,
+            "attnkit_tokens": a[0][1], "llama_tokens": b[0][1], "weight_mb_per_token": weight_bytes / 1e6}
+
+
+def worker_quality(engine: str, path: str, dtype_name: str, quantize: str | None, threads: int, new_tokens: int,
+                   ppl_n: int) -> dict:
+    """One engine alone in its process: peak memory after loading and decoding, then perplexity."""
+    if engine == "attnkit":
+        decode, score, _ = attnkit_engine(path, dtype_name, quantize, threads, new_tokens)
+    else:
+        decode, score = llama_engine(path, threads, new_tokens, logits_all=True)
     decode()
-    runs = [decode() for _ in range(3)]
+    decode()
     rss = peak_rss_mb()
-    del llm
-    scorer = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
-                   logits_all=True, verbose=False)
     nll, count = 0.0, 0
     for chunk in windows(ppl_tokens(ppl_n)):
-        scorer.reset()
-        scorer.eval(chunk)
-        logits = np.array(scorer.scores[: len(chunk) - 1])
-        nll += _nll(logits, chunk[1:])
+        nll += score(chunk)
         count += len(chunk) - 1
-    return {"tok_s": statistics.median(r[0] for r in runs), "peak_rss_mb": rss, "ppl": math.exp(nll / count),
-            "tokens": runs[0][1], "ppl_count": count}
+    return {"peak_rss_mb": rss, "ppl": math.exp(nll / count), "ppl_count": count}
 
 
 def run_worker(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    worker, common = list(args[:4]), list(args[4:])
+    proc = subprocess.run([sys.executable, __file__, *common, "--worker", *worker], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,16 +207,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating decodes of each engine per type")
     parser.add_argument("--ppl-tokens", type=int, default=20000)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        engine, path, *rest = args.worker
-        if engine == "attnkit":
-            result = worker_attnkit(path, rest[0], None if rest[1] == "none" else rest[1], args.threads,
-                                    args.new_tokens, args.ppl_tokens)
+        what, path, dtype_name, quantize = args.worker
+        quantize = None if quantize == "none" else quantize
+        if what == "speed":
+            result = worker_speed(path, dtype_name, quantize, args.threads, args.new_tokens, args.rounds)
         else:
-            result = worker_llama(path, args.threads, args.new_tokens, args.ppl_tokens)
+            result = worker_quality(what, path, dtype_name, quantize, args.threads, args.new_tokens, args.ppl_tokens)
         print(json.dumps(result))
         return
 
@@ -208,30 +227,34 @@ def main() -> None:
     files = make_files(args.threads)
     limits = machine_limits()
     print(limits_line(limits), flush=True)
-    common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--ppl-tokens", str(args.ppl_tokens)]
+    common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--ppl-tokens", str(args.ppl_tokens),
+              "--rounds", str(args.rounds)]
     rows, raw = [], {}
     for mode, kind, dtype_name, quantize in TYPES:
-        ours = run_worker("attnkit", str(files[kind]), dtype_name, quantize or "none", *common)
-        theirs = run_worker("llama", str(files[kind]), *common)
-        raw[kind] = {"attnkit": ours, "llama.cpp": theirs}
-        same = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
-        print(f"{kind}: attnkit {ours['tok_s']:.1f} tok/s (ppl {ours['ppl']:.3f}, {ours['peak_rss_mb']:.0f} MB), "
-              f"llama.cpp {theirs['tok_s']:.1f} tok/s (ppl {theirs['ppl']:.3f}, {theirs['peak_rss_mb']:.0f} MB)",
-              flush=True)
-        mb = ours["weight_mb_per_token"]
-        rows.append([mode, kind, ours["tok_s"], theirs["tok_s"], ours["tok_s"] / theirs["tok_s"], mb,
-                     ours["tok_s"] * mb / 1e3, ours["ppl"], theirs["ppl"], ours["peak_rss_mb"], theirs["peak_rss_mb"],
-                     f"{same}/{len(ours['tokens'])}"])
+        load = [str(files[kind]), dtype_name, quantize or "none"]
+        speed = run_worker("speed", *load, *common)
+        ours, theirs = run_worker("attnkit", *load, *common), run_worker("llama", *load, *common)
+        raw[kind] = {"speed": speed, "attnkit": ours, "llama.cpp": theirs}
+        same = sum(a == b for a, b in zip(speed["attnkit_tokens"], speed["llama_tokens"]))
+        print(f"{kind}: attnkit {speed['attnkit_tok_s']:.1f} tok/s, llama.cpp {speed['llama_tok_s']:.1f} tok/s "
+              f"(ratio {speed['ratio']:.2f}); ppl {ours['ppl']:.3f} vs {theirs['ppl']:.3f}; peak "
+              f"{ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB", flush=True)
+        mb = speed["weight_mb_per_token"]
+        rows.append([mode, kind, speed["attnkit_tok_s"], speed["llama_tok_s"], speed["ratio"], mb,
+                     speed["attnkit_tok_s"] * mb / 1e3, ours["ppl"], theirs["ppl"], ours["peak_rss_mb"],
+                     theirs["peak_rss_mb"], f"{same}/{len(speed['attnkit_tokens'])}"])
     (OUT / "results.json").write_text(json.dumps(raw, indent=1))
     fastest_ours = max(rows, key=lambda r: r[2])
     fastest_theirs = max(rows, key=lambda r: r[3])
     body = "\n\n".join([
         limits_line(limits),
         f"SmolLM2-135M-Instruct, batch 1, {args.threads} threads, {args.new_tokens} new tokens after a "
-        f"{len(PROMPT.split())}-word prompt (greedy; prefill excluded; median of 3 after a warm-up); each "
-        f"engine in its own process on the same GGUF file. Perplexity: the first {args.ppl_tokens} tokens of the "
-        f"Shakespeare val split in windows of 512 ({raw['Q4_1']['attnkit']['ppl_count']} scored). Peak memory: "
-        "resident set of the process after loading and decoding.",
+        f"{len(PROMPT.split())}-word prompt (greedy; prefill excluded). Speed: both engines in one process on the "
+        f"same GGUF file, decodes alternating ({args.rounds} rounds after a warm-up of each): medians, and the "
+        "median of the per-round ratios. Perplexity and peak memory: each engine alone in its own process; "
+        f"perplexity on the first {args.ppl_tokens} tokens of the Shakespeare val split in windows of 512 "
+        f"({raw['Q4_1']['attnkit']['ppl_count']} scored), with each engine's own batched arithmetic; peak memory: "
+        "the resident set after loading and two decodes (attnkit's includes torch and the compiled step).",
         table(["attnkit mode", "GGUF type", "attnkit tok/s", "llama.cpp tok/s", "ratio", "weights MB/token",
                "attnkit GB/s", "attnkit ppl", "llama.cpp ppl", "attnkit peak MB", "llama.cpp peak MB",
                "same greedy tokens"], rows),

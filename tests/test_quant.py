@@ -43,7 +43,7 @@ def test_quantize_and_dequantize_match_ggml_reference(kind):
 
 
 @pytest.mark.parametrize("kind", quant.KINDS)
-def test_split_blocks_round_trips(kind):
+def test_interleaved_layout_round_trips(kind):
     blocks = quant.quantize(kind, _weights())
     linear = quant.QuantizedLinear(blocks)
     assert linear.kind == kind and (linear.out_features, linear.in_features) == (48, 160)

@@ -512,163 +512,131 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
 
 // ---- linear_quantized: block-quantized weights (attnkit/quant.py) ------------------------------
 //
-// Weights stay in GGML's blocks of 32 along K, split into arrays: quants q (Q8_0: N x K bytes, each
-// int8 quant stored plus 128 so that it is unsigned; Q4: N x K/2 bytes, byte j of a block holding
-// weight j low and weight j + 16 high), scales d (N x K/32 fp16) and, for Q4_1, minimums m. The one
-// row of activations is quantized to int8 per block of 32 (scale dx = max|x| / 127, as llama.cpp
-// does for its Q8 dot products), so each block's product is an integer dot product (AVX512-VNNI
-// vpdpbusd: unsigned bytes times signed bytes, summed in fours into int32 lanes), two blocks per
-// 512-bit step, then scaled by d * dx in fp32. With u the unsigned quant of a weight:
-//   Q8_0: w = d (u - 128):  sum_b d_b dx_b (u . xq)_b - 128 sum_b d_b (dx_b sum xq_b);
-//   Q4_0: w = d (u - 8):    the same with 8;
-//   Q4_1: w = d u + m:      sum_b d_b dx_b (u . xq)_b + sum_b m_b (dx_b sum xq_b).
-// The activations are laid out once per call in the order a step's lanes need them (for Q4: the low
-// nibbles of two blocks, then their high nibbles). Four weight rows are read side by side, so one
-// load of activations serves four dot products; per group of 16 blocks the scales d * dx are one
-// multiply, and each step picks its two blocks' scales out of them with one permute.
+// Weights stay in GGML's blocks of 32 along K (Q8_0: w = d (u - 128), u the int8 quant + 128; Q4_0:
+// w = d (u - 8); Q4_1: w = d u + m; u unsigned), in the layout of quant.interleave: rows in groups of
+// 16, and per group and block the quants of the 16 rows interleaved four bytes at a time, so that one
+// 64-byte load holds four consecutive quants of each of the 16 rows (one int32 lane per row). The one
+// row of activations is quantized to int8 per block of 32 (scale dx = max|x| / 127, as llama.cpp does
+// for its Q8 dot products). Then for a group, per block: four consecutive activations broadcast to
+// every lane times those quants is one AVX512-VNNI vpdpbusd (unsigned bytes times signed bytes,
+// summed in fours into int32), 8 of them complete the block's 16 integer dot products, and one
+// multiply-add applies the 16 rows' scales d * dx:
+//   sum_b d_b dx_b (u . xq)_b + c sum_b e_b (dx_b sum xq_b),  c e = -128 d (Q8_0), -8 d (Q4_0), m (Q4_1).
+// So the arithmetic per weight is one byte-product, against a conversion, a permute and a multiply-add
+// per 16 products when a row's blocks share lanes; the 16 results are stored at once. Each thread
+// takes contiguous groups: its share of the matrix is read front to back.
 
 struct QuantizedRow {
-  std::vector<int8_t> xq;  // steps x 64 quantized activations, in each step's lane order
-  std::vector<float> dx;   // blocks (padded to 16): activation scale per block
-  std::vector<float> sx;   // blocks (padded to 16): dx_b * sum(xq_b), for the offset / minimum terms
-  int64_t blocks = 0;
+  std::vector<int32_t> xq;  // K / 4: the quantized activations, four int8 per int32
+  std::vector<float> dx;    // blocks: activation scale per block
+  std::vector<float> sx;    // blocks: dx_b * sum(xq_b), for the offset / minimum term
 };
 
 template <typename T>
-void quantize_row(const T* x, int64_t K, bool nibble_order, QuantizedRow& r) {
-  r.blocks = K / 32;
-  const int64_t steps = (r.blocks + 1) / 2, padded = (r.blocks + 15) / 16 * 16;
-  r.xq.assign(steps * 64, 0);
-  r.dx.assign(padded, 0.0f);
-  r.sx.assign(padded, 0.0f);
-  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t b = 0; b < r.blocks; ++b) {
+void quantize_row(const T* x, int64_t K, QuantizedRow& r) {
+  const int64_t nb = K / 32;
+  r.xq.resize(K / 4);
+  r.dx.resize(nb);
+  r.sx.resize(nb);
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < nb; ++b) {
     const __m512 v0 = load16(x + b * 32, 0xffff), v1 = load16(x + b * 32 + 16, 0xffff);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign_off), _mm512_and_ps(v1, sign_off)));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, magnitude), _mm512_and_ps(v1, magnitude)));
     const float dx = amax / 127.0f, inv = dx > 0 ? 1.0f / dx : 0.0f;
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));  // nearest, ties to even
     const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-    const int64_t step = b / 2, half = b % 2;
-    // Q8: [block b | block b + 1]; Q4: [lo(b) | lo(b+1) | hi(b) | hi(b+1)], 16 each
-    int8_t* out = r.xq.data() + step * 64;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (nibble_order ? half * 16 : half * 32)), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (nibble_order ? 32 + half * 16 : half * 32 + 16)),
-                     _mm512_cvtsepi32_epi8(q1));
+    int8_t* out = reinterpret_cast<int8_t*>(r.xq.data()) + b * 32;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(q1));
     r.dx[b] = dx;
     r.sx[b] = dx * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
   }
 }
 
-inline __m512 half16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
-// Kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. The dot products of R consecutive weight rows (q/d/m rows apart) with
-// the quantized activations x, into y[0..R).
-template <int Kind, int R>
-inline void quantized_rows_dot(const uint8_t* q, int64_t q_row, const uint16_t* d, const uint16_t* m, int64_t nb,
-                               const QuantizedRow& x, float* y) {
-  __m512 acc[R], corr[R];
-  for (int r = 0; r < R; ++r) acc[r] = corr[r] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
+// Kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. The 16 dot products of one row group: q, d, m at the group's start.
+template <int Kind>
+inline __m512 quantized_group_dot(const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t nb,
+                                  const QuantizedRow& x) {
+  constexpr int64_t group_block = Kind == 0 ? 512 : 256;  // bytes of one block of 16 rows
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __m512i nibble_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // low half: low nibbles; high: high
-  // lane -> which of two blocks it belongs to: Q8 [0 x8, 1 x8]; Q4 [0 x4, 1 x4, 0 x4, 1 x4]
-  const __m512i pick = Kind == 0 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int64_t g = 0; g < nb; g += 16) {
-    const __mmask16 bm = lanes(nb - g);
-    const __m512 dxg = _mm512_loadu_ps(x.dx.data() + g), sxg = _mm512_loadu_ps(x.sx.data() + g);
-    __m512 scale[R];
-    for (int r = 0; r < R; ++r) {
-      const __m512 dw = half16(d + r * nb + g, bm);
-      scale[r] = _mm512_mul_ps(dw, dxg);
-      corr[r] = _mm512_fmadd_ps(Kind == 2 ? half16(m + r * nb + g, bm) : dw, sxg, corr[r]);
-    }
-    const int steps = static_cast<int>((std::min<int64_t>(16, nb - g) + 1) / 2);
-    for (int s = 0; s < steps; ++s) {
-      const int64_t b = g + 2 * s;
-      const bool pair = b + 1 < nb;
-      const __m512i xv = _mm512_loadu_si512(x.xq.data() + (b / 2) * 64);
-      const __m512i idx = _mm512_add_epi32(pick, _mm512_set1_epi32(2 * s));
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* qr = q + r * q_row;
-        __m512i w;
-        if constexpr (Kind == 0) {
-          w = pair ? _mm512_loadu_si512(qr + b * 32) : _mm512_maskz_loadu_epi8(0xffffffffULL, qr + b * 32);
-        } else {
-          const __m512i v = pair ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + b * 16)))
-                                 : _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(0xffffu, qr + b * 16));
-          w = _mm512_and_si512(_mm512_srlv_epi64(v, nibble_shift), low4);
-        }
-        const __m512i dot = _mm512_dpbusd_epi32(zero, w, xv);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[r]), acc[r]);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+  const int32_t* xq = x.xq.data();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = q + b * group_block;
+    const int32_t* xb = xq + b * 8;  // the block's 32 activations as 8 groups of four
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+    if constexpr (Kind == 0) {
+      for (int j = 0; j < 8; j += 2) {
+        even = _mm512_dpbusd_epi32(even, _mm512_loadu_si512(w + 64 * j), _mm512_set1_epi32(xb[j]));
+        odd = _mm512_dpbusd_epi32(odd, _mm512_loadu_si512(w + 64 * (j + 1)), _mm512_set1_epi32(xb[j + 1]));
+      }
+    } else {  // load k: low nibbles are quants 4k..4k+3, high nibbles 16+4k..16+4k+3
+      for (int k = 0; k < 4; ++k) {
+        const __m512i v = _mm512_loadu_si512(w + 64 * k);
+        even = _mm512_dpbusd_epi32(even, _mm512_and_si512(v, low4), _mm512_set1_epi32(xb[k]));
+        odd = _mm512_dpbusd_epi32(odd, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_set1_epi32(xb[4 + k]));
       }
     }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * 16)));
+    const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+    if (b % 2) acc1 = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(x.dx[b])), acc1);
+    else acc0 = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(x.dx[b])), acc0);
+    const __m512 e = Kind == 2 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * 16))) : dw;
+    corr = _mm512_fmadd_ps(e, _mm512_set1_ps(x.sx[b]), corr);
   }
-  const float offset = Kind == 0 ? -128.0f : Kind == 1 ? -8.0f : 1.0f;
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(corr[r], _mm512_set1_ps(offset), acc[r]);
-  if constexpr (R == 4) {
-    _mm_storeu_ps(y, sum4(acc[0], acc[1], acc[2], acc[3]));
-  } else {
-    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
-  }
+  const float c = Kind == 0 ? -128.0f : Kind == 1 ? -8.0f : 1.0f;
+  return _mm512_fmadd_ps(corr, _mm512_set1_ps(c), _mm512_add_ps(acc0, acc1));
 }
 
 template <int Kind, typename T>
-void quantized_linear(const T* xs, int64_t K, const uint8_t* q, int64_t q_row, const uint16_t* d,
-                      const uint16_t* m, int64_t N, T* y) {
+void quantized_linear(const T* xs, int64_t K, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t N,
+                      T* y) {
   thread_local QuantizedRow calling_thread;  // reused: no allocation per call
   const QuantizedRow& x = calling_thread;   // (a reference: worker threads must see this thread's copy)
-  quantize_row(xs, K, Kind != 0, calling_thread);
-  const int64_t nb = K / 32;
-  constexpr int R = 4;
-  torch::stable::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
-    float out[R];
-    for (int64_t n = R * begin; n < std::min(R * end, N); n += R) {
-      const int rows = static_cast<int>(std::min<int64_t>(R, N - n));
-      const uint16_t* mn = m ? m + n * nb : nullptr;
-      if (rows == R) {
-        quantized_rows_dot<Kind, R>(q + n * q_row, q_row, d + n * nb, mn, nb, x, out);
-      } else {
-        for (int r = 0; r < rows; ++r)
-          quantized_rows_dot<Kind, 1>(q + (n + r) * q_row, q_row, d + (n + r) * nb, m ? mn + r * nb : nullptr, nb, x,
-                                      out + r);
-      }
-      for (int r = 0; r < rows; ++r) {
-        if constexpr (std::is_same_v<T, float>) y[n + r] = out[r];
-        else y[n + r] = to_bf16(out[r]);
-      }
+  quantize_row(xs, K, calling_thread);
+  const int64_t nb = K / 32, groups = (N + 15) / 16;
+  const int64_t q_group = nb * (Kind == 0 ? 512 : 256);
+  torch::stable::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const __m512 v = quantized_group_dot<Kind>(q + g * q_group, d + g * nb * 16, m ? m + g * nb * 16 : nullptr, nb, x);
+      const __mmask16 keep = lanes(N - g * 16);
+      if constexpr (std::is_same_v<T, float>) store16(y + g * 16, v, keep);
+      else store16(y + g * 16, v, keep);
     }
   });
 }
 
-// x (..., K): one contiguous row, fp32 or bf16; q (N, K) (Q8_0, quants + 128) or (N, K/2) (Q4) uint8; d (N, K/32)
-// fp16; m None (Q8_0, Q4_0) or (N, K/32) fp16 (Q4_1). kind: 0 Q8_0, 1 Q4_0, 2 Q4_1. -> (..., N), x's dtype.
-Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, int64_t kind) {
+// x (..., K): one contiguous row, fp32 or bf16; q, d, m in quant.interleave's layout: q (G, K/32, 8 | 4, 16, 4)
+// uint8, d (G, K/32, 16) fp16, m None (Q8_0, Q4_0) or like d (Q4_1); kind: 0 Q8_0, 1 Q4_0, 2 Q4_1; n: the
+// rows of the weight (<= 16 G). -> (..., n), x's dtype.
+Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, int64_t kind, int64_t n) {
   STD_TORCH_CHECK(kind >= 0 && kind <= 2, "attnkit::linear_quantized: kind is 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1)");
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16,
                   "attnkit::linear_quantized takes fp32 or bf16 activations");
-  const int64_t N = q.size(0), nb = d.size(1), K = nb * 32;
-  STD_TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.size(1) == (kind == 0 ? K : K / 2) && d.size(0) == N &&
-                      d.is_contiguous() && d.scalar_type() == ScalarType::Half,
-                  "attnkit::linear_quantized: q must be (N, K or K/2) and d (N, K/32) fp16, contiguous");
+  STD_TORCH_CHECK(d.dim() == 3 && d.size(2) == 16 && d.is_contiguous() && d.scalar_type() == ScalarType::Half,
+                  "attnkit::linear_quantized: d must be (G, K/32, 16) fp16, contiguous");
+  const int64_t G = d.size(0), nb = d.size(1), K = nb * 32;
+  STD_TORCH_CHECK(n > 16 * (G - 1) && n <= 16 * G, "attnkit::linear_quantized: n must fit the G row groups");
+  STD_TORCH_CHECK(q.dim() == 5 && q.is_contiguous() && q.scalar_type() == ScalarType::Byte && q.size(0) == G &&
+                      q.size(1) == nb && q.size(2) == (kind == 0 ? 8 : 4) && q.size(3) == 16 && q.size(4) == 4,
+                  "attnkit::linear_quantized: q must be (G, K/32, 8 or 4, 16, 4) uint8, contiguous");
   STD_TORCH_CHECK((kind == 2) == m.has_value(), "attnkit::linear_quantized: Q4_1 (only) takes minimums m");
   if (m.has_value())
-    STD_TORCH_CHECK(m->is_contiguous() && m->scalar_type() == ScalarType::Half && m->size(0) == N &&
-                        m->size(1) == nb, "attnkit::linear_quantized: m must be (N, K/32) fp16, contiguous");
+    STD_TORCH_CHECK(m->is_contiguous() && m->scalar_type() == ScalarType::Half && m->dim() == 3 && m->size(0) == G &&
+                        m->size(1) == nb && m->size(2) == 16, "attnkit::linear_quantized: m must be shaped as d");
   STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
                   "attnkit::linear_quantized: x must be one contiguous row of K values");
   std::vector<int64_t> shape;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) shape.push_back(x.size(i));
-  shape.push_back(N);
+  shape.push_back(n);
   Tensor out = torch::stable::empty(shape, x.scalar_type(), std::nullopt, x.device());
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const uint16_t* dp = static_cast<const uint16_t*>(d.data_ptr());
   const uint16_t* mp = m.has_value() ? static_cast<const uint16_t*>(m->data_ptr()) : nullptr;
-  const int64_t q_row = q.size(1);
   auto run = [&](auto* xs, auto* y) {
-    if (kind == 0) quantized_linear<0>(xs, K, qp, q_row, dp, mp, N, y);
-    else if (kind == 1) quantized_linear<1>(xs, K, qp, q_row, dp, mp, N, y);
-    else quantized_linear<2>(xs, K, qp, q_row, dp, mp, N, y);
+    if (kind == 0) quantized_linear<0>(xs, K, qp, dp, mp, n, y);
+    else if (kind == 1) quantized_linear<1>(xs, K, qp, dp, mp, n, y);
+    else quantized_linear<2>(xs, K, qp, dp, mp, n, y);
   };
   if (x.scalar_type() == ScalarType::Float)
     run(static_cast<const float*>(x.data_ptr()), static_cast<float*>(out.data_ptr()));
@@ -685,7 +653,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_rows_fp32(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind) -> Tensor");
+  m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind, int n) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
