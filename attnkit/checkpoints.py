@@ -323,7 +323,7 @@ def _load_gguf(path: Path, device, dtype, quantize: str | None):
         quant.quantize_model(model, quantize, blocks, device=torch.device(device))
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise AttnkitError(f"{path} left weights of the model unset; the file is incomplete")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer  # the file's types may mix
 
 
 def empty_model(cfg: ModelConfig):

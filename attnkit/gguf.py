@@ -98,13 +98,14 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _tensor(t, keep_quantized: bool):
-    """One GGUF tensor -> fp32 (N, K) (rows are GGUF's ne1) or, kept quantized, its blocks (N, K // 32,
+    """One GGUF tensor -> float (N, K) (rows are GGUF's ne1; F32 / F16 / BF16 as stored, blocks dequantized
+    to fp32) or, kept quantized, its blocks (N, K // 32,
     bytes) uint8 (``quant.kind_of`` tells the kind by the bytes per block)."""
     kind = t.tensor_type.name
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row length) first
     raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).copy())
-    if kind in FLOAT_TYPES:
-        return raw.view(FLOAT_TYPES[kind]).reshape(shape).float()
+    if kind in FLOAT_TYPES:  # in the file's own precision: a bf16 model is loaded without an fp32 copy
+        return raw.view(FLOAT_TYPES[kind]).reshape(shape)
     if kind in BLOCK_TYPES:
         blocks = raw.reshape(shape[0], -1, quant.BLOCK_BYTES[BLOCK_TYPES[kind]])
         return blocks if keep_quantized else quant.dequantize(BLOCK_TYPES[kind], blocks)

@@ -17,7 +17,7 @@ quantized to int8 per block and the products are integer dot products (AVX512-VN
 
 from __future__ import annotations
 
-import warnings
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +225,8 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
     or "int4" (a GGUF's own Q4_0 / Q4_1 blocks where it has them, else Q4_0). ``blocks``: weights that
     are already quantized (a GGUF file's, by attnkit name); they are kept when of the target kind.
     The lm_head (and a tied embedding table, which shares it) is Q8_0 either way, as llama.cpp's own
-    files keep it. Without the native kernels, the weights stay float and a warning says so. ``device``
+    files keep it. Without the native kernels, the weights stay float and a one-line warning on stderr
+    says so. ``device``
     (default: the model's): where the weights go; weights on the meta device are taken from ``blocks``."""
     from attnkit.kernels import native_status, quantized_kernels_available
 
@@ -237,8 +238,8 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
     device = device or next(p.device for p in model.parameters() if not p.is_meta)
     if device.type != "cpu" or not quantized_kernels_available():
         why = "they decode on the CPU" if device.type != "cpu" else f"native kernels {native_status()}"
-        warnings.warn(f"attnkit: --quantize {choice} needs the native CPU kernels ({why}); decoding with "
-                      "dequantized weights instead", stacklevel=2)
+        print(f"attnkit: warning: --quantize {choice} needs the native CPU kernels ({why}); decoding with "
+              "dequantized weights instead", file=sys.stderr)  # one line, not a warnings' two
         _dequantize_into(model, blocks)
         return model
     dtype = model.embed.tok.weight.dtype

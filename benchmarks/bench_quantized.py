@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -82,7 +81,9 @@ def ppl_tokens(n: int) -> list[int]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident set (VmHWM: getrusage's maxrss would count the parent it forked from)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
 def _nll(logits, targets) -> float:
@@ -235,7 +236,8 @@ def main() -> None:
         speed = run_worker("speed", *load, *common)
         ours, theirs = run_worker("attnkit", *load, *common), run_worker("llama", *load, *common)
         raw[kind] = {"speed": speed, "attnkit": ours, "llama.cpp": theirs}
-        same = sum(a == b for a, b in zip(speed["attnkit_tokens"], speed["llama_tokens"]))
+        same = next((i for i, (a, b) in enumerate(zip(speed["attnkit_tokens"], speed["llama_tokens"])) if a != b),
+                    len(speed["attnkit_tokens"]))  # greedy tokens equal up to here
         print(f"{kind}: attnkit {speed['attnkit_tok_s']:.1f} tok/s, llama.cpp {speed['llama_tok_s']:.1f} tok/s "
               f"(ratio {speed['ratio']:.2f}); ppl {ours['ppl']:.3f} vs {theirs['ppl']:.3f}; peak "
               f"{ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB", flush=True)
@@ -257,7 +259,7 @@ def main() -> None:
         "the resident set after loading and two decodes (attnkit's includes torch and the compiled step).",
         table(["attnkit mode", "GGUF type", "attnkit tok/s", "llama.cpp tok/s", "ratio", "weights MB/token",
                "attnkit GB/s", "attnkit ppl", "llama.cpp ppl", "attnkit peak MB", "llama.cpp peak MB",
-               "same greedy tokens"], rows),
+               "greedy tokens equal before the first difference"], rows),
         f"Fastest: attnkit {fastest_ours[0]} at {fastest_ours[2]:.1f} tok/s vs llama.cpp {fastest_theirs[1]} at "
         f"{fastest_theirs[3]:.1f} tok/s ({fastest_ours[2] / fastest_theirs[3]:.2f}x). Bandwidth roofline at the "
         f"measured copy bandwidth ({limits['copy_gbps']:.1f} GB/s, reads + writes): "

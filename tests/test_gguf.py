@@ -246,3 +246,15 @@ def test_smollm2_block_types_dequantize_as_gguf_does(smollm2):
         reference = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
         assert torch.equal(ours, torch.from_numpy(np.array(reference)).float()), t.name
     assert seen == {"Q8_0", "Q4_1", "F32"}
+
+
+def test_quantize_without_the_kernels_is_a_one_line_warning(synthetic, monkeypatch):
+    from attnkit import kernels
+
+    path, _ = synthetic
+    monkeypatch.setattr(kernels, "quantized_kernels_available", lambda: False)
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(path), "-p", "the", "--max-new-tokens", "3",
+                                       "--temperature", "0", "--quantize", "int4"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().count("\n") == 0 and "decoding with dequantized weights instead" in result.stderr
+    assert result.stdout.startswith("the")
