@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from attnkit.errors import AttnkitError
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import LanguageModelingTask, Task, always, load_base, perplexity
+from attnkit.train.tasks import LanguageModelingTask, Task, always, load_base, perplexity, summed_val_loss
 
 TEXT_WINDOW = 512  # task lm: tokens per training window unless --max-length (the full context is slow on a CPU)
 IGNORE = -100
@@ -213,14 +213,10 @@ class ChatTask(PretrainedDecoder):
         return self._loss(model, batch)
 
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
-        total, count, used = 0.0, 0, 0
-        for group in self.val_groups:
-            if used and not next_batch_fits():
-                break
-            batch = self._batch([self.val_rows[i] for i in group], device)
-            total += self._loss(model, batch, reduction="sum").item()
-            count += int((batch[1] != IGNORE).sum())
-            used += 1
+        total, count, used = summed_val_loss(
+            self.val_groups, lambda group: self._batch([self.val_rows[i] for i in group], device),
+            lambda batch: (self._loss(model, batch, reduction="sum").item(), int((batch[1] != IGNORE).sum())),
+            next_batch_fits)
         loss = total / count
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": count, "val_batches": used}
 

@@ -24,7 +24,7 @@ from attnkit.data.pairs import Pair
 from attnkit.errors import AttnkitError
 from attnkit.models.seq2seq import right_pad
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always, load_base
+from attnkit.train.tasks import Task, always, load_base, summed_val_loss
 
 IGNORE = -100
 
@@ -139,15 +139,13 @@ class Seq2SeqTask(Task):
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
         from attnkit.generate import Sampling, seq2seq_texts
 
-        total, count, used = 0.0, 0, 0
-        for group in self.val_groups:
-            if used and not next_batch_fits():
-                break
-            batch = self._batch([self.val_rows[i] for i in group], device)
+        def summed(batch) -> tuple[float, int]:
             n = int((batch["labels"] != IGNORE).sum())
-            total += model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"]).item() * n
-            count += n
-            used += 1
+            return model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"]).item() * n, n
+
+        total, count, used = summed_val_loss(
+            self.val_groups, lambda group: self._batch([self.val_rows[i] for i in group], device), summed,
+            next_batch_fits)
         metrics = {"val_loss": total / count, "val_batches": used}
         outputs, size = [], self.cfg.batch_size
         for start in range(0, len(self.sample), size):  # the metric's sample, a batch at a time within the budget

@@ -26,6 +26,19 @@ def always() -> bool:
     return True
 
 
+def summed_val_loss(groups, make_batch: Callable, summed_loss: Callable, next_batch_fits: Callable) -> tuple[float, int, int]:
+    """A loss summed over val batches (``groups`` of row indices -> ``make_batch``), stopping when
+    ``next_batch_fits`` says the time is up (after one batch at least). ``summed_loss(batch)`` -> (sum,
+    tokens). -> (sum, tokens, batches)."""
+    total, count, used = 0.0, 0, 0
+    for group in groups:
+        if used and not next_batch_fits():
+            break
+        loss, n = summed_loss(make_batch(group))
+        total, count, used = total + loss, count + n, used + 1
+    return total, count, used
+
+
 def build_seeded_model(model_config, seed: int):
     """The model initialised from ``seed`` on the CPU, leaving the caller's RNG as it was; also the
     RNG state right after, which training's dropout continues from."""
