@@ -155,6 +155,27 @@ class KVCache:
         self.length = length
 
 
+def join_caches(a: KVCache, b: KVCache) -> KVCache:
+    """One growing cache of a's rows then b's (continuous batching: a request's prefilled rows join a
+    running batch). Each side's slots end at the common length max(a.length, b.length), the shorter's
+    first slots invalid, and each keeps the room it had left."""
+    if a.static or b.static:
+        raise AttnkitError("new rows cannot join a compiled step's static cache; decode without compile")
+    length = max(a.length, b.length)
+    capacity = length + max(a.capacity - a.length, b.capacity - b.length)
+    k0 = a.k[0]
+    out = KVCache(len(a.k), a.batch_size + b.batch_size, k0.shape[1], k0.shape[3], capacity, k0.dtype, k0.device)
+    for src, rows in ((a, slice(0, a.batch_size)), (b, slice(a.batch_size, None))):
+        start = length - src.length
+        for layer in range(len(src.k)):
+            out.k[layer][rows, :, start:length] = src.k[layer][:, :, :src.length]
+            out.v[layer][rows, :, start:length] = src.v[layer][:, :, :src.length]
+        out.key_pos[rows, start:length] = src.key_pos[:, :src.length]
+        out.key_valid[rows, start:length] = src.key_valid[:, :src.length]
+    out.length, out.unpadded = length, False
+    return out
+
+
 class RollingKVCache:
     """Sliding-window decoding: a ring of the last ``capacity`` tokens' keys and values.
 
@@ -312,8 +333,9 @@ def refuse_compile(family: str) -> None:
 class DecodeState:
     """What a generative model keeps between decoding steps: its caches and each row's next position.
 
-    ``generate.py`` only ever calls ``reorder`` (beam search) and ``crop`` (speculative decoding)
-    on it and passes it back to the model's ``advance``. Rows are independent: ``reorder`` may
+    ``generate.py`` only ever calls ``reorder`` (beam search; continuous batching drops finished rows),
+    ``crop`` (speculative decoding) and ``join`` (continuous batching adds rows) on it and passes it
+    back to the model's ``advance``. Rows are independent: ``reorder`` may
     repeat, drop or permute them. ``length`` counts the tokens fed so far (each row the same).
     A family that needs more (a decoder's token history, a GRU's hidden state) subclasses it.
     """
@@ -337,6 +359,10 @@ class DecodeState:
         for cache in self.caches:
             cache.reorder(index)
         self.next_pos = self.next_pos.index_select(0, index)
+
+    def join(self, other: "DecodeState") -> None:
+        """Append ``other``'s rows (a request joining a running batch: continuous batching)."""
+        raise AttnkitError(f"a {type(self).__name__} cannot take new rows; continuous batching needs a decoder LM")
 
     def crop(self, length: int) -> None:
         """Forget the tokens fed after the first ``length``: at most the ``lookahead`` latest, which may

@@ -6,6 +6,7 @@ A generative model plugs in with two methods and a state (``attnkit.cache.Decode
     state, logits = model.start(prompts, max_new_tokens=N, pad_id=P, lookahead=K, compile=C, **inputs)
     logits = model.advance(state, tokens)       # tokens (B, T) -> logits (B, T, V)
     state.reorder(index); state.crop(length)    # beams; rejected draft tokens
+    state.join(other)                           # continuous batching: another request's rows
 
 ``prompts`` are the token lists each output row starts from (a decoder's prompt; a translator's
 target prefix, with its source in ``inputs``). Nothing here looks inside a model: the loops never
@@ -15,7 +16,7 @@ re-run a prefix, never reallocate a cache, and know nothing of attention kinds o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -336,6 +337,109 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
         if rows is not None:
             for r, toks in zip(rows, out.tolist()):
                 r.extend(toks)
+
+
+# --- continuous batching -----------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """One generation in a ``ContinuousBatch``: its prompt and settings; the batch fills in ``tokens``
+    (the new ones, without a stop id) and ``finish_reason`` ("stop", "length" or "cancelled")."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 100
+    sampling: Sampling | None = None
+    stop_ids: Sequence[int] = ()
+    seed: int | None = None
+    tokens: list = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+
+class ContinuousBatch:
+    """Continuous batching over a model's decode state: a request joins the running rows at the next
+    ``step`` (its prompt prefilled alone by ``model.start``, then its state joined as new rows,
+    ``state.join``) and leaves when it finishes (``state.reorder`` drops its row); every step is one
+    ``model.advance`` of one token for all running rows. Each row samples with its own settings and
+    generator, so a request gets the tokens ``generate_tokens`` gives it alone (greedy: token for
+    token; seeded sampling: the same draws). Eager decoding of decoder LMs (their states join)."""
+
+    def __init__(self, model, *, pad_id: int = 0, max_rows: int = 8):
+        self.model, self.pad_id, self.max_rows = model, pad_id, max_rows
+        self.device = _prepare(model)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.state = None
+        self.next_tokens: list[int] = []  # each running row's latest token, fed at the next step
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; it starts at the next ``step``."""
+        _check_request(request.max_new_tokens, [request.prompt])
+        request.sampling = (request.sampling or Sampling()).validate()
+        if request.sampling.repetition_penalty != 1.0 or request.sampling.no_repeat_ngram_size:
+            raise AttnkitError("continuous batching samples with temperature, top-k and top-p; drop the "
+                               "repetition penalty and no-repeat n-grams")
+        if request.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client that went away): it leaves at the next step, its row freed."""
+        request.cancelled = True
+
+    def _accept(self, request: Request, logits: Tensor, emitted: list) -> int:
+        """Sample the request's next token from its logits (1, V); note it, or finish the request."""
+        token = int(sample_next(logits, request.sampling, generator=request.generator)[0])
+        if request.cancelled:
+            request.finish_reason = "cancelled"
+        elif token in request.stop_ids:
+            request.finish_reason = "stop"
+        else:
+            request.tokens.append(token)
+            emitted.append((request, token))
+            if len(request.tokens) == request.max_new_tokens:
+                request.finish_reason = "length"
+        return token
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        """One decoding step for every running request, then admit waiting ones (up to ``max_rows``) and
+        drop finished ones. -> the (request, new token) pairs of this step, in row order."""
+        emitted: list[tuple[Request, int]] = []
+        if self.running:
+            fed = torch.tensor(self.next_tokens, device=self.device)[:, None]  # (B, 1)
+            logits = self.model.advance(self.state, fed)[:, -1]  # (B, V)
+            self.next_tokens = [self._accept(r, logits[i:i + 1], emitted) for i, r in enumerate(self.running)]
+        for request in [r for r in self.waiting if r.cancelled]:
+            request.finish_reason = "cancelled"
+            self.waiting.remove(request)
+        while self.waiting and len(self.running) < self.max_rows:
+            request = self.waiting.pop(0)
+            if request.max_new_tokens == 0:
+                request.finish_reason = "length"
+                continue
+            state, logits = self.model.start([list(request.prompt)], max_new_tokens=request.max_new_tokens,
+                                             pad_id=self.pad_id)
+            if self.state is None:
+                self.state = state
+            else:
+                self.state.join(state)
+            self.running.append(request)
+            self.next_tokens.append(self._accept(request, logits, emitted))
+        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
+        if len(keep) < len(self.running):
+            self.state = None if not keep else self.state
+            if keep:
+                self.state.reorder(torch.tensor(keep, device=self.device))
+            self.running = [self.running[i] for i in keep]
+            self.next_tokens = [self.next_tokens[i] for i in keep]
+        return emitted
 
 
 # --- beam search ------------------------------------------------------------------------------------

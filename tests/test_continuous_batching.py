@@ -1,0 +1,85 @@
+"""Continuous batching (attnkit.generate.ContinuousBatch): requests that join a running batch at
+different steps, with prompts of different lengths, get the tokens they get alone."""
+
+import pytest
+import torch
+
+from attnkit.checkpoints import build_model
+from attnkit.config import preset
+from attnkit.errors import AttnkitError
+from attnkit.generate import ContinuousBatch, Request, Sampling, generate_tokens
+
+
+def _model(name, **overrides):
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=80, n_layer=2, d_model=64, n_head=4, context_length=48, **overrides)
+    return build_model(cfg).eval()
+
+
+MODELS = {"llama": lambda: _model("llama-tiny", n_kv_head=2, d_ff=128),
+          "gpt2": lambda: _model("gpt2-char-tiny")}  # learned positions: each row's own
+
+
+def alone(model, prompt, n, sampling=None, seed=None, stop_ids=()):
+    out = []
+    for token, finished in generate_tokens(model, [prompt], max_new_tokens=n, sampling=sampling or Sampling(0),
+                                           seed=seed, stop_ids=stop_ids):
+        if bool(finished[0]):
+            break
+        out.append(int(token[0]))
+    return out
+
+
+def run(batch, arrivals):
+    """arrivals: {step: [requests]}; steps until every request is done."""
+    step = 0
+    while step in arrivals or not batch.idle or any(s > step for s in arrivals):
+        for request in arrivals.get(step, []):
+            batch.submit(request)
+        batch.step()
+        step += 1
+        assert step < 500
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_requests_joining_at_different_steps_get_their_own_tokens(name):
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 80, (n,), generator=g).tolist() for n in (3, 11, 5, 14, 2)]
+    budgets = [6, 10, 4, 40, 9]  # 14 + 40 > 48: that request re-encodes its latest half context on the way
+    requests = [Request(p, n, Sampling(0)) for p, n in zip(prompts, budgets)]
+    batch = ContinuousBatch(model, max_rows=3)
+    run(batch, {0: requests[:2], 2: [requests[2]], 5: requests[3:]})
+    for request, prompt, n in zip(requests, prompts, budgets):
+        assert request.finish_reason == "length"
+        assert request.tokens == alone(model, prompt, n)
+    assert batch.state is None and batch.running == []
+
+
+def test_sampling_stop_ids_and_cancel():
+    model = MODELS["llama"]()
+    sampled = Request([5, 6, 7], 12, Sampling(temperature=1.0, top_p=0.9), seed=3)
+    reference = alone(model, [9, 9], 8)
+    stopped = Request([9, 9], 8, Sampling(0), stop_ids=(reference[2],))
+    cancelled = Request([1, 2, 3, 4], 20, Sampling(0))
+    batch = ContinuousBatch(model)
+    for r in (sampled, stopped, cancelled):
+        batch.submit(r)
+    for _ in range(3):
+        batch.step()
+    rows = len(batch.running)
+    batch.cancel(cancelled)
+    batch.step()
+    assert cancelled.finish_reason == "cancelled" and len(batch.running) < rows and len(cancelled.tokens) == 3
+    run(batch, {})
+    assert sampled.tokens == alone(model, [5, 6, 7], 12, Sampling(temperature=1.0, top_p=0.9), seed=3)
+    assert stopped.finish_reason == "stop" and stopped.tokens == reference[:reference.index(reference[2])]
+
+
+def test_only_decoder_states_join():
+    model = build_model(preset("gru-small", vocab_size=50, d_model=32)).eval()
+    batch = ContinuousBatch(model)
+    batch.submit(Request([1, 2], 3))
+    batch.submit(Request([3], 3))
+    with pytest.raises(AttnkitError, match="cannot take new rows"):
+        batch.step()
