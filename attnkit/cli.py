@@ -342,6 +342,47 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
 
 
 @main.command()
+@click.option("--ckpt", required=True,
+              help="A decoder (completions, chat) or an encoder (embeddings): a run folder, a named checkpoint "
+                   "(smollm2-135m, minilm-l6), a .gguf file or a LoRA run.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0: every interface; set --api-key then).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, help="Require this key as 'Authorization: Bearer KEY'.")
+@click.option("--model-name", default=None, help="The model's name in the API  [default: the --ckpt string].")
+@click.option("--max-tokens-cap", default=2048, show_default=True, type=int,
+              help="The most tokens one completion may ask for (prompt + max_tokens must also fit the context).")
+@click.option("--max-concurrent", default=16, show_default=True, type=int,
+              help="Requests (n counts each choice) held at once, decoding or queued; more get 503.")
+@click.option("--timeout", default=300.0, show_default=True, type=float,
+              help="Seconds a request may take, queued or decoding (then 504, or an error event when streaming).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=int, help="Larger request bodies get 413.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--compile", "compile_step", is_flag=True, help="Compile the one-token step (see generate --help).")
+@QUANTIZE_OPTION
+def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent, timeout, max_body_bytes, device,
+          compile_step, quantize):
+    """Serve a checkpoint over an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/completions,
+    /v1/chat/completions (the model's chat template) and, for encoders, /v1/embeddings; "stream":
+    true sends server-sent events. Requests are decoded one at a time, in order of arrival.
+
+    \b
+    Examples:
+      attnkit serve --ckpt smollm2-135m --quantize int4
+      attnkit serve --ckpt runs/shakespeare-char --port 8080 --max-tokens-cap 500
+      attnkit serve --ckpt minilm-l6                        # /v1/embeddings
+      attnkit serve --ckpt smollm2-135m --host 0.0.0.0 --api-key "$KEY" --max-concurrent 8
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi!"}]}'
+    """
+    from attnkit.serve import serve as run_server
+
+    run_server(ckpt, host=host, port=port, model_name=model_name, device=_device(device), quantize=quantize,
+               api_key=api_key, max_tokens_cap=max_tokens_cap, max_concurrent=max_concurrent, timeout=timeout,
+               max_body_bytes=max_body_bytes, compile=compile_step)
+
+
+@main.command()
 @click.option("--ckpt", default=None, type=click.Path(), help="A checkpoint folder.")
 @click.option("--model", "preset_name", default=None, help="A model preset name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

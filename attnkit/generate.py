@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -646,6 +646,15 @@ def beam_search_text(model, tokenizer: Tokenizer, prompt: str, *, beams: Beams |
     return [(text, score) for text, (_, score) in zip(texts, hypotheses)]
 
 
+@dataclass
+class StreamEnd:
+    """How ``stream_text`` ended: ``reason`` "stop" (an end token or a stop string) or "length"
+    (``max_new_tokens`` reached); ``tokens`` it generated (an end token counted)."""
+
+    reason: str
+    tokens: int
+
+
 def stream_text(
     model,
     tokenizer: Tokenizer,
@@ -658,39 +667,65 @@ def stream_text(
     compile: bool = False,
     speculation: Speculation | None = None,
     stop_ids: Sequence[int] = (),
-) -> Iterator[str]:
-    """Yields the continuation of one prompt piece by piece as it is produced.
+) -> Generator[str, None, StreamEnd]:
+    """Yields the continuation of one prompt piece by piece as it is produced, and returns (the
+    generator's return value) a ``StreamEnd``: why it ended and how many tokens it generated.
 
     Text that could be the start of a stop string is held back until it is known not to be;
     generation ends at the first stop string (not included), the tokenizer's end token or one of
     ``stop_ids`` (a chat's end-of-turn token).
     """
-    stop = [s for s in stop if s]
     stop_ids = sorted({*_stop_ids(tokenizer, model), *stop_ids})
-    decoder, pending = StreamDecoder(tokenizer), ""
+    text = TextStream(tokenizer, stop)
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
+    reason, tokens = "length", 0
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
                                     stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile,
                                     speculation=speculation):
-        t = int(token[0])
+        t, tokens = int(token[0]), tokens + 1
         if t in stop_ids:
+            reason = "stop"
             break
-        pending += decoder.push(t)
-        hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
+            return StreamEnd("stop", tokens)
+    piece = text.flush()
+    if piece:
+        yield piece
+    return StreamEnd("stop" if text.stopped else reason, tokens)
+
+
+class TextStream:
+    """Token ids -> text, piece by piece as it becomes final: text that could be the start of a stop
+    string is held back until it is known not to be, and the text ends before the first stop string
+    (``stopped`` says it was reached). For ``stream_text`` and the server's batched requests."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.decoder, self.pending, self.stopped = StreamDecoder(tokenizer), "", False
+
+    def push(self, token: int) -> str:
+        """The text that token makes final ("" for none yet)."""
+        self.pending += self.decoder.push(token)
+        hit = min((self.pending.find(s) for s in self.stop if s in self.pending), default=-1)
         if hit >= 0:
-            if pending[:hit]:
-                yield pending[:hit]
-            return
-        hold = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        if len(pending) > hold:
-            yield pending[: len(pending) - hold]
-            pending = pending[len(pending) - hold:]
-    pending += decoder.flush()
-    for s in stop:
-        if s in pending:
-            pending = pending[: pending.find(s)]
-    if pending:
-        yield pending
+            out, self.pending, self.stopped = self.pending[:hit], "", True
+            return out
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The rest, at the end of generation."""
+        pending = self.pending + self.decoder.flush()
+        for s in self.stop:
+            if s in pending:
+                pending, self.stopped = pending[: pending.find(s)], True
+        self.pending = ""
+        return pending
 
 
 # --- encoder-decoders: texts in, texts out --------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from attnkit.errors import AttnkitError
 
@@ -101,15 +102,26 @@ def _check_length(what: str, n: int, limit: int) -> None:
         raise AttnkitError(f"the {what} is {n} tokens; attention maps are drawn for at most {limit}, so shorten it")
 
 
+def attention_weights(model, tokenizer, text: str, max_tokens: int = 96,
+                      what: str = "prompt") -> tuple[list[int], list[Tensor]]:
+    """A decoder's attention over ``text``: (token ids, one (1, H, T, T) map per layer), computed by the
+    model itself (``need_weights``). For `attnkit attend` and the playground of `attnkit serve`."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise AttnkitError(f"the {what} encodes to no tokens; give some text")
+    _check_length(what, len(ids), min(max_tokens, model.cfg.context_length))
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
+    return ids, maps
+
+
 def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96) -> list[Path]:
     """One PNG per layer (``layer_<i>.png``): the heads as a grid of (query x key) heatmaps."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
+    if not tokenizer.encode(prompt):
         raise AttnkitError("the prompt encodes to no tokens; give some text with -p")
-    _check_length("prompt", len(ids), min(max_tokens, model.cfg.context_length))
+    ids, maps = attention_weights(model, tokenizer, prompt, max_tokens)  # (1, H, T, T) per layer
     out = _out_dir(out_dir)
-    device = next(model.parameters()).device
-    _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
     labels = [token_label(tokenizer.decode([i])) for i in ids]
     return _head_grids(maps, labels, labels, out, "layer", prompt)
 
