@@ -204,10 +204,9 @@ def test_chat_errors_embeddings_on_a_decoder_and_unknown_routes(url, client):
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="serves /v1/completions and /v1/chat/completions"):
         client.embeddings.create(model="tiny", input="hi")
-    for method, path in (("GET", "/"), ("GET", "/v1/nothing"), ("POST", "/v1/models")):
+    for method, path in (("GET", "/nothing"), ("GET", "/v1/nothing"), ("POST", "/v1/models")):
         response = httpx.request(method, url + path, headers={"Authorization": f"Bearer {KEY}"})
         assert response.status_code in (404, 405) and set(response.json()["error"]) == {"message", "type", "param", "code"}
-    assert httpx.get(url + "/").status_code == 404  # no playground yet
 
 
 def test_a_wrong_or_missing_key_is_401(url):
