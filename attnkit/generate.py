@@ -434,9 +434,10 @@ class ContinuousBatch:
             self.next_tokens.append(self._accept(request, logits, emitted))
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
         if len(keep) < len(self.running):
-            self.state = None if not keep else self.state
             if keep:
                 self.state.reorder(torch.tensor(keep, device=self.device))
+            else:
+                self.state = None
             self.running = [self.running[i] for i in keep]
             self.next_tokens = [self.next_tokens[i] for i in keep]
         return emitted

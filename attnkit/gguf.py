@@ -17,6 +17,7 @@ template is the file's own Jinja source.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,15 +71,9 @@ def _open(path: Path):
         raise AttnkitError(f"{path} does not exist; give a .gguf file or a named checkpoint (smollm2-135m)")
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, OSError, KeyError, struct_error()) as e:
+    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
         raise AttnkitError(f"{path} is not a readable GGUF file ({str(e)[:120] or type(e).__name__}); it is truncated "
                            "or corrupted: copy it again") from None
-
-
-def struct_error():
-    import struct
-
-    return struct.error
 
 
 def _field(reader, key: str, default=None, required: bool = True):

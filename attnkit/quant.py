@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.errors import AttnkitError
+from attnkit.kernels import linear_quantized  # kernels imports this module only inside a function
 
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 2 + 32, "q4_0": 2 + 16, "q4_1": 4 + 16}
@@ -181,8 +182,6 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.kind, deinterleave(self.kind, self.q, self.d, self.m, rows)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        from attnkit.kernels import linear_quantized
-
         y = linear_quantized(x, self.q, self.d.view(torch.float16),
                              None if self.m is None else self.m.view(torch.float16), KIND_CODES[self.kind],
                              self.out_features)

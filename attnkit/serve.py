@@ -433,6 +433,11 @@ async def _parse(request, schema):
 
 # --- the app ------------------------------------------------------------------------------------------
 
+def _plain_messages(messages) -> list[dict]:
+    """Request messages as render_chat takes them (OpenAI's "developer" role is the system message)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+
+
 def _kind_of(model, tokenizer, source: str) -> str:
     """'generate' (a text LM: completions and chat) or 'embed' (an encoder); anything else is an error."""
     from attnkit.media import media_layout
@@ -651,7 +656,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         body = await _parse(request, ChatBody)
         check_model(body.model)
         require("generate", "/v1/chat/completions")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        messages = _plain_messages(body.messages)
         try:
             prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
         except AttnkitError as e:
@@ -723,7 +728,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         if body.messages is not None:
             from attnkit.chat import render_chat
 
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            messages = _plain_messages(body.messages)
             try:
                 text = render_chat(tokenizer, messages, add_generation_prompt=False)
             except AttnkitError as e:
