@@ -155,23 +155,32 @@ class KVCache:
         self.length = length
 
 
+def leading_padding(valid: Tensor) -> int:
+    """How many first slots of valid (B, L) are padding in every row (rows that left a batch leave them)."""
+    used = valid.any(0)
+    return int(used.long().argmax()) if bool(used.any()) else valid.shape[1]
+
+
 def join_caches(a: KVCache, b: KVCache) -> KVCache:
     """One growing cache of a's rows then b's (continuous batching: a request's prefilled rows join a
-    running batch). Each side's slots end at the common length max(a.length, b.length), the shorter's
-    first slots invalid, and each keeps the room it had left."""
+    running batch). Each side's slots end at the common length, the shorter's first slots invalid,
+    and each keeps the room it had left; first slots that are padding on both sides are dropped, so
+    a batch that requests keep joining and leaving does not grow without end."""
     if a.static or b.static:
         raise AttnkitError("new rows cannot join a compiled step's static cache; decode without compile")
-    length = max(a.length, b.length)
+    used = {id(src): src.length - leading_padding(src.key_valid[:, :src.length]) for src in (a, b)}
+    length = max(used.values())
     capacity = length + max(a.capacity - a.length, b.capacity - b.length)
     k0 = a.k[0]
     out = KVCache(len(a.k), a.batch_size + b.batch_size, k0.shape[1], k0.shape[3], capacity, k0.dtype, k0.device)
     for src, rows in ((a, slice(0, a.batch_size)), (b, slice(a.batch_size, None))):
-        start = length - src.length
+        n = used[id(src)]
+        start, first = length - n, src.length - n
         for layer in range(len(src.k)):
-            out.k[layer][rows, :, start:length] = src.k[layer][:, :, :src.length]
-            out.v[layer][rows, :, start:length] = src.v[layer][:, :, :src.length]
-        out.key_pos[rows, start:length] = src.key_pos[:, :src.length]
-        out.key_valid[rows, start:length] = src.key_valid[:, :src.length]
+            out.k[layer][rows, :, start:length] = src.k[layer][:, :, first:src.length]
+            out.v[layer][rows, :, start:length] = src.v[layer][:, :, first:src.length]
+        out.key_pos[rows, start:length] = src.key_pos[:, first:src.length]
+        out.key_valid[rows, start:length] = src.key_valid[:, first:src.length]
     out.length, out.unpadded = length, False
     return out
 

@@ -407,15 +407,57 @@ class ContinuousBatch:
                 request.finish_reason = "length"
         return token
 
+    @staticmethod
+    def supports(model, compile: bool = False) -> bool:
+        """Whether ``model``'s decode states take new rows: eager decoding of a dense decoder LM."""
+        return (getattr(model.cfg, "family", None) == "decoder" and model.cfg.attention != "sliding"
+                and not compile)
+
+    def _add(self, request: Request, ids: Sequence[int], budget: int, emitted: list) -> None:
+        """Prefill ids alone (``budget`` tokens to come), join the state as a new row, take its first token."""
+        state, logits = self.model.start([list(ids)], max_new_tokens=budget, pad_id=self.pad_id)
+        if self.state is None:
+            self.state = state
+        else:
+            self.state.join(state)
+        self.running.append(request)
+        self.next_tokens.append(self._accept(request, logits, emitted))
+
+    def _keep(self, rows: list[int]) -> None:
+        """Only these running rows stay, in this order."""
+        if len(rows) == len(self.running):
+            return
+        if rows:
+            self.state.reorder(torch.tensor(rows, device=self.device))
+        else:
+            self.state = None
+        self.running = [self.running[i] for i in rows]
+        self.next_tokens = [self.next_tokens[i] for i in rows]
+
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
         """One decoding step for every running request, then admit waiting ones (up to ``max_rows``) and
-        drop finished ones. -> the (request, new token) pairs of this step, in row order."""
+        drop finished ones. -> the (request, new token) pairs of this step, in row order.
+
+        A row whose next token would pass the context restarts alone on its latest half context
+        and joins again, as it would re-encode alone (the other rows keep their history)."""
         emitted: list[tuple[Request, int]] = []
+        context = self.model.cfg.context_length
+        restart: list[Request] = []
+        if self.running:
+            full = [int(p) + 1 > context for p in self.state.next_pos[:, 0].tolist()]
+            if any(full):
+                restart = [r for r, f in zip(self.running, full) if f]
+                self._keep([i for i, f in enumerate(full) if not f])
         if self.running:
             fed = torch.tensor(self.next_tokens, device=self.device)[:, None]  # (B, 1)
             logits = self.model.advance(self.state, fed)[:, -1]  # (B, V)
             self.next_tokens = [self._accept(r, logits[i:i + 1], emitted) for i, r in enumerate(self.running)]
+        keep = max(0, context // 2 - 1)  # the history kept before the new token, as ``advance`` keeps it
+        for request in restart:
+            history = [*request.prompt, *request.tokens[:-1]]
+            ids = history[len(history) - keep:] if keep else []
+            self._add(request, [*ids, request.tokens[-1]], request.max_new_tokens - len(request.tokens), emitted)
         for request in [r for r in self.waiting if r.cancelled]:
             request.finish_reason = "cancelled"
             self.waiting.remove(request)
@@ -424,22 +466,8 @@ class ContinuousBatch:
             if request.max_new_tokens == 0:
                 request.finish_reason = "length"
                 continue
-            state, logits = self.model.start([list(request.prompt)], max_new_tokens=request.max_new_tokens,
-                                             pad_id=self.pad_id)
-            if self.state is None:
-                self.state = state
-            else:
-                self.state.join(state)
-            self.running.append(request)
-            self.next_tokens.append(self._accept(request, logits, emitted))
-        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
-        if len(keep) < len(self.running):
-            if keep:
-                self.state.reorder(torch.tensor(keep, device=self.device))
-            else:
-                self.state = None
-            self.running = [self.running[i] for i in keep]
-            self.next_tokens = [self.next_tokens[i] for i in keep]
+            self._add(request, request.prompt, request.max_new_tokens, emitted)
+        self._keep([i for i, r in enumerate(self.running) if r.finish_reason is None])
         return emitted
 
 

@@ -56,6 +56,39 @@ def test_requests_joining_at_different_steps_get_their_own_tokens(name):
     assert batch.state is None and batch.running == []
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_a_row_past_the_context_restarts_alone_while_the_others_keep_their_history(name):
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(2)
+    long_prompt, short_prompt = torch.randint(0, 80, (20,), generator=g).tolist(), [7, 3]
+    # 20 + 40 > 48: the first restarts on its latest half context at its 29th token, while the
+    # second (room for 45 tokens) keeps the batch's cache from filling
+    requests = [Request(long_prompt, 40, Sampling(0)), Request(short_prompt, 45, Sampling(0))]
+    batch = ContinuousBatch(model)
+    run(batch, {0: requests})
+    assert requests[0].tokens == alone(model, long_prompt, 40)
+    assert requests[1].tokens == alone(model, short_prompt, 45)
+
+
+def test_the_batch_does_not_grow_while_requests_come_and_go():
+    model = MODELS["llama"]()
+    batch = ContinuousBatch(model, max_rows=4)
+    requests = [Request([1 + i % 7, 2], 6, Sampling(0)) for i in range(40)]
+    arrivals = {2 * i: [r] for i, r in enumerate(requests)}  # always some running: the batch never empties
+    lengths = []
+    step = 0
+    while step in arrivals or not batch.idle or any(s > step for s in arrivals):
+        for request in arrivals.get(step, []):
+            batch.submit(request)
+        batch.step()
+        lengths.append(batch.state.length if batch.state is not None else 0)
+        step += 1
+    # padding every row has left is dropped at the next join: the longest history (a prompt and its
+    # fed tokens, 7) plus the steps until the next join; kept, it would grow with every step (~85)
+    assert len(lengths) > 80 and max(lengths) <= 10
+    assert all(r.tokens == alone(model, list(r.prompt), 6) for r in requests)
+
+
 def test_sampling_stop_ids_and_cancel():
     model = MODELS["llama"]()
     sampled = Request([5, 6, 7], 12, Sampling(temperature=1.0, top_p=0.9), seed=3)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from attnkit.cache import DecodeState, KVCache, RollingKVCache, check_prompts, join_caches
+from attnkit.cache import DecodeState, KVCache, RollingKVCache, check_prompts, join_caches, leading_padding
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear, native_available
@@ -69,20 +69,22 @@ class DecoderState(DecodeState):
 
     def join(self, other: "DecodeState") -> None:
         """Append ``other``'s rows (continuous batching): each side's history ends at the longer one's
-        length, the shorter left-padded (invalid), in its cache as in its tokens; each keeps its room."""
+        length, the shorter left-padded (invalid), in its cache as in its tokens; each keeps its room;
+        first slots that are padding in every row are dropped."""
         if (not isinstance(other, DecoderState) or self.compiled is not None or other.compiled is not None
                 or isinstance(self.cache, RollingKVCache) or isinstance(other.cache, RollingKVCache)
                 or self.lookahead or other.lookahead):
             raise AttnkitError("only eager decoding of a dense decoder LM takes new rows (no compile, no sliding "
                                "window, no speculation)")
-        length = max(self.length, other.length)
+        used = [src.length - leading_padding(src.valid[:, :src.length]) for src in (self, other)]
+        length = max(used)
         room = max(self.tokens.shape[1] - self.length, other.tokens.shape[1] - other.length)
         B = self.batch_size + other.batch_size
         tokens = self.tokens.new_zeros((B, length + room))
         valid = self.valid.new_zeros((B, length + room))
-        for src, rows in ((self, slice(0, self.batch_size)), (other, slice(self.batch_size, None))):
-            tokens[rows, length - src.length:length] = src.tokens[:, :src.length]
-            valid[rows, length - src.length:length] = src.valid[:, :src.length]
+        for src, n, rows in ((self, used[0], slice(0, self.batch_size)), (other, used[1], slice(self.batch_size, None))):
+            tokens[rows, length - n:length] = src.tokens[:, src.length - n:src.length]
+            valid[rows, length - n:length] = src.valid[:, src.length - n:src.length]
         self.caches[0] = join_caches(self.cache, other.cache)
         self.tokens, self.valid, self.length = tokens, valid, length
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
