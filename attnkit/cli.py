@@ -358,13 +358,18 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
               help="Seconds a request may take, queued or decoding (then 504, or an error event when streaming).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--compile", "compile_step", is_flag=True, help="Compile the one-token step (see generate --help).")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="Compile the one-token step (see generate --help); requests are then decoded one at a time.")
+@click.option("--no-batching", is_flag=True,
+              help="Decode one request at a time instead of batching concurrent ones (a baseline).")
 @QUANTIZE_OPTION
 def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent, timeout, max_body_bytes, device,
-          compile_step, quantize):
+          compile_step, no_batching, quantize):
     """Serve a checkpoint over an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/completions,
     /v1/chat/completions (the model's chat template) and, for encoders, /v1/embeddings; "stream":
-    true sends server-sent events. Requests are decoded one at a time, in order of arrival.
+    true sends server-sent events. Concurrent requests share decoding steps (continuous batching: a
+    request joins the running batch at the next step and leaves when it finishes); a sliding-window,
+    GRU or --compile model decodes them one at a time, in order of arrival.
 
     \b
     Examples:
@@ -379,7 +384,7 @@ def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent,
 
     run_server(ckpt, host=host, port=port, model_name=model_name, device=_device(device), quantize=quantize,
                api_key=api_key, max_tokens_cap=max_tokens_cap, max_concurrent=max_concurrent, timeout=timeout,
-               max_body_bytes=max_body_bytes, compile=compile_step)
+               max_body_bytes=max_body_bytes, compile=compile_step, batching=not no_batching)
 
 
 @main.command()

@@ -8,9 +8,9 @@ body ``{"error": {"message", "type", "param", "code"}}``.
 Two layers. The HTTP layer validates a request, checks its limits and turns it into
 ``GenerationRequest``s; it never decodes. The ``Scheduler`` owns the model: ``submit`` admits
 requests (or refuses them: ``Busy``) and gives back a ``Job`` per request, an async iterator of
-text pieces that ``cancel()`` stops at the next token. Here one worker thread runs the requests
-one at a time through ``attnkit.generate.stream_text``; continuous batching replaces the
-scheduler's inside, not its interface.
+text pieces that ``cancel()`` stops at the next token. One worker thread owns the model and runs
+continuous batching (``attnkit.generate.ContinuousBatch``): a request joins the running rows at
+the next decoding step and leaves when it finishes.
 
 Nothing a client sends names a file: the checkpoint is loaded once at start, and the ``model``
 field only has to name it.
@@ -40,7 +40,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from attnkit.errors import AttnkitError
-from attnkit.generate import Sampling, StreamEnd, _encode_prompt, stream_text
+from attnkit.generate import (ContinuousBatch, Request as BatchedRequest, Sampling, StreamEnd, TextStream, _encode_prompt, _stop_ids,
+                              stream_text)
 
 log = logging.getLogger("attnkit.serve")
 
@@ -118,19 +119,33 @@ class Job:
             pass
 
 
+@dataclass
+class _Generation:
+    """A generation in the running batch: its job, its request in the batch and its text so far."""
+
+    job: Job
+    request: BatchedRequest
+    text: TextStream
+
+
 class Scheduler:
     """Runs requests on one model and streams their text back.
 
     At most ``max_concurrent`` requests are in it at once, decoding or waiting their turn; ``submit``
-    refuses more with ``Busy``. Here one worker thread decodes one request at a time through
-    ``stream_text`` (the one decoding loop); a job cancelled (its client left, or it timed out) stops
-    at its next token and frees its place. ``cancelled`` counts those jobs."""
+    refuses more with ``Busy``. One worker thread owns the model. With ``batching`` (eager decoding
+    of a dense decoder LM, ``ContinuousBatch.supports``) it runs continuous batching: a request joins
+    the running rows at the next decoding step and leaves when it finishes, every step one forward
+    for all of them (``attnkit.generate.ContinuousBatch``, over the decoding loop's decode state);
+    otherwise it decodes one request at a time through ``stream_text``. A job cancelled (its client
+    left, or it timed out) stops at its next token and frees its row. ``cancelled`` counts those
+    jobs; ``steps`` and ``row_steps`` count batched decoding steps and the rows they ran."""
 
     def __init__(self, model, tokenizer, *, max_concurrent: int = 16, timeout: float | None = None,
-                 compile: bool = False):
+                 compile: bool = False, batching: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrent, self.timeout, self.compile = max_concurrent, timeout, compile
-        self.cancelled = 0
+        self.batching = batching and ContinuousBatch.supports(model, compile)
+        self.cancelled = self.steps = self.row_steps = 0
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -179,24 +194,96 @@ class Scheduler:
             self._queue.put(job)
         return jobs
 
+    def _done(self, job: Job, kind: str, value) -> None:
+        """A job ends (its end, or an error) and leaves its place."""
+        job._put(kind, value)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _arrived(self, wait: bool) -> list[Job] | None:
+        """The jobs that have arrived (waiting for one if ``wait``), or None once the scheduler closes."""
+        jobs = []
+        try:
+            job = self._queue.get(block=wait)
+            while job is not None:
+                jobs.append(job)
+                job = self._queue.get_nowait()
+            return None
+        except queue.Empty:
+            return jobs
+
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                if job.cancelled:
-                    self._stopped(job)
-                elif isinstance(job.work, GenerationRequest):
-                    self._decode(job)
-                else:
-                    job._put("end", job.work())
-            except Exception as e:  # AttnkitError: the request's fault (400); anything else: ours (500)
-                if not isinstance(e, AttnkitError):
-                    log.exception("request failed")
-                job._put("error", e)
-            finally:
-                with self._lock:
-                    self._in_flight -= 1
+        batch = ContinuousBatch(self.model, pad_id=self.tokenizer.eos_id or 0, max_rows=self.max_concurrent)
+        running: list[_Generation] = []
+        while (jobs := self._arrived(wait=not running)) is not None:
+            for job in jobs:
+                try:
+                    if job.cancelled:
+                        self._stopped(job)
+                    elif not isinstance(job.work, GenerationRequest):
+                        self._done(job, "end", job.work())
+                    elif self.batching:
+                        running.append(self._join(batch, job))
+                    else:
+                        self._decode(job)
+                except Exception as e:
+                    self._failed(job, e)
+            if running:
+                try:
+                    self._step(batch, running)
+                except Exception as e:  # the batch is lost: every request in it fails
+                    for g in running:
+                        self._failed(g.job, e)
+                    running.clear()
+                    batch = ContinuousBatch(self.model, pad_id=batch.pad_id, max_rows=batch.max_rows)
+
+    def _failed(self, job: Job, e: Exception) -> None:
+        """AttnkitError: the request's fault (400); anything else: ours (500)."""
+        if not isinstance(e, AttnkitError):
+            log.exception("request failed")
+        self._done(job, "error", e)
+
+    def _join(self, batch: ContinuousBatch, job: Job) -> _Generation:
+        r: GenerationRequest = job.work
+        ids = _encode_prompt(self.tokenizer, r.prompt, self.model.cfg.bos_id)
+        stop_ids = sorted({*_stop_ids(self.tokenizer, self.model), *r.stop_ids})
+        request = batch.submit(BatchedRequest(ids, r.max_tokens, r.sampling, stop_ids, r.seed))
+        return _Generation(job, request, TextStream(self.tokenizer, r.stop))
+
+    def _step(self, batch: ContinuousBatch, running: list[_Generation]) -> None:
+        """One step of the batch; each request's new text goes to its job; finished ones end."""
+        for g in running:
+            if g.job.cancelled:
+                batch.cancel(g.request)
+        rows = len(batch.running)
+        by_request = {id(g.request): g for g in running}
+        for request, token in batch.step():
+            g = by_request[id(request)]
+            if g.text.stopped:
+                continue
+            piece = g.text.push(token)
+            if piece:
+                g.job._put("piece", piece)
+            if g.text.stopped:  # a stop string: done here; the row leaves at the next step
+                batch.cancel(request)
+        if rows:
+            self.steps, self.row_steps = self.steps + 1, self.row_steps + rows
+        for g in [g for g in running if g.text.stopped or g.request.finish_reason is not None]:
+            running.remove(g)
+            if g.text.stopped:
+                self._done(g.job, "end", StreamEnd("stop", len(g.request.tokens)))
+            elif g.request.finish_reason == "cancelled":
+                self._stopped(g.job)
+            else:
+                piece = g.text.flush()
+                if piece:
+                    g.job._put("piece", piece)
+                # a stop id counts as a generated token, as in stream_text
+                tokens = len(g.request.tokens) + (g.request.finish_reason == "stop")
+                self._done(g.job, "end", StreamEnd("stop" if g.text.stopped else g.request.finish_reason, tokens))
 
     def _decode(self, job: Job) -> None:
+        """One request alone, start to end (a model whose decode states cannot take new rows)."""
         r: GenerationRequest = job.work
         pieces = stream_text(self.model, self.tokenizer, r.prompt, max_new_tokens=r.max_tokens, sampling=r.sampling,
                              stop=r.stop, seed=r.seed, compile=self.compile, stop_ids=r.stop_ids)
@@ -205,7 +292,7 @@ class Scheduler:
                 try:
                     piece = next(pieces)
                 except StopIteration as end:
-                    job._put("end", end.value)
+                    self._done(job, "end", end.value)
                     return
                 job._put("piece", piece)
             self._stopped(job)
@@ -216,7 +303,7 @@ class Scheduler:
         """A cancelled job ends: counted, and whoever still reads it is told."""
         with self._lock:
             self.cancelled += 1
-        job._put("error", Cancelled())
+        self._done(job, "error", Cancelled())
 
 
 # --- errors in OpenAI's shape ------------------------------------------------------------------------
@@ -456,9 +543,9 @@ def _kind_of(model, tokenizer, source: str) -> str:
 
 def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None, max_tokens_cap: int = 2048,
                max_concurrent: int = 16, timeout: float | None = 300.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               compile: bool = False):
+               compile: bool = False, batching: bool = True):
     """The FastAPI app serving ``model`` under ``model_name``; ``app.state.scheduler`` runs its requests
-    (started and stopped with the app)."""
+    (started and stopped with the app); ``batching`` False decodes one request at a time."""
     import contextlib
 
     for name, value in (("--max-tokens-cap", max_tokens_cap), ("--max-concurrent", max_concurrent),
@@ -469,7 +556,8 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         raise AttnkitError(f"--timeout must be a positive number of seconds, got {timeout}")
     kind = _kind_of(model, tokenizer, model_name)
     context = model.cfg.context_length
-    scheduler = Scheduler(model, tokenizer, max_concurrent=max_concurrent, timeout=timeout, compile=compile)
+    scheduler = Scheduler(model, tokenizer, max_concurrent=max_concurrent, timeout=timeout, compile=compile,
+                          batching=batching)
     created = int(time.time())
 
     @contextlib.asynccontextmanager

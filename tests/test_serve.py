@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -274,6 +275,35 @@ def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(slow):
             _post(url, "/v1/completions", {**body, "stream": False}, key=None, timeout=0.5)
         assert _wait_until(lambda: scheduler.in_flight == 0) and scheduler.cancelled == 2
         assert len(steps) - stopped_at < 30
+
+
+def test_concurrent_requests_share_decoding_steps_and_get_the_text_they_get_alone(slow, reference):
+    model, tok, steps = slow
+    prompts = [CHAT_PROMPT, "<|im_start|>user\nname a fruit<|im_end|>\n<|im_start|>assistant\n", "what", "count to"]
+    budgets = [12, 20, 8, 16]
+    expected = [generate_text(reference[0], tok, p, max_new_tokens=n, sampling=Sampling(temperature=0))
+                for p, n in zip(prompts, budgets)]
+    forwards, schedulers = {}, {}
+    for batching in (True, False):
+        app = create_app(model, tok, model_name="tiny", max_tokens_cap=40, batching=batching)
+        before = len(steps)
+        with running(app) as url:
+            api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+            def complete(job):
+                return api.completions.create(model="tiny", prompt=job[0], max_tokens=job[1], temperature=0)
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                outs = list(pool.map(complete, zip(prompts, budgets)))
+        assert [out.choices[0].text for out in outs] == expected
+        forwards[batching], schedulers[batching] = len(steps) - before, app.state.scheduler
+        assert schedulers[batching].batching == batching and schedulers[batching].in_flight == 0
+    # every token after a request's first (its prefill's) takes one row of a forward: one at a time,
+    # a forward each; batched, concurrent rows share forwards
+    rows = sum(out.usage.completion_tokens - 1 for out in outs)
+    assert forwards[False] == rows and schedulers[False].steps == 0
+    assert schedulers[True].row_steps == rows and schedulers[True].steps == forwards[True]
+    assert max(budgets) - 1 <= forwards[True] < 0.6 * rows
 
 
 def test_a_request_past_the_timeout_is_504_or_an_error_event(slow):
