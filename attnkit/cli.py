@@ -362,9 +362,11 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
               help="Compile the one-token step (see generate --help); requests are then decoded one at a time.")
 @click.option("--no-batching", is_flag=True,
               help="Decode one request at a time instead of batching concurrent ones (a baseline).")
+@click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)),
+              help="The weights' dtype (bf16: about 2x the tokens/s of fp32 under load on a CPU with AMX).")
 @QUANTIZE_OPTION
 def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent, timeout, max_body_bytes, device,
-          compile_step, no_batching, quantize):
+          compile_step, no_batching, dtype_name, quantize):
     """Serve a checkpoint over an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/completions,
     /v1/chat/completions (the model's chat template) and, for encoders, /v1/embeddings; "stream":
     true sends server-sent events. Concurrent requests share decoding steps (continuous batching: a
@@ -382,7 +384,8 @@ def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent,
     """
     from attnkit.serve import serve as run_server
 
-    run_server(ckpt, host=host, port=port, model_name=model_name, device=_device(device), quantize=quantize,
+    run_server(ckpt, host=host, port=port, model_name=model_name, device=_device(device), dtype=_dtype(dtype_name),
+               quantize=quantize,
                api_key=api_key, max_tokens_cap=max_tokens_cap, max_concurrent=max_concurrent, timeout=timeout,
                max_body_bytes=max_body_bytes, compile=compile_step, batching=not no_batching)
 

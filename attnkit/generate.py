@@ -359,14 +359,15 @@ class Request:
 
 class ContinuousBatch:
     """Continuous batching over a model's decode state: a request joins the running rows at the next
-    ``step`` (its prompt prefilled alone by ``model.start``, then its state joined as new rows,
-    ``state.join``) and leaves when it finishes (``state.reorder`` drops its row); every step is one
-    ``model.advance`` of one token for all running rows. Each row samples with its own settings and
-    generator, so a request gets the tokens ``generate_tokens`` gives it alone (greedy: token for
-    token; seeded sampling: the same draws). Eager decoding of decoder LMs (their states join)."""
+    ``step`` (the prompts that arrived prefilled together by ``model.start``, up to ``prefill_tokens``
+    of padded prompt per step, then their state joined as new rows, ``state.join``) and leaves when
+    it finishes (``state.reorder`` drops its row); every step is one ``model.advance`` of one token
+    for all running rows. Each row samples with its own settings and generator, so a request gets
+    the tokens ``generate_tokens`` gives it alone (greedy: token for token; seeded sampling: the same
+    draws). Eager decoding of decoder LMs (their states join)."""
 
-    def __init__(self, model, *, pad_id: int = 0, max_rows: int = 8):
-        self.model, self.pad_id, self.max_rows = model, pad_id, max_rows
+    def __init__(self, model, *, pad_id: int = 0, max_rows: int = 8, prefill_tokens: int = 2048):
+        self.model, self.pad_id, self.max_rows, self.prefill_tokens = model, pad_id, max_rows, prefill_tokens
         self.device = _prepare(model)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -413,15 +414,35 @@ class ContinuousBatch:
         return (getattr(model.cfg, "family", None) == "decoder" and model.cfg.attention != "sliding"
                 and not compile)
 
-    def _add(self, request: Request, ids: Sequence[int], budget: int, emitted: list) -> None:
-        """Prefill ids alone (``budget`` tokens to come), join the state as a new row, take its first token."""
-        state, logits = self.model.start([list(ids)], max_new_tokens=budget, pad_id=self.pad_id)
+    def _add(self, requests: list[Request], prompts: list[Sequence[int]], budget: int, emitted: list) -> None:
+        """Prefill these prompts together (left-padded; ``budget`` tokens to come at most), join the
+        state as new rows, take each one's first token."""
+        state, logits = self.model.start([list(p) for p in prompts], max_new_tokens=budget, pad_id=self.pad_id)
         if self.state is None:
             self.state = state
         else:
             self.state.join(state)
-        self.running.append(request)
-        self.next_tokens.append(self._accept(request, logits, emitted))
+        for i, request in enumerate(requests):
+            self.running.append(request)
+            self.next_tokens.append(self._accept(request, logits[i:i + 1], emitted))
+
+    def _admit(self, context: int) -> list[Request]:
+        """The waiting requests to prefill together at this step: as many as there are free rows and
+        the step's prefill budget (rows x longest prompt) allows, and that fit the context together
+        (the longest prompt + the most new tokens: a padded row's slots must not run out before its own)."""
+        group: list[Request] = []
+        while self.waiting and len(self.running) + len(group) < self.max_rows:
+            request = self.waiting[0]
+            if request.max_new_tokens == 0:
+                request.finish_reason = "length"
+                self.waiting.pop(0)
+                continue
+            longest = max(len(r.prompt) for r in [*group, request])
+            most = max(r.max_new_tokens for r in [*group, request])
+            if group and (longest + most > context or longest * (len(group) + 1) > self.prefill_tokens):
+                break
+            group.append(self.waiting.pop(0))
+        return group
 
     def _keep(self, rows: list[int]) -> None:
         """Only these running rows stay, in this order."""
@@ -457,16 +478,13 @@ class ContinuousBatch:
         for request in restart:
             history = [*request.prompt, *request.tokens[:-1]]
             ids = history[len(history) - keep:] if keep else []
-            self._add(request, [*ids, request.tokens[-1]], request.max_new_tokens - len(request.tokens), emitted)
+            self._add([request], [[*ids, request.tokens[-1]]], request.max_new_tokens - len(request.tokens), emitted)
         for request in [r for r in self.waiting if r.cancelled]:
             request.finish_reason = "cancelled"
             self.waiting.remove(request)
-        while self.waiting and len(self.running) < self.max_rows:
-            request = self.waiting.pop(0)
-            if request.max_new_tokens == 0:
-                request.finish_reason = "length"
-                continue
-            self._add(request, request.prompt, request.max_new_tokens, emitted)
+        group = self._admit(context)
+        if group:
+            self._add(group, [r.prompt for r in group], max(r.max_new_tokens for r in group), emitted)
         self._keep([i for i, r in enumerate(self.running) if r.finish_reason is None])
         return emitted
 

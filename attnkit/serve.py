@@ -882,7 +882,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, device="cpu",
-          quantize: str | None = None, log_level: str = "info", **limits) -> None:
+          dtype=None, quantize: str | None = None, log_level: str = "info", **limits) -> None:
     """Load ``ckpt`` once and serve it until interrupted (``limits``: see ``create_app``)."""
     import uvicorn
 
@@ -890,7 +890,7 @@ def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: s
 
     sock = bind(host, port)  # first: a taken port is one line, before the model loads
     try:
-        model, tokenizer = load_checkpoint(ckpt, device=device, quantize=quantize)
+        model, tokenizer = load_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
         app = create_app(model, tokenizer, model_name=model_name or str(ckpt), **limits)
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:

@@ -89,6 +89,21 @@ def test_the_batch_does_not_grow_while_requests_come_and_go():
     assert all(r.tokens == alone(model, list(r.prompt), 6) for r in requests)
 
 
+def test_requests_that_arrive_together_are_prefilled_together_within_the_budget():
+    model = MODELS["gpt2"]()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 80, (n,), generator=g).tolist() for n in (3, 9, 4, 6, 2, 5)]
+    requests = [Request(p, 8, Sampling(0)) for p in prompts]
+    batch = ContinuousBatch(model, max_rows=5, prefill_tokens=20)
+    starts = []
+    start = model.start
+    model.start = lambda prompts, **kw: starts.append(len(prompts)) or start(prompts, **kw)
+    run(batch, {0: requests})
+    # 20 tokens of padded prompt a step: [3, 9] (2 x 9), [4, 6, 2] (3 x 6), then the sixth once a row is free
+    assert starts == [2, 3, 1]
+    assert all(r.tokens == alone(model, p, 8) for r, p in zip(requests, prompts))
+
+
 def test_sampling_stop_ids_and_cancel():
     model = MODELS["llama"]()
     sampled = Request([5, 6, 7], 12, Sampling(temperature=1.0, top_p=0.9), seed=3)
@@ -113,6 +128,7 @@ def test_only_decoder_states_join():
     model = build_model(preset("gru-small", vocab_size=50, d_model=32)).eval()
     batch = ContinuousBatch(model)
     batch.submit(Request([1, 2], 3))
-    batch.submit(Request([3], 3))
+    batch.step()
+    batch.submit(Request([3], 3))  # prefilled together they would be one state; joining a running one fails
     with pytest.raises(AttnkitError, match="cannot take new rows"):
         batch.step()
