@@ -397,3 +397,65 @@ def test_playground_page_and_attention_view(url, reference):
     assert "".join(chat["tokens"]).startswith("<|im_start|>user\nhi<|im_end|>")
     bad = httpx.post(url + "/attnkit/attention", json={"text": "hi", "layer": 9}, headers=headers)
     assert bad.status_code == 400 and "layer and head" in bad.json()["error"]["message"]
+
+
+# --- the playground in a real browser ------------------------------------------------------------------
+
+def _chromium():
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver; no download)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("chromium and chromium-driver are not installed (scripts/system_packages.sh installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_playground_in_a_browser_streams_the_text_and_shows_the_models_attention(slow, reference, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from attnkit.plots import attention_weights
+
+    model, tok, _ = slow  # 50 ms a token: the text arrives piece by piece
+    expected = generate_text(reference[0], tok, CHAT_PROMPT, max_new_tokens=16, sampling=Sampling(temperature=0))
+    browser = _chromium()
+    try:
+        with running(create_app(model, tok, model_name="tiny", max_tokens_cap=40)) as url:
+            browser.get(url + "/")
+            assert _wait_until(lambda: browser.find_element(By.ID, "model").text == "tiny")
+            for field, value in (("prompt", CHAT_PROMPT), ("max_tokens", "16"), ("temperature", "0")):
+                box = browser.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(value)
+            browser.find_element(By.ID, "go").click()
+            seen = []  # the output box while the stream comes in
+            while browser.find_element(By.ID, "go").get_attribute("disabled") or not seen:
+                seen.append(browser.find_element(By.ID, "output").text)
+                if len(seen) > 2000:
+                    break
+            output = browser.find_element(By.ID, "output")
+            assert browser.execute_script("return arguments[0].textContent", output) == expected
+            partial = {text for text in seen if text and text != expected.strip()}
+            assert len(partial) >= 2, f"no streamed pieces seen: {seen[:5]}"
+            # the attention view of the text so far: a span per token, then hover one
+            ids, maps = attention_weights(reference[0], tok, CHAT_PROMPT + expected)
+            assert _wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#tokens span")) == len(ids))
+            spans = browser.find_elements(By.CSS_SELECTOR, "#tokens span")
+            query = len(ids) - 3
+            ActionChains(browser).move_to_element(spans[query]).perform()
+            assert _wait_until(lambda: spans[query].get_attribute("class") == "query")
+            shown = [float(s.get_attribute("title").split()[1]) for s in spans]  # "attention 0.1234"
+            assert torch.allclose(torch.tensor(shown), maps[0][0, 0, query].float(), atol=1e-4)
+            page = torch.tensor(browser.execute_script("return attention.weights[arguments[0]]", query))
+            assert torch.allclose(page, maps[0][0, 0, query].float(), atol=6e-6)  # sent with 5 decimals
+            assert page[query + 1:].abs().max() == 0 and abs(float(page.sum()) - 1) < 1e-4
+            browser.save_screenshot(str(tmp_path / "playground.png"))  # the test's artifact
+            assert (tmp_path / "playground.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
