@@ -34,13 +34,16 @@ def _take_rows(t: Tensor, index: Tensor) -> Tensor:
     return picked
 
 
-def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool) -> list[Tensor]:
-    """One (B, Hkv, capacity, hd) tensor per layer, zeroed: views of one buffer, so that a reorder is
-    one copy for all layers, or (``separate``) tensors of their own, which a compiled graph can
-    write into in place (a view would be copied)."""
+def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool, zeroed: bool = True) -> list[Tensor]:
+    """One (B, Hkv, capacity, hd) tensor per layer: views of one buffer, so that a reorder is one
+    copy for all layers, or (``separate``) tensors of their own, which a compiled graph can write
+    into in place (a view would be copied). Zeroed when attention may read slots never written
+    (masked, but 0 x NaN is NaN); a growing cache reads only written slots, and its memory is only
+    touched where it is written (rows that finish early never fault in the rest)."""
+    make = torch.zeros if zeroed else torch.empty
     if separate:
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-    return _views(torch.zeros((n_layers, *shape), dtype=dtype, device=device))
+        return [make(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    return _views(make((n_layers, *shape), dtype=dtype, device=device))
 
 
 def _views(buffer: Tensor) -> list[Tensor]:
@@ -89,8 +92,8 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device, static: bool = False):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = _layer_tensors(n_layers, shape, dtype, device, separate=static)
-        self.v = _layer_tensors(n_layers, shape, dtype, device, separate=static)
+        self.k = _layer_tensors(n_layers, shape, dtype, device, separate=static, zeroed=static)
+        self.v = _layer_tensors(n_layers, shape, dtype, device, separate=static, zeroed=static)
         self.key_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
@@ -177,6 +180,8 @@ def join_caches(a: KVCache, b: KVCache) -> KVCache:
         n = used[id(src)]
         start, first = length - n, src.length - n
         for layer in range(len(src.k)):
+            out.k[layer][rows, :, :start] = 0  # padding: read (masked), so finite
+            out.v[layer][rows, :, :start] = 0
             out.k[layer][rows, :, start:length] = src.k[layer][:, :, first:src.length]
             out.v[layer][rows, :, start:length] = src.v[layer][:, :, first:src.length]
         out.key_pos[rows, start:length] = src.key_pos[:, first:src.length]

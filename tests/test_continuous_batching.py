@@ -99,8 +99,9 @@ def test_requests_that_arrive_together_are_prefilled_together_within_the_budget(
     start = model.start
     model.start = lambda prompts, **kw: starts.append(len(prompts)) or start(prompts, **kw)
     run(batch, {0: requests})
-    # 20 tokens of padded prompt a step: [3, 9] (2 x 9), [4, 6, 2] (3 x 6), then the sixth once a row is free
-    assert starts == [2, 3, 1]
+    # 20 tokens of padded prompt a step, the first five sorted by length: [2, 3, 4] (3 x 4; a 6 would
+    # make it 4 x 6), then [6, 9] (2 x 9; two rows were free), then the sixth once a row is free
+    assert starts == [3, 2, 1]
     assert all(r.tokens == alone(model, p, 8) for r, p in zip(requests, prompts))
 
 
