@@ -197,8 +197,11 @@ class Trainer:
         self.model = model.to(self.device)
         self.rng = {"torch_rng": cpu_rng, "cuda_rng": None}  # the loop's global RNG (dropout) while fit runs
         self._rng_is_live = False
+        # fused: one kernel over all parameters (on a CPU 7x faster than the default per-tensor loop;
+        # about 10% of a MiniLM fine-tuning step)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2))
+                                           betas=(cfg.beta1, cfg.beta2),
+                                           fused=self.device.type in ("cpu", "cuda") or None)
         self.elapsed = 0.0  # seconds trained, over all resumes (the "time" schedule's clock)
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
         self.step, self.best_val, self.batches_drawn = 0, float("inf"), 0
