@@ -495,6 +495,9 @@ DATA_OPTIONS = _options(
     click.option("--no-truncate", is_flag=True, default=None, help="Refuse examples longer than --max-length."),
     click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]),
                  help="classify: the pooled [CLS] (BERT) or the mean of the tokens."),
+    click.option("--length-buckets", default=None, type=int,
+                 help="classify: draw each batch from one of N buckets of similar length (less padding; 1: "
+                      "from all examples)  [default: 16]."),
 )
 
 
@@ -554,10 +557,10 @@ def _fit_and_report(cfg, resume: bool) -> None:
 
 
 def _data_overrides(val_data, val_fraction, text_column, label_column, pair_column, max_length, no_truncate,
-                    pooling) -> dict:
+                    pooling, length_buckets) -> dict:
     return dict(val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
                 pair_column=pair_column, max_length=max_length, truncate=False if no_truncate else None,
-                pooling=pooling)
+                pooling=pooling, length_buckets=length_buckets)
 
 
 @main.command()
@@ -578,7 +581,7 @@ def _data_overrides(val_data, val_fraction, text_column, label_column, pair_colu
 @click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
 def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device, precision,
           seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column, max_length,
-          no_truncate, pooling, model_name, tokenizer, vocab_size, attention, window, positional):
+          no_truncate, pooling, length_buckets, model_name, tokenizer, vocab_size, attention, window, positional):
     """Train a model from scratch: a language model (then print a sample), an encoder, or an
     encoder-decoder (then print sample translations / summaries of val sources).
 
@@ -611,7 +614,7 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
                          max_time=max_time, save_every_minutes=save_every_minutes, device=device,
                          precision=precision, seed=seed, batch_size=batch_size, lr=lr,
                          **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
-                                           max_length, no_truncate, pooling),
+                                           max_length, no_truncate, pooling, length_buckets),
                          model_overrides={"attention": attention, "window": window, "positional": positional})
     _fit_and_report(cfg, resume)
 
@@ -637,7 +640,7 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
                    "the model has: q,k,v,out,up,down, and gate in a SwiGLU MLP (decoders)].")
 def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
              precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
-             max_length, no_truncate, pooling, lora_rank, lora_alpha, lora_targets):
+             max_length, no_truncate, pooling, length_buckets, lora_rank, lora_alpha, lora_targets):
     """Fine-tune a pretrained encoder (classification of your labelled texts, span QA), an
     encoder-decoder on your pairs (--task seq2seq), or a decoder LM on your text (--task lm) or
     your conversations (--task chat: the loss is on the assistant's tokens only, rendered with the
@@ -682,7 +685,7 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
                          device=device, precision=precision, seed=seed, batch_size=batch_size, lr=lr,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=targets,
                          **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
-                                           max_length, no_truncate, pooling))
+                                           max_length, no_truncate, pooling, length_buckets))
     if cfg.init is None:
         raise AttnkitError(f"{recipe or config_file or out} names no checkpoint to fine-tune; give --ckpt")
     _fit_and_report(cfg, resume)

@@ -27,7 +27,7 @@ from attnkit.encoding import qa_windows
 from attnkit.tokenizers import CharTokenizer, train_wordpiece
 from attnkit.train import TrainConfig, Trainer
 from attnkit.train.tasks import make_task
-from attnkit.train.encoder_tasks import mask_tokens
+from attnkit.train.encoder_tasks import length_buckets, mask_tokens
 
 TINY = dict(n_layer=2, d_model=32, n_head=2, context_length=64)
 LABELS = ["neg", "pos"]
@@ -218,6 +218,31 @@ def test_mask_tokens_is_reproducible_from_the_generator():
 
 
 # --- 2. masked-LM pretraining --------------------------------------------------------------------------
+
+def test_length_buckets_split_by_length_and_keep_every_example_equally_likely():
+    g = random.Random(0)
+    lengths = [g.randint(3, 60) for _ in range(1000)]
+    buckets = length_buckets(lengths, 16)
+    assert sorted(torch.cat(buckets).tolist()) == list(range(1000)) and {len(b) for b in buckets} <= {62, 63}
+    assert all(max(lengths[i] for i in a.tolist()) <= min(lengths[i] for i in b.tolist())
+               for a, b in zip(buckets, buckets[1:]))
+    assert len(length_buckets(lengths[:5], 16)) == 5 and len(length_buckets(lengths, 1)) == 1
+
+    class Draws:  # the task's draw alone
+        from attnkit.train.encoder_tasks import EncoderTask
+        cfg = TrainConfig(batch_size=8)
+        _draw = EncoderTask._draw
+
+    generator, counts = torch.Generator().manual_seed(0), torch.zeros(1000)
+    bucket_of = {i: k for k, b in enumerate(buckets) for i in b.tolist()}
+    for _ in range(4000):
+        index = Draws()._draw(1000, generator, 0, 1, buckets)
+        assert len({bucket_of[i] for i in index}) == 1  # one bucket per batch: little padding
+        counts[index] += 1
+    # every example drawn about 32 times (4000 x 8 / 1000): no bucket is favoured
+    per_bucket = torch.stack([counts[b].mean() for b in buckets])
+    assert (per_bucket - 32).abs().max() < 6
+
 
 def test_train_mlm_lowers_the_masked_token_loss_and_writes_an_mlm_encoder(tmp_path):
     corpus = tmp_path / "corpus.txt"

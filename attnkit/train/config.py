@@ -26,7 +26,7 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
 
 TASKS = ("lm", "chat", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
-                "pooling", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                "pooling", "length_buckets", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
                 "label_smoothing", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional", "audio_rate")
 
 
@@ -51,6 +51,10 @@ class TrainConfig:
     max_length: int | None = None
     truncate: bool = True  # cut longer examples (counted in the log); False refuses them
     pooling: str = "cls"  # classify: the pooled [CLS] (BERT) or the mean of the tokens
+    # classify: each batch is drawn from one of this many buckets of examples of about the same length
+    # (bucket chosen in proportion to its size, so every example is as likely as before): less padding
+    # computed; 1: from all examples
+    length_buckets: int = 16
     mask_prob: float = 0.15  # mlm
     doc_stride: int = 128  # qa: context tokens shared by consecutive windows of a long context
     # seq2seq: pairs (TSV/CSV/JSONL or a recipe: de-en, manpage-summary); max_length cuts sources and targets
@@ -111,6 +115,7 @@ class TrainConfig:
              f"tokenizer {self.tokenizer!r} is not char, bpe, wordpiece or gpt2")
         need(self.task in TASKS, f"task {self.task!r} is not one of {', '.join(TASKS)}")
         need(self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} is not cls or mean")
+        need(self.length_buckets >= 1, f"length_buckets must be at least 1, got {self.length_buckets}")
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.eval_sample >= 0, f"eval_sample must be >= 0, got {self.eval_sample}")
         need(self.seq2seq_metric in ("bleu", "rouge"), f"seq2seq_metric {self.seq2seq_metric!r} is not bleu or rouge")

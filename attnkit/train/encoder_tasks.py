@@ -133,14 +133,27 @@ class EncoderTask(Task):
 
     # -- batches of rows
 
-    def _draw(self, n: int, generator: torch.Generator, rank: int, world: int) -> list[int]:
-        """This rank's slice of a global batch of example indices drawn with replacement."""
-        index = torch.randint(n, (self.cfg.batch_size,), generator=generator).tolist()
+    def _draw(self, n: int, generator: torch.Generator, rank: int, world: int,
+              buckets: Sequence[Tensor] | None = None) -> list[int]:
+        """This rank's slice of a global batch of example indices drawn with replacement: from all n,
+        or from one of ``buckets`` (index tensors), picked in proportion to its size."""
+        if buckets is None or len(buckets) == 1:
+            index = torch.randint(n, (self.cfg.batch_size,), generator=generator).tolist()
+        else:
+            sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+            bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+            index = bucket[torch.randint(len(bucket), (self.cfg.batch_size,), generator=generator)].tolist()
         per = self.cfg.batch_size // world
         return index[rank * per:(rank + 1) * per]
 
     def _eval_groups(self, lengths: Sequence[int]) -> list[list[int]]:
         return length_sorted_batches(lengths, self.cfg.batch_size)
+
+
+def length_buckets(lengths: Sequence[int], count: int) -> list[Tensor]:
+    """The example indices in ``count`` buckets of (nearly) equal size, by length."""
+    order = torch.tensor(sorted(range(len(lengths)), key=lambda i: (lengths[i], i)), dtype=torch.long)
+    return [b for b in torch.tensor_split(order, min(count, max(1, len(lengths)))) if len(b)]
 
 
 def _padded(rows: Sequence[tuple[list[int], list[int]]], pad: int, device):
@@ -263,6 +276,7 @@ class ClassificationTask(EncoderTask):
             print(f"warning: {task.inputs.truncated} examples were longer than {task.max_length} tokens and were "
                   "truncated (--no-truncate refuses them)", file=sys.stderr)
         task.tokens_per_batch = round(cfg.batch_size * sum(len(r[0]) for r in task.train_rows) / len(task.train_rows))
+        task.train_buckets = length_buckets([len(r[0]) for r in task.train_rows], cfg.length_buckets)
         task.val_groups = task._eval_groups([len(r[0]) for r in task.val_rows])
         task.eval_batches = len(task.val_groups)
         return task
@@ -272,7 +286,7 @@ class ClassificationTask(EncoderTask):
         return [self.inputs.ids(e.text, e.text_pair) for e in examples], torch.tensor([index[e.label] for e in examples])
 
     def train_batch(self, generator, *, device, rank=0, world=1):
-        index = self._draw(len(self.train_rows), generator, rank, world)
+        index = self._draw(len(self.train_rows), generator, rank, world, self.train_buckets)
         return _padded([self.train_rows[i] for i in index], self.special.pad, device), self.train_targets[index].to(device)
 
     def loss(self, model, batch) -> Tensor:
