@@ -124,7 +124,8 @@ def _attnkit_run(recipe: str, out: Path, **overrides) -> dict:
 
 def _transformers_run(out: Path, steps: int, group_by_length: bool = False) -> dict:
     """transformers' Trainer fine-tuning the same MiniLM weights with the recipe's hyperparameters
-    (``group_by_length``: its own length-grouped sampler, off by default, as attnkit's length buckets)."""
+    (``group_by_length``: its own length-grouped sampler, train_sampling_strategy="group_by_length", off
+    by default; the counterpart of attnkit's length buckets)."""
     import transformers
 
     from attnkit.checkpoints import resolve_checkpoint_dir
@@ -160,7 +161,7 @@ def _transformers_run(out: Path, steps: int, group_by_length: bool = False) -> d
         max_steps=steps, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": cfg.min_lr}, bf16=precision == "bf16", use_cpu=True, logging_steps=50,
         save_strategy="no", report_to=[], seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True,
-        group_by_length=group_by_length)
+        train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
                                    data_collator=transformers.DataCollatorWithPadding(tok))
     t0 = time.perf_counter()
@@ -227,7 +228,7 @@ def bench_sentiment(args) -> None:
     comparable = full and ref and full["quiet"] and ref["quiet"] and full.get("process") == ref.get("process")
     ratio = f"{full['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if comparable else "n/a (not measured in one quiet run)"
     hf_grouped = results.get("transformers Trainer full fine-tune, group_by_length")
-    grouped = (f"; against transformers with group_by_length=True: "
+    grouped = (f"; against transformers with train_sampling_strategy="group_by_length": "
                f"{full['tokens_per_s'] / hf_grouped['tokens_per_s']:.2f}x" if comparable and hf_grouped
                and hf_grouped.get("process") == full.get("process") else "")
     body = (f"{limits_line(limits)}\n\nRotten Tomatoes snippets, fixed seeded split 10,202 / 1,275 / 1,275; accuracy on "
