@@ -228,7 +228,7 @@ def bench_sentiment(args) -> None:
     comparable = full and ref and full["quiet"] and ref["quiet"] and full.get("process") == ref.get("process")
     ratio = f"{full['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if comparable else "n/a (not measured in one quiet run)"
     hf_grouped = results.get("transformers Trainer full fine-tune, group_by_length")
-    grouped = (f"; against transformers with train_sampling_strategy="group_by_length": "
+    grouped = (f"; against transformers with train_sampling_strategy='group_by_length': "
                f"{full['tokens_per_s'] / hf_grouped['tokens_per_s']:.2f}x" if comparable and hf_grouped
                and hf_grouped.get("process") == full.get("process") else "")
     body = (f"{limits_line(limits)}\n\nRotten Tomatoes snippets, fixed seeded split 10,202 / 1,275 / 1,275; accuracy on "
