@@ -374,6 +374,11 @@ class DecodeState:
             cache.reorder(index)
         self.next_pos = self.next_pos.index_select(0, index)
 
+    def rows_at_context(self) -> list[int]:
+        """The rows whose next token would pass a context limit (continuous batching restarts them
+        alone, from ``model.restart_ids``); none for a family without such a limit."""
+        return []
+
     def join(self, other: "DecodeState") -> None:
         """Append ``other``'s rows (a request joining a running batch: continuous batching)."""
         raise AttnkitError(f"a {type(self).__name__} cannot take new rows; continuous batching needs a decoder LM")

@@ -359,10 +359,10 @@ class Request:
 
 class ContinuousBatch:
     """Continuous batching over a model's decode state: a request joins the running rows at the next
-    ``step`` (the prompts that arrived prefilled by ``model.start`` in groups of about the same length,
-    up to ``prefill_tokens`` of padded prompt per step, then joined as new rows, ``state.join``) and leaves when
-    it finishes (``state.reorder`` drops its row); every step is one ``model.advance`` of one token
-    for all running rows. Each row samples with its own settings and generator, so a request gets
+    ``step`` (the prompts that arrived are prefilled by ``model.start`` in groups of about the same
+    length, up to ``prefill_tokens`` of padded prompt per step, then joined as new rows,
+    ``state.join``) and leaves when it finishes (``state.reorder`` drops its row); every step is one
+    ``model.advance`` of one token for all running rows. Each row samples with its own settings and generator, so a request gets
     the tokens ``generate_tokens`` gives it alone (greedy: token for token; seeded sampling: the same
     draws). Eager decoding of decoder LMs (their states join)."""
 
@@ -430,8 +430,9 @@ class ContinuousBatch:
         """The waiting requests to prefill at this step, in groups prefilled together: the first of
         the queue, as many as there are free rows and the step's prefill budget (padded prompt
         tokens: rows x longest prompt) allows. Sorted by prompt length and grouped with prompts of
-        about their length (within 25% + 8 tokens of the group's shortest: padding is wasted work); a group fits the context together (its longest
-        prompt + its most new tokens: a padded row's slots must not run out before its own)."""
+        about their length (within 25% + 8 tokens of the group's shortest: padding is wasted work);
+        a group fits the context together (its longest prompt + its most new tokens: a padded row's
+        slots must not run out before its own)."""
         for request in [r for r in self.waiting if r.max_new_tokens == 0]:
             request.finish_reason = "length"
             self.waiting.remove(request)
@@ -473,26 +474,21 @@ class ContinuousBatch:
         A row whose next token would pass the context restarts alone on its latest half context
         and joins again, as it would re-encode alone (the other rows keep their history)."""
         emitted: list[tuple[Request, int]] = []
-        context = self.model.cfg.context_length
         restart: list[Request] = []
-        if self.running:
-            full = [int(p) + 1 > context for p in self.state.next_pos[:, 0].tolist()]
-            if any(full):
-                restart = [r for r, f in zip(self.running, full) if f]
-                self._keep([i for i, f in enumerate(full) if not f])
+        if self.running and (full := self.state.rows_at_context()):
+            restart = [self.running[i] for i in full]
+            self._keep([i for i in range(len(self.running)) if i not in full])
         if self.running:
             fed = torch.tensor(self.next_tokens, device=self.device)[:, None]  # (B, 1)
             logits = self.model.advance(self.state, fed)[:, -1]  # (B, V)
             self.next_tokens = [self._accept(r, logits[i:i + 1], emitted) for i, r in enumerate(self.running)]
-        keep = max(0, context // 2 - 1)  # the history kept before the new token, as ``advance`` keeps it
         for request in restart:
-            history = [*request.prompt, *request.tokens[:-1]]
-            ids = history[len(history) - keep:] if keep else []
-            self._add([request], [[*ids, request.tokens[-1]]], request.max_new_tokens - len(request.tokens), emitted)
+            ids = self.model.restart_ids([*request.prompt, *request.tokens])
+            self._add([request], [ids], request.max_new_tokens - len(request.tokens), emitted)
         for request in [r for r in self.waiting if r.cancelled]:
             request.finish_reason = "cancelled"
             self.waiting.remove(request)
-        for group in self._admit(context):
+        for group in self._admit(self.model.cfg.context_length):
             self._add(group, [r.prompt for r in group], max(r.max_new_tokens for r in group), emitted)
         self._keep([i for i, r in enumerate(self.running) if r.finish_reason is None])
         return emitted

@@ -258,9 +258,7 @@ class Scheduler:
         rows = len(batch.running)
         by_request = {id(g.request): g for g in running}
         for request, token in batch.step():
-            g = by_request[id(request)]
-            if g.text.stopped:
-                continue
+            g = by_request[id(request)]  # one token per request and step
             piece = g.text.push(token)
             if piece:
                 g.job._put("piece", piece)

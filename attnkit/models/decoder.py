@@ -63,6 +63,11 @@ class DecoderState(DecodeState):
             return cache.capacity - cache.length
         return self.context_length - int(self.next_pos.max()) if self.learned_positions else None
 
+    def rows_at_context(self) -> list[int]:
+        """The rows whose next token would pass the context: alone, each would re-encode its latest
+        half context there (continuous batching restarts them alone, on ``DecoderLM.restart_ids``)."""
+        return [i for i, p in enumerate(self.next_pos[:, 0].tolist()) if p + 1 > self.context_length]
+
     def reorder(self, index: Tensor) -> None:
         super().reorder(index)
         self.tokens, self.valid = self.tokens.index_select(0, index), self.valid.index_select(0, index)
@@ -88,6 +93,11 @@ class DecoderState(DecodeState):
         self.caches[0] = join_caches(self.cache, other.cache)
         self.tokens, self.valid, self.length = tokens, valid, length
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
+
+def _history_kept(context_length: int, new: int) -> int:
+    """Tokens of history kept before ``new`` tokens when a dense decoder re-encodes at its context."""
+    return max(0, context_length // 2 - new)
 
 
 # --- the compiled one-token step ---------------------------------------------------------------
@@ -297,7 +307,7 @@ class DecoderLM(ModelSize, nn.Module):
         full = (not rolling and cache.length + T > cache.capacity) or (
             rolling and self.embed.pos is not None and int(state.next_pos.max()) + T > cfg.context_length)
         if full:
-            keep = max(0, cfg.context_length // 2 - T)  # the history kept, before the new tokens
+            keep = _history_kept(cfg.context_length, T)
             L = state.length
             ids = torch.cat([state.tokens[:, L - keep:L], tokens], dim=1)
             valid = torch.cat([state.valid[:, L - keep:L], torch.ones_like(tokens, dtype=torch.bool)], dim=1)
@@ -308,6 +318,11 @@ class DecoderLM(ModelSize, nn.Module):
         logits = self(tokens, positions=positions, cache=cache, compiled=state.compiled if T == 1 else None)
         state.next_pos, state.length = state.next_pos + T, L + T
         return logits
+
+    def restart_ids(self, row: Sequence[int]) -> list[int]:
+        """What one row (all its tokens so far, the last one not yet fed) is re-encoded from when its
+        next token would pass the context: the history ``advance`` keeps, then that token."""
+        return list(row[len(row) - 1 - _history_kept(self.cfg.context_length, 1):])
 
     def _encode(self, state: DecoderState, ids: Tensor, valid: Tensor, positions: Tensor, new: int,
                 last_only: bool = False) -> Tensor:
