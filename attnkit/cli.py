@@ -363,7 +363,7 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
 @click.option("--no-batching", is_flag=True,
               help="Decode one request at a time instead of batching concurrent ones (a baseline).")
 @click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)),
-              help="The weights' dtype (bf16: about 2x the tokens/s of fp32 under load on a CPU with AMX).")
+              help="The weights' dtype (bf16: 1.9x the tokens/s of fp32 under load, measured on a CPU with AMX).")
 @QUANTIZE_OPTION
 def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent, timeout, max_body_bytes, device,
           compile_step, no_batching, dtype_name, quantize):
@@ -385,8 +385,7 @@ def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent,
     from attnkit.serve import serve as run_server
 
     run_server(ckpt, host=host, port=port, model_name=model_name, device=_device(device), dtype=_dtype(dtype_name),
-               quantize=quantize,
-               api_key=api_key, max_tokens_cap=max_tokens_cap, max_concurrent=max_concurrent, timeout=timeout,
+               quantize=quantize, api_key=api_key, max_tokens_cap=max_tokens_cap, max_concurrent=max_concurrent, timeout=timeout,
                max_body_bytes=max_body_bytes, compile=compile_step, batching=not no_batching)
 
 
