@@ -1,14 +1,17 @@
 """Native CPU kernels for batch-1 decoding, where torch's and inductor's general loops are slow
 (``csrc/decode_kernels.cpp``): the bf16 linear over one row of activations (every matmul of a
-decode step), its fp32 twin (used for large matrices only, where it beats torch's), and attention
-for one query per head.
+decode step), its fp32 twin (used for large matrices only, where it beats torch's), the same for a
+few rows at once (beam search, draft checking), and attention for one query per head.
 
 The kernels are built on first use with the machine's C++ compiler against torch's stable C ABI
 (about a second), into ``cache_dir()/kernels`` under a name that hashes the source, torch's version
-and the flags, and loaded from there afterwards. They are only built on x86-64 CPUs with AVX512-BF16 and AVX512-VNNI
-(and the AVX512 F/BW/VL/DQ parts that come with it); elsewhere torch's own ops run. Where there is no
-compiler or the build fails, torch's ops run too and a warning says why, once. ``ATTNKIT_NATIVE=0``
-turns the kernels off; ``native_status()`` (and ``attnkit info``) says which applies.
+and the flags, and loaded from there afterwards. Which source depends on the CPU (``_isa``): x86-64
+CPUs with AVX512-BF16 and AVX512-VNNI (and the AVX512 F/BW/VL/DQ parts that come with it) get all of
+them, bf16 and block-quantized weights included; CPUs with AVX2 and FMA only get the fp32 ones
+(``csrc/decode_kernels_avx2.cpp``: the fp32 linears and fp32 attention, same ops); elsewhere torch's
+own ops run. Where there is no compiler or the build fails, torch's ops run too and a warning says
+why, once. ``ATTNKIT_NATIVE=0`` turns the kernels off; ``native_status()`` (and ``attnkit info``)
+says which applies.
 """
 
 from __future__ import annotations
@@ -27,38 +30,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
+_CSRC = Path(__file__).with_name("csrc")
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # what the kernels use
+# instruction set -> (its source, the CPU flags it uses, the ops it defines)
+_FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention")
+_ISAS = {
+    "avx512": (_CSRC / "decode_kernels.cpp",
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
+               ("linear_bf16", "linear_rows_bf16", "linear_quantized", *_FP32_OPS)),
+    "avx2": (_CSRC / "decode_kernels_avx2.cpp", ("avx2", "fma"), _FP32_OPS),
+}
+_isa_loaded: str | None = None  # which of _ISAS is loaded
 
 
-def _cpu_has_flags() -> bool:
+def _isa() -> str | None:
+    """The richest entry of ``_ISAS`` this CPU runs (x86-64 only), or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return None
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return None
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return all(flag in flags for flag in _CPU_FLAGS)
+    return next((isa for isa, (_, needed, _) in _ISAS.items() if all(flag in flags for flag in needed)), None)
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel library (or find it already compiled); returns the .so's path."""
+def _build(compiler: str, isa: str) -> Path:
+    """Compile the kernel library for ``isa`` (or find it already compiled); returns the .so's path."""
     from attnkit.data.fetch import cache_dir
 
+    source, cpu_flags, _ = _ISAS[isa]
     torch_dir = Path(torch.__file__).parent
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *(f"-m{flag.replace('_', '')}" for flag in _CPU_FLAGS),
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *(f"-m{flag.replace('_', '')}" for flag in cpu_flags),
              f"-DTORCH_TARGET_VERSION={_ABI}", f"-I{torch_dir / 'include'}"]
     libs = [f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, torch.__version__, *flags]).encode()).hexdigest()
-    target = cache_dir() / "kernels" / f"decode_kernels-{tag[:16]}.so"
+    tag = hashlib.sha256(source.read_bytes() + " ".join([compiler, torch.__version__, *flags]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"{source.stem}-{tag[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), *libs],
+        run = subprocess.run([compiler, *flags, str(source), "-o", str(partial), *libs],
                              capture_output=True, text=True)
         if run.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -67,40 +80,43 @@ def _build(compiler: str) -> Path:
     return target
 
 
+_FAKES = {  # shapes for torch.compile's tracing, per op
+    "linear_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_fp32": lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_rows_fp32": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_rows_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_quantized": lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)),
+    "decode_attention": lambda q, k, v, mask, scale: torch.empty_like(q),
+}
+
+
 def native_available() -> bool:
     """Whether the ``attnkit::`` kernels are loaded; builds and loads them on the first call."""
-    global _loaded, _status
+    global _loaded, _status, _isa_loaded
     if _loaded is None:
         _loaded = False
         compiler = os.environ.get("CXX", "g++")
         if os.environ.get("ATTNKIT_NATIVE", "1") == "0":
             _status = "off (ATTNKIT_NATIVE=0)"
-        elif not _cpu_has_flags():
-            _status = f"not built: this CPU lacks one of {', '.join(_CPU_FLAGS)}"
+        elif (isa := _isa()) is None:
+            _status = "not built: this CPU has neither AVX2 with FMA nor AVX512-BF16 with AVX512-VNNI"
         elif shutil.which(compiler) is None:
             _status = f"not built: no C++ compiler ({compiler}) found; set CXX to one"
             warnings.warn(f"attnkit: the native decoding kernels are {_status}. Decoding uses torch's slower "
                           "ops (ATTNKIT_NATIVE=0 silences this)", stacklevel=2)
         else:
             try:
-                library = _build(compiler)
+                library = _build(compiler, isa)
                 torch.ops.load_library(str(library))
             except (OSError, RuntimeError) as error:
                 _status = f"not built: {error}"
                 warnings.warn(f"attnkit: the native decoding kernels could not be built, torch's ops are used "
                               f"instead: {error}", stacklevel=2)
             else:
-                torch.library.register_fake("attnkit::linear_bf16")(
-                    lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
-                torch.library.register_fake("attnkit::linear_fp32")(
-                    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
-                for name in ("attnkit::linear_rows_fp32", "attnkit::linear_rows_bf16"):
-                    torch.library.register_fake(name)(lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
-                torch.library.register_fake("attnkit::linear_quantized")(
-                    lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)))
-                torch.library.register_fake("attnkit::decode_attention")(
-                    lambda q, k, v, mask, scale: torch.empty_like(q))
-                _loaded, _status = True, f"loaded from {library}"
+                for op in _ISAS[isa][2]:
+                    torch.library.register_fake(f"attnkit::{op}")(_FAKES[op])
+                what = "all kernels" if isa == "avx512" else "fp32 kernels only: no bf16 or quantized ones on AVX2"
+                _loaded, _isa_loaded, _status = True, isa, f"loaded ({isa}, {what}) from {library}"
     return _loaded
 
 
@@ -115,50 +131,71 @@ def _loaded_now() -> bool:
     return bool(_loaded) if torch.compiler.is_compiling() else native_available()
 
 
+def _has(op: str) -> bool:
+    """Whether ``attnkit::op`` is loaded (the AVX2 library has the fp32 ops only)."""
+    return _loaded_now() and op in _ISAS[_isa_loaded][2]
+
+
 def _no_grad_needed(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-# fp32 one row, native vs torch's F.linear, weights streamed from memory, interleaved A/B medians, 2 threads:
-# 3072x576 / 49152x576 / 1152x384 / 1536x384 1.07-1.09x, 576x576 / 576x1536 / 384x1536 1.01x, but
-# 384x384 0.91x, 192x576 0.98x, 65x384 0.85x (the native call costs ~1 us more): so only from 256 Ki values.
-# Not in compiled graphs: inductor's fp32 loops there measured faster (the kernel: 0.91x gpt2-char-small, 0.98x smollm2).
-_FP32_NATIVE_MIN_WEIGHTS = 1 << 18
+# fp32 one row, native vs torch's F.linear, weights streamed from memory, interleaved A/B medians, 2 threads.
+# AVX512 (Xeon): 3072x576 / 49152x576 / 1152x384 / 1536x384 1.07-1.09x, 576x576 / 576x1536 / 384x1536 1.01x,
+# but 384x384 0.91x, 192x576 0.98x, 65x384 0.85x (the native call costs ~1 us more): so from 256 Ki values.
+# AVX2 (AMD EPYC, MKL 2024.2), GB/s of weights: 576x576 12.1 -> 23.4, 1536x576 12.8 -> 29.0, 576x1536
+# 18.4 -> 33.3, 49152x576 12.2 -> 24.3 (1.6-2.3x from 384x384 up); weights in cache, 256x256 8.8 -> 8.1 us,
+# 192x192 0.81x, 128x128 0.62x (the call costs ~3 us more): so from 64 Ki values.
+# Not in compiled graphs: inductor's fp32 loops there measured faster on AVX512 (the kernel: 0.91x
+# gpt2-char-small, 0.98x smollm2).
+_FP32_NATIVE_MIN_WEIGHTS = {"avx512": 1 << 18, "avx2": 1 << 16}
+
+
+def _fp32_min_weights() -> int:
+    """The smallest fp32 matrix the one-row kernel is used for on this machine's library."""
+    native_available()
+    return _FP32_NATIVE_MIN_WEIGHTS[_isa_loaded or "avx512"]
 
 
 def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
     """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs: one row of
     activations on the CPU, weight of the same dtype with unit stride along K, nothing to
     differentiate, the kernels loaded; bf16 (bias added after), or fp32 for matrices of at least
-    ``_FP32_NATIVE_MIN_WEIGHTS`` values outside torch.compile (bias None or (N,) fp32 contiguous, added
+    ``_fp32_min_weights()`` values outside torch.compile (bias None or (N,) fp32 contiguous, added
     in the kernel)."""
     if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dtype == x.dtype
             and weight.stride(-1) == 1 and _no_grad_needed(x, weight)):
         return None
     if x.dtype == torch.bfloat16:
-        return torch.ops.attnkit.linear_bf16 if _loaded_now() else None
-    if (x.dtype == torch.float32 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS and not torch.compiler.is_compiling()
+        return torch.ops.attnkit.linear_bf16 if _has("linear_bf16") else None
+    if (x.dtype == torch.float32 and not torch.compiler.is_compiling()
             and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
                                   and _no_grad_needed(bias)))
-            and _loaded_now()):
+            and _has("linear_fp32") and weight.numel() >= _fp32_min_weights()):
         return torch.ops.attnkit.linear_fp32
     return None
 
 
 # A few rows at once (beam search, checking draft tokens), native vs torch's F.linear, weights streamed
-# from memory, interleaved A/B medians, 2 threads, GB/s of weights: fp32 4 rows 15-20 -> 17-25 (1.1-1.6x)
-# on 384x384 .. 49152x576, 5 rows 13-19 -> 14-25, but 2 rows 0.9x and 8 rows 0.8-1.0x; bf16 2 rows 1.1-1.7x,
-# 4 or more rows 0.7-1.0x. So: fp32 for 3 to 6 rows, bf16 for 2 or 3, from 256 Ki values; in compiled graphs
-# too (compiled 4-beam search on gpt2-char-small, A/B of two graphs: 3.22 vs 3.45 ms per step at best, 4.42 vs 4.57 median).
-_ROWS_NATIVE = {torch.float32: range(3, 7), torch.bfloat16: range(2, 4)}
+# from memory, interleaved A/B medians, 2 threads, GB/s of weights. AVX512 (Xeon): fp32 4 rows 15-20 ->
+# 17-25 (1.1-1.6x) on 384x384 .. 49152x576, 5 rows 13-19 -> 14-25, but 2 rows 0.9x and 8 rows 0.8-1.0x;
+# bf16 2 rows 1.1-1.7x, 4 or more rows 0.7-1.0x. So: fp32 for 3 to 6 rows, bf16 for 2 or 3, from 256 Ki
+# values; in compiled graphs too (compiled 4-beam search on gpt2-char-small, A/B of two graphs: 3.22 vs
+# 3.45 ms per step at best, 4.42 vs 4.57 median). AVX2 (AMD EPYC): fp32 2-8 rows 1.4-5.2x on 384x384 ..
+# 49152x576 (4 rows: 5.2-8.4 -> 13.6-21.8 GB/s, 49152x576 4.9 -> 16.0); weights in cache, 4 rows 128x128
+# 8.0 -> 6.7 us, 64x64 1.00x: so 2 to 8 rows from 16 Ki values.
+_ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2, 4)}, 1 << 18),
+                "avx2": ({torch.float32: range(2, 9)}, 1 << 14)}  # isa -> (rows per dtype, fewest weights)
 
 
 def _native_rows_linear(x: Tensor, weight: Tensor):
     """The native kernel for a few rows of x, or None (the conditions of ``_native_linear``, several rows)."""
     rows = x.numel() // max(1, x.shape[-1])
-    if (x.device.type == "cpu" and x.dtype in _ROWS_NATIVE and rows in _ROWS_NATIVE[x.dtype]
-            and weight.dtype == x.dtype and weight.stride(-1) == 1 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS
-            and _no_grad_needed(x, weight) and _loaded_now()):
+    if not (x.device.type == "cpu" and 2 <= rows <= 8 and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.stride(-1) == 1 and _no_grad_needed(x, weight) and _loaded_now()):
+        return None
+    rows_per_dtype, min_weights = _ROWS_NATIVE[_isa_loaded]
+    if rows in rows_per_dtype.get(x.dtype, ()) and weight.numel() >= min_weights:
         return torch.ops.attnkit.linear_rows_fp32 if x.dtype == torch.float32 else torch.ops.attnkit.linear_rows_bf16
     return None
 
@@ -194,7 +231,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     B, S = q.shape[0], k.shape[2]
     if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
             and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and _no_grad_needed(q, k, v)
-            and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _loaded_now()):
+            and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
+            and (q.dtype == torch.float32 or _has("linear_bf16"))):  # bf16 attention: the AVX512 library
         return None
     mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask.reshape(-1, S).expand(B, S)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -202,15 +240,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
 
 
 def quantized_kernels_available() -> bool:
-    """Whether block-quantized weights multiply natively (``linear_quantized``)."""
-    return native_available()
+    """Whether block-quantized weights multiply natively (``linear_quantized``: AVX512-VNNI only)."""
+    return native_available() and _has("linear_quantized")
 
 
 def linear_quantized(x: Tensor, q: Tensor, d: Tensor, m: Tensor | None, kind: int, n: int) -> Tensor | None:
     """One row of fp32 / bf16 activations times block-quantized weights (``attnkit.quant``) through the
     native kernel, or None where it does not apply (several rows, not the CPU, gradients, no kernels)."""
     if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
-            and _no_grad_needed(x) and _loaded_now()):
+            and _no_grad_needed(x) and _has("linear_quantized")):
         return None
     return torch.ops.attnkit.linear_quantized(x.contiguous(), q, d, m, kind, n)
 

@@ -227,7 +227,7 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
     files keep it. Without the native kernels, the weights stay float and a one-line warning on stderr
     says so. ``device``
     (default: the model's): where the weights go; weights on the meta device are taken from ``blocks``."""
-    from attnkit.kernels import native_status, quantized_kernels_available
+    from attnkit.kernels import native_available, native_status, quantized_kernels_available
 
     if choice not in QUANTIZE_CHOICES:
         raise AttnkitError(f"--quantize takes {' or '.join(QUANTIZE_CHOICES)}, got {choice!r}")
@@ -236,7 +236,8 @@ def quantize_model(model: nn.Module, choice: str, blocks: dict[str, Tensor] | No
     blocks = dict(blocks or {})
     device = device or next(p.device for p in model.parameters() if not p.is_meta)
     if device.type != "cpu" or not quantized_kernels_available():
-        why = "they decode on the CPU" if device.type != "cpu" else f"native kernels {native_status()}"
+        why = ("they decode on the CPU" if device.type != "cpu" else "AVX512-VNNI, which this CPU lacks"
+               if native_available() else f"native kernels {native_status()}")
         print(f"attnkit: warning: --quantize {choice} needs the native CPU kernels ({why}); decoding with "
               "dequantized weights instead", file=sys.stderr)  # one line, not a warnings' two
         _dequantize_into(model, blocks)

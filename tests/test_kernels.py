@@ -13,8 +13,10 @@ from attnkit.attention import attention, math_attention
 from attnkit.generate import Sampling, generate_tokens
 from tests.test_core import tiny
 
-BUILDABLE = kernels._cpu_has_flags() and shutil.which("g++") is not None
-needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an x86-64 CPU with AVX512-BF16 and g++")
+ISA = kernels._isa() if shutil.which("g++") is not None else None
+BUILDABLE = ISA is not None  # the fp32 kernels: AVX2 with FMA, or the AVX512 set
+needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an x86-64 CPU with AVX2 and FMA, and g++")
+needs_bf16 = pytest.mark.skipif(ISA != "avx512", reason="the bf16 kernels need an x86-64 CPU with AVX512-BF16, and g++")
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), torch.frexp(x.abs().clamp(min=1e-30)).exponent - 8)
 
 
-@needs_native
+@needs_bf16
 @pytest.mark.parametrize("N,K", [(960, 576), (576, 1536), (7, 33), (130, 100), (5, 1), (64, 64)])
 @pytest.mark.parametrize("lead", [(1, 1), (1,), ()])
 def test_linear_bf16_is_the_fp32_product_rounded_once(N, K, lead):
@@ -47,7 +49,7 @@ def test_linear_bf16_is_the_fp32_product_rounded_once(N, K, lead):
     assert ((got.double() - exact).abs() <= bf16_ulp(exact.float()).double()).all()
 
 
-@needs_native
+@needs_bf16
 def test_linear_routes_one_bf16_row_to_the_kernel_and_everything_else_to_torch():
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 40, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
@@ -100,7 +102,7 @@ def ops_called(fn) -> set[str]:
 @needs_native
 def test_linear_routes_one_large_fp32_row_to_the_kernel_and_everything_else_to_torch():
     g = torch.Generator().manual_seed(1)
-    N, K = 2048, kernels._FP32_NATIVE_MIN_WEIGHTS // 2048  # the smallest matrix the kernel is used for
+    N, K = 512, kernels._fp32_min_weights() // 512  # the smallest matrix the kernel is used for
     layer = kernels.Linear(K, N)
     row, rows = torch.randn(1, 1, K, generator=g), torch.randn(1, 3, K, generator=g)
     with torch.no_grad():
@@ -143,7 +145,7 @@ def decode_case(B, H, Hkv, S, D, dtype, seed=0):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=needs_bf16)])
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 9, 3, 256, 64), (2, 6, 6, 37, 64), (3, 4, 1, 100, 24), (2, 8, 2, 5, 128),
                                          (1, 4, 2, 9, 40), (2, 2, 1, 3, 8)])
 def test_decode_attention_matches_the_math_reference(B, H, Hkv, S, D, dtype, tol):
@@ -192,7 +194,7 @@ def test_the_kernels_say_why_they_are_not_in_use(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", None)
     monkeypatch.setenv("ATTNKIT_NATIVE", "1")
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(kernels, "_cpu_has_flags", lambda: True)
+    monkeypatch.setattr(kernels, "_isa", lambda: "avx2")
     with pytest.warns(UserWarning, match="no C.. compiler .no-such-compiler. found"):
         assert not kernels.native_available()
     assert "set CXX" in kernels.native_status()
@@ -204,14 +206,14 @@ def test_without_the_kernels_everything_runs_on_torchs_ops(monkeypatch):
     assert kernels.decode_attention(q, k, v, mask, 0.25) is None
     x, w = torch.randn(1, 1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
-    x, w = torch.randn(1, 1, 512), torch.randn(kernels._FP32_NATIVE_MIN_WEIGHTS // 512, 512)
+    x, w = torch.randn(1, 1, 512), torch.randn(kernels._fp32_min_weights() // 512, 512)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
     model = tiny().to(torch.bfloat16)
     tokens = [t.tolist() for t, _ in generate_tokens(model, [[1, 2, 3]], max_new_tokens=4, sampling=Sampling(0.0))]
     assert len(tokens) == 4
 
 
-@needs_native
+@needs_bf16
 def test_bf16_decoding_with_the_kernels_tracks_the_full_forward():
     """Greedy bf16 decoding through the kernels (one-row linears, one-query attention) gives logits
     close to re-running the whole sequence through torch's batched ops."""
@@ -267,7 +269,7 @@ def test_weights_that_share_a_buffer_are_left_where_they_are():
     assert [p.data_ptr() for p in model.parameters()] == before
 
 
-@needs_native
+@needs_bf16
 def test_a_compiled_bf16_step_runs_the_kernels_and_matches_the_eager_step():
     """The graph calls both kernels (through inductor's C++ wrapper) and gives the eager step's logits."""
     from torch.profiler import profile
@@ -290,9 +292,9 @@ def test_a_compiled_bf16_step_runs_the_kernels_and_matches_the_eager_step():
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8])
-def test_linear_rows_is_the_product_within_rounding_for_2_to_8_rows(dtype, rows):
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_linear_rows_is_the_product_within_rounding_for_1_to_8_rows(dtype, rows):
     g = torch.Generator().manual_seed(rows)
     op = torch.ops.attnkit.linear_rows_fp32 if dtype == torch.float32 else torch.ops.attnkit.linear_rows_bf16
     for N, K in [(7, 1), (9, 33), (64, 100), (576, 576), (5, 1536)]:  # row groups of 4 and 2 with tails
@@ -308,7 +310,7 @@ def test_linear_rows_is_the_product_within_rounding_for_2_to_8_rows(dtype, rows)
 @needs_native
 def test_linear_routes_a_few_rows_to_the_rows_kernel_and_more_to_torch():
     g = torch.Generator().manual_seed(2)
-    N, K = 2048, kernels._FP32_NATIVE_MIN_WEIGHTS // 2048
+    N, K = 512, kernels._fp32_min_weights() // 512
     layer = kernels.Linear(K, N)
     with torch.no_grad():
         four, nine = torch.randn(4, 1, K, generator=g), torch.randn(9, 1, K, generator=g)
@@ -317,5 +319,22 @@ def test_linear_routes_a_few_rows_to_the_rows_kernel_and_more_to_torch():
         assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(nine))
         half = kernels.Linear(K, N).to(torch.bfloat16)
         two = torch.randn(2, K, generator=g).to(torch.bfloat16)
-        assert "attnkit::linear_rows_bf16" in ops_called(lambda: half(two))
+        if ISA == "avx512":
+            assert "attnkit::linear_rows_bf16" in ops_called(lambda: half(two))
+        else:  # no bf16 kernels on AVX2: torch's
+            assert not any(name.startswith("attnkit::") for name in ops_called(lambda: half(two)))
+            torch.testing.assert_close(half(two), F.linear(two, half.weight, half.bias), rtol=0, atol=0)
     assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(four))  # grad enabled: torch's
+
+
+@pytest.mark.skipif(ISA != "avx2", reason="an AVX2 CPU without the AVX512 set")
+def test_on_avx2_the_fp32_kernels_load_and_bf16_and_quantized_weights_stay_on_torchs_ops():
+    assert kernels.native_available() and "avx2" in kernels.native_status()
+    assert not kernels.quantized_kernels_available()
+    q, k, v, mask = decode_case(1, 4, 2, 9, 16, torch.bfloat16)
+    assert kernels.decode_attention(q, k, v, mask, 0.25) is None  # bf16: torch's attention
+    assert kernels.decode_attention(q.float(), k.float(), v.float(), mask, 0.25) is not None
+    x, w = torch.randn(1, 1, 512).bfloat16(), torch.randn(512, 512).bfloat16()
+    assert kernels._native_linear(x, w, None) is None and torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert kernels._native_linear(x.float(), w.float(), None) is torch.ops.attnkit.linear_fp32
+    assert not hasattr(torch.ops.attnkit, "linear_bf16")

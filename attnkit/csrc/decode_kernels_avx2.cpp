@@ -1,0 +1,344 @@
+// The fp32 decoding kernels of decode_kernels.cpp for x86-64 CPUs with AVX2 and FMA but not the
+// AVX512 set that file needs (AMD Zen 1-3, Intel client cores, most small cloud machines):
+//
+//   attnkit::linear_fp32(x, weight, bias)
+//                                        x @ weight.T (+ bias) for ONE row of fp32 activations.
+//   attnkit::linear_rows_fp32(x, weight)
+//                                        x @ weight.T for 1 to 8 rows (beam search, draft checking).
+//   attnkit::decode_attention(q, k, v, mask, scale)
+//                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
+//                                        query per head (grouped-query heads), fp32 only.
+//
+// The same designs and the same op schemas as there, on 8-lane registers (16 of them, not 32): every
+// weight row is read once, front to back, several rows side by side, with fp32 multiply-adds and fp32
+// sums; the last K % 8 values come through masked loads (zero past the end). There is no bf16 or int8
+// dot-product instruction here, so bf16 and block-quantized weights stay on torch's ops (kernels.py
+// routes them there). On the 2-core AMD EPYC (AVX2) we measure on, torch's fp32 product for 4 rows
+// reads weights at about half of copy bandwidth; the figures behind the routing are in kernels.py.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+namespace {
+
+// ---- element access: 8 lanes of fp32, masked past the end -------------------------------------
+
+// all ones in the lanes below `left` (any value; 8 or more: every lane)
+inline __m256i lanes(int64_t left) {
+  const int n = static_cast<int>(std::min<int64_t>(std::max<int64_t>(left, 0), 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load8(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+
+// [sum of a0, ..., sum of a3] and [sum of a0, ..., sum of a7]: lane-sums four or eight at a time.
+inline __m256 pair_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  // per 128-bit half: [a0, a1, a2, a3] partial sums
+  return _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+}
+inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = pair_sums(a0, a1, a2, a3);
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+inline __m256 sum8(const __m256* a) {
+  const __m256 lo = pair_sums(a[0], a[1], a[2], a[3]), hi = pair_sums(a[4], a[5], a[6], a[7]);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+inline float sum1(__m256 a) { return _mm_cvtss_f32(sum4(a, a, a, a)); }
+
+// exp(x) for x <= 0: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, 2^f by the Taylor series of
+// decode_kernels.cpp (relative error < 1e-8); 2^n from its exponent bits, so x is clamped at -87
+// (n >= -126, a normal number): below that exp(x) < 2e-38 counts as 2e-38 beside a softmax total >= 1.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.4426950408889634f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+  for (float c : {1.5403530393381608e-04f, 1.3333558146428443e-03f, 9.618129107628477e-03f,
+                  5.550410866482158e-02f, 2.402265069591007e-01f, 6.931471805599453e-01f, 1.0f})
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// ---- linear_rows_fp32 (and linear_fp32, its one-row case) -------------------------------------
+
+// y[m * N + r] = dot(weight row r, x row m) for r < R (R consecutive rows, row_stride apart), m < M:
+// 8 values of each weight row per step against every row of x (which stays in L1), one accumulator
+// per (weight row, x row).
+template <int R, int M>
+inline void rows_times_rows(const float* w, int64_t row_stride, const float* x, int64_t K, float* y, int64_t N) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = _mm256_loadu_ps(w + r * row_stride + k);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xm = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wr[r], xm, acc[r][m]);
+    }
+  }
+  if (k < K) {  // the last 1..7 values, zero-filled past K
+    const __m256i tail = lanes(K - k);
+    __m256 wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = load8(w + r * row_stride + k, tail);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xm = load8(x + m * K + k, tail);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wr[r], xm, acc[r][m]);
+    }
+  }
+  constexpr int kSums = (R * M + 3) / 4 * 4;  // lane-sums four at a time
+  alignas(16) float sums[kSums];
+  const __m256 zero = _mm256_setzero_ps();
+  for (int i = 0; i < kSums; i += 4) {
+    auto a = [&](int j) { return j < R * M ? acc[j % R][j / R] : zero; };
+    _mm_store_ps(sums + i, sum4(a(i), a(i + 1), a(i + 2), a(i + 3)));
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + r] = sums[m * R + r];
+}
+
+// R * M accumulators + R weight vectors + one x vector <= the 16 vector registers
+template <int M> constexpr int kRowsPerStep = M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1;
+
+template <int M>
+void few_rows_linear(const float* w, int64_t row_stride, const float* x, int64_t N, int64_t K, float* y) {
+  constexpr int R = kRowsPerStep<M>;
+  // a contiguous block of weight rows per thread, read front to back (one stream per thread)
+  torch::stable::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = R * begin; n < std::min(R * end, N); n += R) {
+      if (n + R <= N) {
+        rows_times_rows<R, M>(w + n * row_stride, row_stride, x, K, y + n, N);
+      } else {
+        for (int64_t r = n; r < N; ++r) rows_times_rows<1, M>(w + r * row_stride, row_stride, x, K, y + r, N);
+      }
+    }
+  });
+}
+
+// The dot products of eight consecutive weight rows (row_stride apart) with one row x, into y[0..7]:
+// eight streams side by side (eight independent multiply-adds per step), as in decode_kernels.cpp.
+inline void eight_row_dots(const float* w, int64_t row_stride, const float* x, int64_t K, float* y) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 xk = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * row_stride + k), xk, acc[r]);
+  }
+  if (k < K) {  // the last 1..7 values, zero-filled past K
+    const __m256i tail = lanes(K - k);
+    const __m256 xk = load8(x + k, tail);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(load8(w + r * row_stride + k, tail), xk, acc[r]);
+  }
+  _mm256_storeu_ps(y, sum8(acc));
+}
+
+std::vector<int64_t> out_shape(const Tensor& x, int64_t N) {
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.push_back(x.size(d));
+  shape.push_back(N);
+  return shape;
+}
+
+// x (..., K) with one row in all, weight (N, K) with unit stride along K, bias None or (N,)
+// contiguous -> (..., N), all fp32.
+Tensor linear_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float,
+                  "attnkit::linear_fp32 takes fp32 tensors");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1,
+                  "attnkit::linear_fp32: weight must be (N, K) with unit stride along K");
+  const int64_t N = weight.size(0), K = weight.size(1), row_stride = weight.stride(0);
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
+                  "attnkit::linear_fp32: x must be one contiguous row of K = weight.size(1) values");
+  STD_TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
+                                        bias->size(0) == N && bias->is_contiguous()),
+                  "attnkit::linear_fp32: bias must be None or N contiguous fp32 values");
+  Tensor out = torch::stable::empty(out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
+  const float* w = static_cast<const float*>(weight.data_ptr());
+  const float* xs = static_cast<const float*>(x.data_ptr());
+  const float* b = bias.has_value() ? static_cast<const float*>(bias->data_ptr()) : nullptr;
+  float* y = static_cast<float*>(out.data_ptr());
+  // a contiguous block of rows per thread (in groups of eight, at least 8 groups per thread), read
+  // front to back; the last N % 8 rows one at a time
+  torch::stable::parallel_for(0, (N + 7) / 8, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = 8 * begin; n < std::min(8 * end, N); n += 8) {
+      if (n + 8 <= N) {
+        eight_row_dots(w + n * row_stride, row_stride, xs, K, y + n);
+      } else {
+        for (int64_t m = n; m < N; ++m) rows_times_rows<1, 1>(w + m * row_stride, row_stride, xs, K, y + m, N);
+      }
+    }
+    if (b)
+      for (int64_t n = 8 * begin; n < std::min(8 * end, N); ++n) y[n] += b[n];
+  });
+  return out;
+}
+
+// x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K -> (..., N), fp32.
+Tensor linear_rows_fp32(Tensor x, Tensor weight) {
+  const char* name = "attnkit::linear_rows_fp32";
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float, name,
+                  " takes fp32 tensors");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, name, ": weight must be (N, K) with unit stride along K");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.is_contiguous(), name,
+                  ": x must be contiguous rows of K = weight.size(1) values");
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  STD_TORCH_CHECK(M >= 1 && M <= 8 && M * K == x.numel(), name, " takes 1 to 8 rows of x");
+  Tensor out = torch::stable::empty(out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
+  const float* w = static_cast<const float*>(weight.data_ptr());
+  const float* xs = static_cast<const float*>(x.data_ptr());
+  float* y = static_cast<float*>(out.data_ptr());
+  const int64_t rs = weight.stride(0);
+  switch (M) {
+    case 1: few_rows_linear<1>(w, rs, xs, N, K, y); break;
+    case 2: few_rows_linear<2>(w, rs, xs, N, K, y); break;
+    case 3: few_rows_linear<3>(w, rs, xs, N, K, y); break;
+    case 4: few_rows_linear<4>(w, rs, xs, N, K, y); break;
+    case 5: few_rows_linear<5>(w, rs, xs, N, K, y); break;
+    case 6: few_rows_linear<6>(w, rs, xs, N, K, y); break;
+    case 7: few_rows_linear<7>(w, rs, xs, N, K, y); break;
+    default: few_rows_linear<8>(w, rs, xs, N, K, y); break;
+  }
+  return out;
+}
+
+// ---- decode_attention -------------------------------------------------------------------------
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// One query head h of batch row b, over kv head g. Chunks = ceil(D / 8), fixed at compile time.
+template <int Chunks>
+void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int32_t>& keys, bool uniform,
+                 Tensor& out, float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
+  // strides read once: each accessor is a call through torch's C ABI
+  const int64_t D = q.size(3), k_row = k.stride(2), v_row = v.stride(2);
+  const float* qh = static_cast<const float*>(q.data_ptr()) + b * q.stride(0) + h * q.stride(1);
+  const float* kb = static_cast<const float*>(k.data_ptr()) + b * k.stride(0) + g * k.stride(1);
+  const float* vb = static_cast<const float*>(v.data_ptr()) + b * v.stride(0) + g * v.stride(1);
+  float* oh = static_cast<float*>(out.data_ptr()) + (b * q.size(1) + h) * D;
+  const int64_t full = D / 8;  // chunks loaded whole; a last partial one through a mask
+  const __m256i tail = lanes(D - 8 * full);
+  auto load = [&](const float* p, int c) { return c < full ? _mm256_loadu_ps(p + 8 * c) : load8(p + 8 * c, tail); };
+
+  const int64_t n = static_cast<int64_t>(keys.size());
+  weights.resize(n + 8);  // room for a whole last 8 lanes
+  __m256 qs[Chunks];
+  for (int c = 0; c < Chunks; ++c) qs[c] = load(qh, c);
+  auto score = [&](int64_t i) {  // 8 lanes whose sum is key i's unscaled score
+    const float* key = kb + keys[i] * k_row;
+    __m256 acc = _mm256_mul_ps(qs[0], load(key, 0));
+    for (int c = 1; c < Chunks; ++c) acc = _mm256_fmadd_ps(qs[c], load(key, c), acc);
+    return acc;
+  };
+  int64_t i = 0;
+  for (; i + 4 <= n && !uniform; i += 4)  // scores, four keys per step: one lane-sum for all four
+    _mm_storeu_ps(weights.data() + i, _mm_mul_ps(sum4(score(i), score(i + 1), score(i + 2), score(i + 3)),
+                                                 _mm_set1_ps(scale)));
+  for (; i < n && !uniform; ++i) weights[i] = sum1(score(i)) * scale;
+  const float top = uniform ? 0.0f : *std::max_element(weights.begin(), weights.begin() + n);
+  __m256 total = _mm256_setzero_ps();  // softmax over the allowed keys, in fp32
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 in_range = _mm256_castsi256_ps(lanes(n - i));
+    const __m256 e = uniform ? _mm256_set1_ps(1.0f)
+                             : exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(weights.data() + i), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(weights.data() + i, e);  // lanes past n are never read again
+    total = _mm256_add_ps(total, _mm256_and_ps(e, in_range));
+  }
+  const __m256 inv_total = _mm256_set1_ps(1.0f / sum1(total));
+  __m256 acc[Chunks];  // the weighted sum of the values
+  for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* value = vb + keys[i] * v_row;
+    const __m256 w = _mm256_set1_ps(weights[i]);
+    for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(w, load(value, c), acc[c]);
+  }
+  for (int c = 0; c < Chunks; ++c) {
+    const __m256 o = _mm256_mul_ps(acc[c], inv_total);
+    if (c < full)
+      _mm256_storeu_ps(oh + 8 * c, o);
+    else
+      _mm256_maskstore_ps(oh + 8 * c, tail, o);
+  }
+}
+
+template <int Chunks = 1>
+void attend_head_any(int64_t chunks, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const std::vector<int32_t>& keys, bool uniform, Tensor& out, float scale, int64_t b, int64_t h,
+                     int64_t g, std::vector<float>& weights) {
+  if constexpr (Chunks < kMaxHeadDim / 8) {
+    if (chunks > Chunks) return attend_head_any<Chunks + 1>(chunks, q, k, v, keys, uniform, out, scale, b, h, g, weights);
+  }
+  attend_head<Chunks>(q, k, v, keys, uniform, out, scale, b, h, g, weights);
+}
+
+// q (B, H, 1, D); k, v (B, Hkv, S, D), H % Hkv == 0, unit stride along D; mask (B, S) bool, true where
+// a key may be seen. Returns (B, H, 1, D) contiguous fp32.
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
+                      v.scalar_type() == ScalarType::Float && mask.scalar_type() == ScalarType::Bool,
+                  "attnkit::decode_attention takes fp32 q, k, v (on AVX2 CPUs) and a bool mask");
+  STD_TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+                  "attnkit::decode_attention: q (B, H, 1, D), k and v (B, Hkv, S, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
+                      v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D <= kMaxHeadDim,
+                  "attnkit::decode_attention: shapes disagree (or head dim > 256)");
+  STD_TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+                  "attnkit::decode_attention: q, k, v need unit stride along the head dim");
+  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1,
+                  "attnkit::decode_attention: mask must be (B, S) with unit stride along S");
+  Tensor out = torch::stable::empty({B, H, 1, D}, ScalarType::Float, std::nullopt, q.device());
+  // per batch row, the allowed key slots, shared by its heads; with none allowed, all of them, equally
+  // weighted (as math_attention weighs keys that all have its most negative score)
+  const bool* allowed = static_cast<const bool*>(mask.data_ptr());
+  const int64_t mask_row = mask.stride(0);
+  std::vector<std::vector<int32_t>> keys(B);
+  std::vector<char> uniform(B);
+  for (int64_t b = 0; b < B; ++b) {
+    keys[b].reserve(S);
+    for (int64_t s = 0; s < S; ++s)
+      if (allowed[b * mask_row + s]) keys[b].push_back(static_cast<int32_t>(s));
+    uniform[b] = keys[b].empty();
+    if (uniform[b])
+      for (int64_t s = 0; s < S; ++s) keys[b].push_back(static_cast<int32_t>(s));
+  }
+  const int64_t rep = H / Hkv, chunks = (D + 7) / 8;
+  const float scale32 = static_cast<float>(scale);
+  torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
+    std::vector<float> weights;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / H, h = u % H;
+      attend_head_any(chunks, q, k, v, keys[b], uniform[b], out, scale32, b, h, h / rep, weights);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(attnkit, m) {
+  m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_rows_fp32(Tensor x, Tensor weight) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("linear_fp32", TORCH_BOX(&linear_fp32));
+  m.impl("linear_rows_fp32", TORCH_BOX(&linear_rows_fp32));
+  m.impl("decode_attention", TORCH_BOX(&decode_attention));
+}
