@@ -32,6 +32,12 @@ from benchmarks.bench_generate import hf_twin
 from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
 
 
+def tagged(args, sep: str = "-") -> str:
+    """``--tag``'s suffix for section names, titles and commands: results from another machine stay beside
+    the others instead of replacing them."""
+    return f"{sep}{args.tag}" if args.tag else ""
+
+
 def best_times(fns: dict, rounds: int) -> dict:
     """Best wall seconds of each fn over ``rounds`` rounds, the fns interleaved in every round."""
     for fn in fns.values():
@@ -100,8 +106,9 @@ def bench_beams(args) -> None:
                  "ratio", "ratio, --compile", "same best hypothesis: vs transformers, compiled vs eager",
                  "best hypothesis length"], rows)
     )
-    write_section("decoding-beams", f"Beam search: attnkit vs transformers generate ({args.threads} threads)", body,
-                  f"python -m benchmarks.bench_decoding beams --threads {args.threads}")
+    write_section(f"decoding-beams{tagged(args)}",
+                  f"Beam search: attnkit vs transformers generate ({args.threads} threads{tagged(args, ', ')})", body,
+                  f"python -m benchmarks.bench_decoding beams --threads {args.threads}{tagged(args, ' --tag ')}")
 
 
 # --- speculative decoding --------------------------------------------------------------------------
@@ -185,10 +192,11 @@ def bench_speculative(args) -> None:
                  "prompts with the same tokens as the target alone"], rows)
     )
     name = args.target.rstrip("/").split("/")[-1]
-    write_section(f"decoding-speculative-{name}", f"Speculative decoding on CPU, target `{args.target}` "
-                  f"({args.threads} threads)", body,
+    write_section(f"decoding-speculative-{name}{tagged(args)}", f"Speculative decoding on CPU, target `{args.target}` "
+                  f"({args.threads} threads{tagged(args, ', ')})", body,
                   f"python -m benchmarks.bench_decoding speculative --target {args.target} --draft "
-                  + " ".join(args.draft) + " --draft-tokens " + " ".join(map(str, args.draft_tokens)))
+                  + " ".join(args.draft) + " --draft-tokens " + " ".join(map(str, args.draft_tokens))
+                  + tagged(args, " --tag "))
 
 
 def bench_lookup(args) -> None:
@@ -218,8 +226,9 @@ def bench_lookup(args) -> None:
         + table(["decoding", "tokens/s", "speed-up over the target alone", "acceptance",
                  "prompts with the same tokens as the target alone"], rows)
     )
-    write_section("decoding-lookup", f"Prompt-lookup decoding on an input-copying task ({args.threads} threads)",
-                  body, f"python -m benchmarks.bench_decoding lookup --target {args.target}")
+    write_section(f"decoding-lookup{tagged(args)}",
+                  f"Prompt-lookup decoding on an input-copying task ({args.threads} threads{tagged(args, ', ')})",
+                  body, f"python -m benchmarks.bench_decoding lookup --target {args.target}{tagged(args, ' --tag ')}")
 
 
 def main():
@@ -233,6 +242,7 @@ def main():
     parser.add_argument("--draft", nargs="+", default=["runs/draft-char"])
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
     parser.add_argument("--lookup-tokens", type=int, default=8)
+    parser.add_argument("--tag", default="", help="suffix for the results.md sections (another machine's run)")
     args = parser.parse_args()
     set_threads(args.threads)
     if args.new_tokens is None:

@@ -54,7 +54,8 @@ def copy_bandwidth(mbytes: int = 256, device: str = "cpu", repeats: int = 7, war
 
 def machine_limits(device: str = "cpu") -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "matmul_fp32_gflops": matmul_flops(torch.float32, device=device) / 1e9,
@@ -63,9 +64,21 @@ def machine_limits(device: str = "cpu") -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def limits_line(limits: dict) -> str:
     return (
-        f"Machine (measured in this run): {limits['threads']} threads, torch {limits['torch']}; "
+        f"Machine (measured in this run): {limits.get('cpu', '?')} ({limits.get('isa', '?')}), "
+        f"{limits['threads']} threads, torch {limits['torch']}; "
         f"matmul fp32 {limits['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {limits['matmul_bf16_gflops']:.0f} GFLOP/s; "
         f"copy bandwidth {limits['copy_gbps']:.1f} GB/s."
     )
