@@ -66,7 +66,8 @@ def _build(compiler: str, isa: str) -> Path:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *(f"-m{flag.replace('_', '')}" for flag in cpu_flags),
              f"-DTORCH_TARGET_VERSION={_ABI}", f"-I{torch_dir / 'include'}"]
     libs = [f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    tag = hashlib.sha256(source.read_bytes() + " ".join([compiler, torch.__version__, *flags]).encode()).hexdigest()
+    sources = source.read_bytes() + (_CSRC / "decode_common.h").read_bytes()  # what it includes
+    tag = hashlib.sha256(sources + " ".join([compiler, torch.__version__, *flags]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"{source.stem}-{tag[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

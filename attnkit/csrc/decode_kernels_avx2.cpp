@@ -28,10 +28,14 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "decode_common.h"
+
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 namespace {
+
+using namespace attnkit_common;
 
 // ---- element access: 8 lanes of fp32, masked past the end -------------------------------------
 
@@ -147,27 +151,12 @@ inline void eight_row_dots(const float* w, int64_t row_stride, const float* x, i
   _mm256_storeu_ps(y, sum8(acc));
 }
 
-std::vector<int64_t> out_shape(const Tensor& x, int64_t N) {
-  std::vector<int64_t> shape;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.push_back(x.size(d));
-  shape.push_back(N);
-  return shape;
-}
-
 // x (..., K) with one row in all, weight (N, K) with unit stride along K, bias None or (N,)
 // contiguous -> (..., N), all fp32.
 Tensor linear_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float,
-                  "attnkit::linear_fp32 takes fp32 tensors");
-  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1,
-                  "attnkit::linear_fp32: weight must be (N, K) with unit stride along K");
+  check_linear_fp32(x, weight, bias);
   const int64_t N = weight.size(0), K = weight.size(1), row_stride = weight.stride(0);
-  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
-                  "attnkit::linear_fp32: x must be one contiguous row of K = weight.size(1) values");
-  STD_TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
-                                        bias->size(0) == N && bias->is_contiguous()),
-                  "attnkit::linear_fp32: bias must be None or N contiguous fp32 values");
-  Tensor out = torch::stable::empty(out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
+  Tensor out = torch::stable::empty(linear_out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
   const float* w = static_cast<const float*>(weight.data_ptr());
   const float* xs = static_cast<const float*>(x.data_ptr());
   const float* b = bias.has_value() ? static_cast<const float*>(bias->data_ptr()) : nullptr;
@@ -190,16 +179,9 @@ Tensor linear_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 
 // x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K -> (..., N), fp32.
 Tensor linear_rows_fp32(Tensor x, Tensor weight) {
-  const char* name = "attnkit::linear_rows_fp32";
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float, name,
-                  " takes fp32 tensors");
-  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, name, ": weight must be (N, K) with unit stride along K");
+  const int64_t M = check_linear_rows(x, weight, ScalarType::Float, "attnkit::linear_rows_fp32");
   const int64_t N = weight.size(0), K = weight.size(1);
-  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.is_contiguous(), name,
-                  ": x must be contiguous rows of K = weight.size(1) values");
-  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
-  STD_TORCH_CHECK(M >= 1 && M <= 8 && M * K == x.numel(), name, " takes 1 to 8 rows of x");
-  Tensor out = torch::stable::empty(out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
+  Tensor out = torch::stable::empty(linear_out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
   const float* w = static_cast<const float*>(weight.data_ptr());
   const float* xs = static_cast<const float*>(x.data_ptr());
   float* y = static_cast<float*>(out.data_ptr());
@@ -218,8 +200,6 @@ Tensor linear_rows_fp32(Tensor x, Tensor weight) {
 }
 
 // ---- decode_attention -------------------------------------------------------------------------
-
-constexpr int64_t kMaxHeadDim = 256;
 
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 8), fixed at compile time.
 template <int Chunks>
@@ -292,31 +272,12 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   STD_TORCH_CHECK(q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
                       v.scalar_type() == ScalarType::Float && mask.scalar_type() == ScalarType::Bool,
                   "attnkit::decode_attention takes fp32 q, k, v (on AVX2 CPUs) and a bool mask");
-  STD_TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
-                  "attnkit::decode_attention: q (B, H, 1, D), k and v (B, Hkv, S, D)");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
-                      v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D <= kMaxHeadDim,
-                  "attnkit::decode_attention: shapes disagree (or head dim > 256)");
-  STD_TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-                  "attnkit::decode_attention: q, k, v need unit stride along the head dim");
-  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1,
-                  "attnkit::decode_attention: mask must be (B, S) with unit stride along S");
+  check_decode_attention_shapes(q, k, v, mask);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1);
   Tensor out = torch::stable::empty({B, H, 1, D}, ScalarType::Float, std::nullopt, q.device());
-  // per batch row, the allowed key slots, shared by its heads; with none allowed, all of them, equally
-  // weighted (as math_attention weighs keys that all have its most negative score)
-  const bool* allowed = static_cast<const bool*>(mask.data_ptr());
-  const int64_t mask_row = mask.stride(0);
-  std::vector<std::vector<int32_t>> keys(B);
-  std::vector<char> uniform(B);
-  for (int64_t b = 0; b < B; ++b) {
-    keys[b].reserve(S);
-    for (int64_t s = 0; s < S; ++s)
-      if (allowed[b * mask_row + s]) keys[b].push_back(static_cast<int32_t>(s));
-    uniform[b] = keys[b].empty();
-    if (uniform[b])
-      for (int64_t s = 0; s < S; ++s) keys[b].push_back(static_cast<int32_t>(s));
-  }
+  const KeyLists lists = allowed_keys(mask);
+  const auto& keys = lists.keys;
+  const auto& uniform = lists.uniform;
   const int64_t rep = H / Hkv, chunks = (D + 7) / 8;
   const float scale32 = static_cast<float>(scale);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)

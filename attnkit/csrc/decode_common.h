@@ -1,0 +1,94 @@
+// What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
+// argument checks of the ops both define, the output shape of a linear, and the per-batch-row lists
+// of the keys a mask allows. Included by both; kernels.py hashes it into both libraries' names.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+namespace attnkit_common {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// x (..., K) times weight (N, K) -> (..., N)
+inline std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t N) {
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.push_back(x.size(d));
+  shape.push_back(N);
+  return shape;
+}
+
+// linear_fp32: x one contiguous row of K fp32 values, weight (N, K) fp32 with unit stride along K,
+// bias None or N contiguous fp32 values.
+inline void check_linear_fp32(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float,
+                  "attnkit::linear_fp32 takes fp32 tensors");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1,
+                  "attnkit::linear_fp32: weight must be (N, K) with unit stride along K");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
+                  "attnkit::linear_fp32: x must be one contiguous row of K = weight.size(1) values");
+  STD_TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
+                                        bias->size(0) == N && bias->is_contiguous()),
+                  "attnkit::linear_fp32: bias must be None or N contiguous fp32 values");
+}
+
+// linear_rows_*: x 1 to 8 contiguous rows of K values, weight (N, K) with unit stride along K, both of
+// `type`. Returns the number of rows.
+inline int64_t check_linear_rows(const Tensor& x, const Tensor& weight, ScalarType type, const char* name) {
+  STD_TORCH_CHECK(x.scalar_type() == type && weight.scalar_type() == type, name, " takes tensors of one dtype");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, name, ": weight must be (N, K) with unit stride along K");
+  const int64_t K = weight.size(1);
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.is_contiguous(), name,
+                  ": x must be contiguous rows of K = weight.size(1) values");
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  STD_TORCH_CHECK(M >= 1 && M <= 8 && M * K == x.numel(), name, " takes 1 to 8 rows of x");
+  return M;
+}
+
+// decode_attention's shapes (its dtypes are checked by each library): q (B, H, 1, D); k, v (B, Hkv, S, D),
+// H % Hkv == 0, D <= kMaxHeadDim, unit stride along D; mask (B, S) with unit stride along S.
+inline void check_decode_attention_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  STD_TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+                  "attnkit::decode_attention: q (B, H, 1, D), k and v (B, Hkv, S, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
+                      v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D <= kMaxHeadDim,
+                  "attnkit::decode_attention: shapes disagree (or head dim > 256)");
+  STD_TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+                  "attnkit::decode_attention: q, k, v need unit stride along the head dim");
+  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1,
+                  "attnkit::decode_attention: mask must be (B, S) with unit stride along S");
+}
+
+// Per batch row, the key slots its mask allows, shared by its heads; with none allowed, all of them,
+// equally weighted (uniform: as math_attention weighs keys that all have its most negative score).
+struct KeyLists {
+  std::vector<std::vector<int32_t>> keys;
+  std::vector<char> uniform;
+};
+inline KeyLists allowed_keys(const Tensor& mask) {
+  const int64_t B = mask.size(0), S = mask.size(1), mask_row = mask.stride(0);
+  const bool* allowed = static_cast<const bool*>(mask.data_ptr());
+  KeyLists lists{std::vector<std::vector<int32_t>>(B), std::vector<char>(B)};
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int32_t>& keys = lists.keys[b];
+    keys.reserve(S);
+    for (int64_t s = 0; s < S; ++s)
+      if (allowed[b * mask_row + s]) keys.push_back(static_cast<int32_t>(s));
+    lists.uniform[b] = keys.empty();
+    if (lists.uniform[b])
+      for (int64_t s = 0; s < S; ++s) keys.push_back(static_cast<int32_t>(s));
+  }
+  return lists;
+}
+
+}  // namespace attnkit_common
