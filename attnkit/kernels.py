@@ -34,15 +34,16 @@ _CSRC = Path(__file__).with_name("csrc")
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
-# instruction set -> (its source, the CPU flags it uses, the ops it defines)
+# instruction set -> (its source, the CPU flags it uses, the ops it defines, the dtypes its decode_attention takes)
 _FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention")
 _ISAS = {
     "avx512": (_CSRC / "decode_kernels.cpp",
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
-               ("linear_bf16", "linear_rows_bf16", "linear_quantized", *_FP32_OPS)),
-    "avx2": (_CSRC / "decode_kernels_avx2.cpp", ("avx2", "fma"), _FP32_OPS),
+               ("linear_bf16", "linear_rows_bf16", "linear_quantized", *_FP32_OPS), (torch.float32, torch.bfloat16)),
+    "avx2": (_CSRC / "decode_kernels_avx2.cpp", ("avx2", "fma"), _FP32_OPS, (torch.float32,)),
 }
 _isa_loaded: str | None = None  # which of _ISAS is loaded
+_ops_loaded: frozenset[str] = frozenset()  # the ops it defines
 
 
 def _isa() -> str | None:
@@ -54,14 +55,14 @@ def _isa() -> str | None:
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return next((isa for isa, (_, needed, _) in _ISAS.items() if all(flag in flags for flag in needed)), None)
+    return next((isa for isa, (_, needed, *_) in _ISAS.items() if all(flag in flags for flag in needed)), None)
 
 
 def _build(compiler: str, isa: str) -> Path:
     """Compile the kernel library for ``isa`` (or find it already compiled); returns the .so's path."""
     from attnkit.data.fetch import cache_dir
 
-    source, cpu_flags, _ = _ISAS[isa]
+    source, cpu_flags, *_ = _ISAS[isa]
     torch_dir = Path(torch.__file__).parent
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *(f"-m{flag.replace('_', '')}" for flag in cpu_flags),
              f"-DTORCH_TARGET_VERSION={_ABI}", f"-I{torch_dir / 'include'}"]
@@ -93,7 +94,7 @@ _FAKES = {  # shapes for torch.compile's tracing, per op
 
 def native_available() -> bool:
     """Whether the ``attnkit::`` kernels are loaded; builds and loads them on the first call."""
-    global _loaded, _status, _isa_loaded
+    global _loaded, _status, _isa_loaded, _ops_loaded
     if _loaded is None:
         _loaded = False
         compiler = os.environ.get("CXX", "g++")
@@ -114,7 +115,8 @@ def native_available() -> bool:
                 warnings.warn(f"attnkit: the native decoding kernels could not be built, torch's ops are used "
                               f"instead: {error}", stacklevel=2)
             else:
-                for op in _ISAS[isa][2]:
+                _ops_loaded = frozenset(_ISAS[isa][2])
+                for op in _ops_loaded:
                     torch.library.register_fake(f"attnkit::{op}")(_FAKES[op])
                 what = "all kernels" if isa == "avx512" else "fp32 kernels only: no bf16 or quantized ones on AVX2"
                 _loaded, _isa_loaded, _status = True, isa, f"loaded ({isa}, {what}) from {library}"
@@ -134,7 +136,7 @@ def _loaded_now() -> bool:
 
 def _has(op: str) -> bool:
     """Whether ``attnkit::op`` is loaded (the AVX2 library has the fp32 ops only)."""
-    return _loaded_now() and op in _ISAS[_isa_loaded][2]
+    return _loaded_now() and op in _ops_loaded
 
 
 def _no_grad_needed(*tensors: Tensor) -> bool:
@@ -233,7 +235,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
             and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and _no_grad_needed(q, k, v)
             and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
-            and (q.dtype == torch.float32 or _has("linear_bf16"))):  # bf16 attention: the AVX512 library
+            and q.dtype in _ISAS[_isa_loaded][3]):
         return None
     mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask.reshape(-1, S).expand(B, S)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -147,7 +147,7 @@ def decode_case(B, H, Hkv, S, D, dtype, seed=0):
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=needs_bf16)])
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 9, 3, 256, 64), (2, 6, 6, 37, 64), (3, 4, 1, 100, 24), (2, 8, 2, 5, 128),
-                                         (1, 4, 2, 9, 40), (2, 2, 1, 3, 8)])
+                                         (1, 4, 2, 9, 40), (2, 2, 1, 3, 8), (1, 4, 2, 9, 20), (1, 2, 1, 7, 3)])
 def test_decode_attention_matches_the_math_reference(B, H, Hkv, S, D, dtype, tol):
     q, k, v, mask = decode_case(B, H, Hkv, S, D, dtype)
     got = kernels.decode_attention(q, k, v, mask, 1 / math.sqrt(D))
@@ -160,6 +160,16 @@ def test_decode_attention_matches_the_math_reference(B, H, Hkv, S, D, dtype, tol
     if dtype == torch.float32:
         sdpa = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], attn_mask=mask[:1], enable_gqa=True)
         assert (got[:1] - sdpa).abs().max().item() <= tol
+
+
+@needs_native
+def test_decode_attention_matches_the_math_reference_when_weights_underflow():
+    """Scores 100s apart: most keys' exp(score - max) is far below fp32's smallest normal (the AVX2
+    kernel clamps there, at exp(-87)); the output is still the reference's."""
+    q, k, v, mask = decode_case(2, 4, 2, 64, 32, torch.float32, seed=3)
+    got = kernels.decode_attention(q, k, v, mask, 20.0)
+    want, _ = math_attention(q.double(), k.double(), v.double(), mask, scale=20.0)
+    assert (got.double() - want).abs().max().item() <= 1e-5
 
 
 @needs_native
