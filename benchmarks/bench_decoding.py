@@ -2,6 +2,7 @@
 the target model alone.
 
     python -m benchmarks.bench_decoding beams [--threads 2]
+    python -m benchmarks.bench_decoding linears [--threads 2]
     python -m benchmarks.bench_decoding speculative --target runs/target-char --draft runs/draft-char runs/draft2-char
     python -m benchmarks.bench_decoding lookup --target runs/target-char
 
@@ -109,6 +110,54 @@ def bench_beams(args) -> None:
     write_section(f"decoding-beams{tagged(args)}",
                   f"Beam search: attnkit vs transformers generate ({args.threads} threads{tagged(args, ', ')})", body,
                   f"python -m benchmarks.bench_decoding beams --threads {args.threads}{tagged(args, ' --tag ')}")
+
+
+# --- the linears of a decode step: attnkit.kernels.linear (as routed) vs torch's F.linear --------------
+
+def bench_linears(args) -> None:
+    """GB/s of weights read by ``kernels.linear`` (the native kernel where kernels.py routes there, else
+    F.linear) and by F.linear, for 1-8 rows of activations, interleaved medians. Enough copies of each
+    matrix to fill 64 MB, so the weights come from memory as they do in decoding."""
+    import statistics
+
+    from attnkit import kernels
+
+    limits = machine_limits()
+    kernels.native_available()
+    counts = (1, 2, 3, 4, 8)
+    rows = []
+    for N, K in ((384, 384), (576, 576), (1536, 576), (576, 1536), (49152, 576)):
+        weights = [torch.randn(N, K) for _ in range(max(1, (64 << 20) // (N * K * 4)))]
+        gb = sum(w.numel() for w in weights) * 4 / 1e9
+        cells = [f"{N}x{K}"]
+        for m in counts:
+            x = torch.randn(m, K)
+            fns = {"attnkit": lambda: [kernels.linear(x, w) for w in weights],
+                   "torch": lambda: [torch.nn.functional.linear(x, w) for w in weights]}
+            times = {name: [] for name in fns}
+            with torch.inference_mode():
+                for fn in fns.values():
+                    fn()
+                for _ in range(args.rounds * 5):
+                    for name, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - t0)
+            ours, theirs = (statistics.median(times[name]) for name in ("attnkit", "torch"))
+            cells.append(f"{gb / theirs:.1f} -> {gb / ours:.1f} ({theirs / ours:.2f}x)")
+        rows.append(cells)
+        print(cells, flush=True)
+    body = (
+        f"{limits_line(limits)}\n\nNative kernels: {kernels.native_status()}.\n\n"
+        "fp32 `y = x @ W.T` for 1-8 rows of x (batch-1 decoding, beam search, checking draft tokens), no bias. "
+        "GB/s of weights read, torch's `F.linear` -> `attnkit.kernels.linear` (the native kernel where kernels.py "
+        "routes there, torch's op elsewhere), and the ratio; enough copies of each matrix to fill 64 MB, so the "
+        f"weights come from memory; medians of {args.rounds * 5} interleaved calls.\n\n"
+        + table(["weights"] + [f"{m} row{'s' if m > 1 else ''}" for m in counts], rows)
+    )
+    write_section(f"decoding-linears{tagged(args)}",
+                  f"Decode-step linears: attnkit kernels vs torch ({args.threads} threads{tagged(args, ', ')})", body,
+                  f"python -m benchmarks.bench_decoding linears --threads {args.threads}{tagged(args, ' --tag ')}")
 
 
 # --- speculative decoding --------------------------------------------------------------------------
@@ -233,7 +282,7 @@ def bench_lookup(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["beams", "speculative", "lookup"])
+    parser.add_argument("what", choices=["beams", "linears", "speculative", "lookup"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=8)
@@ -247,7 +296,8 @@ def main():
     set_threads(args.threads)
     if args.new_tokens is None:
         args.new_tokens = 32 if args.what == "beams" else 200
-    {"beams": bench_beams, "speculative": bench_speculative, "lookup": bench_lookup}[args.what](args)
+    {"beams": bench_beams, "linears": bench_linears, "speculative": bench_speculative,
+     "lookup": bench_lookup}[args.what](args)
 
 
 if __name__ == "__main__":
