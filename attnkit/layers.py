@@ -172,6 +172,44 @@ class AttentionFrame:
     kernel: str = "dense"  # "sliding" / "bigbird": the sparse kernels, which take the fields below, not a mask
     key_valid: Tensor | None = None  # (B, T) bool, for the sparse kernels
     alibi: Tensor | None = None  # (H,) ALiBi slopes, for the sparse kernels
+    packed: Tensor | None = None  # (N,) long: the real tokens' rows of the flat (B * T); see ``pack_real_tokens``
+    shape: tuple[int, int] | None = None  # (B, T) of the padded batch, with ``packed``
+
+
+# Pack when at least this share of a batch is padding; below it the gathers cost about what they save
+PACKING_MIN_PADDING = 0.125
+
+
+def pack_real_tokens(frame: AttentionFrame, valid: Tensor | None, *, need_weights: bool = False) -> AttentionFrame:
+    """Have the blocks compute on the real tokens only: with ``frame.packed`` set, a ``Stack`` takes
+    x (B, T, d), works on (N, d) (projections, MLPs, norms: all per token) and returns (B, T, d) with
+    zeros at the padding. Only attention sees the padded (B, T) layout, scattered in and gathered out.
+
+    On a right-padded batch of mixed lengths this removes the padding's share of the matmul work;
+    the real tokens' states equal the padded computation's. Packed when the dense kernel runs with a
+    mask (no attention maps, not inside a compiled graph: N is data-dependent) and at least
+    ``PACKING_MIN_PADDING`` of the batch is padding.
+    """
+    if valid is None or need_weights or frame.kernel != "dense" or torch.compiler.is_compiling():
+        return frame
+    B, T = valid.shape
+    real = valid.reshape(-1)
+    n_real = int(real.sum())
+    if n_real > (1.0 - PACKING_MIN_PADDING) * B * T:
+        return frame
+    frame.packed, frame.shape = real.nonzero().squeeze(1), (B, T)
+    return frame
+
+
+def _unpack(x: Tensor, frame: AttentionFrame) -> Tensor:
+    """(N, w) real tokens -> (B, T, w), zeros at the padding."""
+    B, T = frame.shape
+    return x.new_zeros(B * T, x.shape[-1]).index_copy(0, frame.packed, x).view(B, T, -1)
+
+
+def _pack(x: Tensor, frame: AttentionFrame) -> Tensor:
+    """(B, T, w) -> (N, w): the real tokens' rows."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, frame.packed)
 
 
 def _index_aligned(positions: Tensor, valid: Tensor | None) -> bool:
@@ -283,9 +321,12 @@ class SelfAttention(nn.Module):
         layer: int = 0,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        B, T, _ = x.shape
         hd, kv_width = self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([self.n_head * hd, kv_width, kv_width], dim=-1)
+        qkv = self.qkv(x)  # (B, T, q + 2 kv), or (N, q + 2 kv) packed
+        if frame.packed is not None:
+            qkv = _unpack(qkv, frame)  # attention runs on the padded layout
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.n_head * hd, kv_width, kv_width], dim=-1)
         q = _split_heads(q, self.n_head, hd)  # (B, nh, T, hd)
         k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, T, hd)
         if frame.rope is not None:
@@ -312,6 +353,8 @@ class SelfAttention(nn.Module):
                 dropout_p=dropout_p, need_weights=need_weights, scale=self.scale,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, d)
+        if frame.packed is not None:
+            y = _pack(y, frame)  # (N, d)
         return self.out(y), weights
 
 
@@ -436,9 +479,15 @@ class Stack(nn.Module):
         cross_maps: list | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """x (B, T, d) -> (B, T, d), [(B, H, T, Tk) or None per layer]; with need_weights and a
-        ``cross_maps`` list, each layer's cross-attention map (B, H, T, S) is appended to it."""
+        ``cross_maps`` list, each layer's cross-attention map (B, H, T, S) is appended to it.
+        With ``frame.packed`` the blocks work on the real tokens only (``pack_real_tokens``)."""
+        if frame.packed is not None:
+            if memory is not None or cache is not None:
+                raise ValueError("packed tokens are for a stack without a cache or cross-attention")
+            x = _pack(x, frame)  # (N, d)
         maps = []
         for layer, block in enumerate(self.layers):
             x, weights = block(x, frame, cache, layer, memory, memory_valid, cross_cache, need_weights, cross_maps)
             maps.append(weights)
-        return (self.norm(x) if self.norm is not None else x), maps
+        x = self.norm(x) if self.norm is not None else x
+        return (_unpack(x, frame) if frame.packed is not None else x), maps

@@ -384,6 +384,52 @@ def test_padding_does_not_change_real_tokens():
             assert (alone[0] - batched[i, :n]).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("changes", [{}, dict(norm_position="pre", positional="rope")], ids=["bert", "pre-norm-rope"])
+def test_packed_real_tokens_equal_the_padded_computation(monkeypatch, changes):
+    """A third of padded_batch is padding: the blocks run on the 26 real tokens only (pack_real_tokens);
+    outputs and every gradient equal the padded computation's, and the padding's states are zeros."""
+    import attnkit.layers as layers
+    import attnkit.models.encoder as encoder_module
+
+    ids, mask, types = padded_batch()
+    real = mask.bool()
+    runs = {}
+    for name, min_padding in (("packed", layers.PACKING_MIN_PADDING), ("padded", 2.0)):
+        monkeypatch.setattr(layers, "PACKING_MIN_PADDING", min_padding)
+        model = small_encoder(**changes)
+        packed = []
+        monkeypatch.setattr(encoder_module, "pack_real_tokens", lambda *a, **k: (
+            packed.append(layers.pack_real_tokens(*a, **k).packed), layers.pack_real_tokens(*a, **k))[1])
+        hidden, _ = model.encode(ids, mask, types)
+        (hidden[real] ** 2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[name] = hidden.detach(), grads, packed[0]
+    (hp, gp, index), (hd, gd, none) = runs["packed"], runs["padded"]
+    assert none is None and index.tolist() == real.reshape(-1).nonzero().squeeze(1).tolist()
+    assert (hp[real] - hd[real]).abs().max() <= TOL
+    assert float(hp[~real].abs().max()) == 0.0
+    assert gp.keys() == gd.keys() and len(gp) > 10
+    for n in gp:
+        assert (gp[n] - gd[n]).abs().max() <= 1e-4 * max(1.0, float(gd[n].abs().max())), n
+
+
+def test_packing_only_where_it_pays():
+    """No packing without padding, with attention maps asked for, or with little padding."""
+    from attnkit.layers import AttentionFrame, pack_real_tokens
+
+    def packs(valid, **kw):
+        return pack_real_tokens(AttentionFrame(mask=None, causal=False, rope=None), valid, **kw).packed is not None
+
+    valid = torch.ones(4, 16, dtype=torch.bool)
+    assert not packs(None)
+    valid[:, 15] = False  # 1/16 padding: below PACKING_MIN_PADDING
+    assert not packs(valid)
+    valid[:, 12:] = False  # 1/4 padding
+    assert packs(valid) and not packs(valid, need_weights=True)
+    frame = AttentionFrame(mask=None, causal=False, rope=None, kernel="sliding")
+    assert pack_real_tokens(frame, valid).packed is None  # the sparse kernels take key_valid instead
+
+
 def test_math_and_sdpa_backends_agree_with_padding():
     sdpa = small_encoder()
     math = build_model(sdpa.cfg.replace(backend="math")).eval()

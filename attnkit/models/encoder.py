@@ -29,7 +29,16 @@ from torch import Tensor, nn
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
-from attnkit.layers import MLP, Embeddings, ModelSize, PositionScheme, Stack, init_gpt2_style, make_norm
+from attnkit.layers import (
+    MLP,
+    Embeddings,
+    ModelSize,
+    PositionScheme,
+    Stack,
+    init_gpt2_style,
+    make_norm,
+    pack_real_tokens,
+)
 
 HEADS = ("none", "mlm", "classify", "tokens", "qa")
 POOLINGS = ("cls", "mean")
@@ -144,6 +153,7 @@ class EncoderModel(ModelSize, nn.Module):
             valid = None  # nothing padded: the fused path without a mask
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         frame = self.positions.frame(positions, valid, None, self.embed.tok.weight.dtype, explicit=need_weights)
+        frame = pack_real_tokens(frame, valid, need_weights=need_weights)  # no work on the padding
         x = self.embed(input_ids, positions, token_types)  # (B, T, d)
         return self.stack(x, frame, need_weights=need_weights)
 
