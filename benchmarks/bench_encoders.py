@@ -51,8 +51,12 @@ def bench_embed(args) -> None:
     lengths = [len(hf_tok(t).input_ids) for t in texts]
     batches = length_sorted_batches(lengths, args.batch_size)
     limits = machine_limits()
-    rows = []
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    rows, dtypes = [], [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    skipped = ""
+    if limits["matmul_bf16_gflops"] < limits["matmul_fp32_gflops"]:  # no bf16 hardware: hours per run, no user's choice
+        dtypes, skipped = dtypes[:1], (f" bf16 not run: its matmuls reach {limits['matmul_bf16_gflops']:.0f} GFLOP/s "
+                                       f"on this CPU against fp32's {limits['matmul_fp32_gflops']:.0f}.")
+    for dtype_name, dtype in dtypes:
         ours, tokenizer = load_checkpoint("minilm-l6", dtype=dtype)
         theirs = transformers.BertModel.from_pretrained(str(folder), dtype=dtype).eval()
 
@@ -89,7 +93,7 @@ def bench_embed(args) -> None:
             f"included, best of {args.repeats} interleaved runs.\n\n"
             + table(["dtype", "attnkit sentences/s", "transformers sentences/s", "speed-up",
                      "matmul bound sentences/s", "max |diff| of embeddings"], rows)
-            + "\n\nTarget: attnkit ≥ 2x transformers.")
+            + f"\n\nTarget: attnkit ≥ 2x transformers.{skipped}")
     print(body)
     write_section("encoders-embed", f"Sentence embeddings: minilm-l6, attnkit vs transformers ({args.threads} threads)",
                   body, f"python -m benchmarks.bench_encoders embed --threads {args.threads}")
@@ -193,6 +197,8 @@ def bench_sentiment(args) -> None:
     limits = machine_limits()
     steps = args.steps or load_recipe("sentiment-minilm").max_steps
     results, process = {}, time.strftime("%Y-%m-%d %H:%M:%S")  # runs of one process are comparable
+    # kept runs may come from other machines (the precision follows the ISA), so each row names its own
+    machine = (f"{limits['isa']}, {limits['matmul_fp32_gflops']:.0f} / {limits['matmul_bf16_gflops']:.0f}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = {
@@ -217,7 +223,7 @@ def bench_sentiment(args) -> None:
                 continue
             print(f"=== {name}", flush=True)
             results[name] = {**run(), "run_at": time.strftime("%Y-%m-%d %H:%M"), "quiet": not args.under_load,
-                             "process": process}
+                             "process": process, "machine": machine}
             print(json.dumps(results[name]), flush=True)
     # runs are kept by name in RUNS_FILE, so a subset can be re-run and the table shows every run's latest
     kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
@@ -227,7 +233,7 @@ def bench_sentiment(args) -> None:
     rows = [[name, f"{r['accuracy']:.4f}", f"{r['pang_lee']:.4f}", f"{100 * r['trainable'] / r['total']:.2f}%",
              r["steps"], r["precision"], f"{r['wall_s']:.0f}",
              f"{r['tokens_per_s']:.0f}" + ("" if r.get("quiet", True) else " (machine under load: not a speed figure)"),
-             r["run_at"]] for name, r in results.items()]
+             r["run_at"], r.get("machine", "not recorded")] for name, r in results.items()]
 
     def versus(a, b) -> str:  # tokens/s ratio of two runs, when measured in one quiet process
         a, b = results.get(a), results.get(b)
@@ -240,7 +246,7 @@ def bench_sentiment(args) -> None:
             "the test split; Pang & Lee: 4,000 sentences, out of domain. Batch 32, the sentiment-minilm recipe's "
             f"schedule for both libraries (LoRA: lr {args.lora_lr:g}).\n\n"
             + table(["run", "test accuracy", "Pang & Lee accuracy", "trainable", "steps", "precision", "wall s",
-                     "train tokens/s", "run at (UTC)"], rows)
+                     "train tokens/s", "run at (UTC)", "machine: ISA, matmul fp32 / bf16 GFLOP/s"], rows)
             + f"\n\nattnkit / transformers training tokens/s, full fine-tune at both defaults (random batches, "
             f"padded to their longest): {ratio}; both drawing batches of similar lengths (attnkit "
             f"--length-buckets 16, transformers train_sampling_strategy='group_by_length'): {grouped}. Targets: full fine-tune ≥ 85% "
