@@ -34,7 +34,17 @@ def _take_rows(t: Tensor, index: Tensor) -> Tensor:
     return picked
 
 
-def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool, zeroed: bool = True) -> list[Tensor]:
+class _Layers(list):
+    """One (B, Hkv, capacity, hd) tensor per layer; ``buffer`` is the (n_layers, B, Hkv, capacity, hd)
+    tensor they are views of, or None when each has its own storage. Kept by hand: views made under
+    ``torch.inference_mode`` (decoding) do not record their base."""
+
+    def __init__(self, tensors, buffer: Tensor | None = None):
+        super().__init__(tensors)
+        self.buffer = buffer
+
+
+def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool, zeroed: bool = True) -> _Layers:
     """One (B, Hkv, capacity, hd) tensor per layer: views of one buffer, so that a reorder is one
     copy for all layers, or (``separate``) tensors of their own, which a compiled graph can write
     into in place (a view would be copied). Zeroed when attention may read slots never written
@@ -42,12 +52,13 @@ def _layer_tensors(n_layers: int, shape: tuple, dtype, device, separate: bool, z
     touched where it is written (rows that finish early never fault in the rest)."""
     make = torch.zeros if zeroed else torch.empty
     if separate:
-        return [make(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        return _Layers(make(shape, dtype=dtype, device=device) for _ in range(n_layers))
     return _views(make((n_layers, *shape), dtype=dtype, device=device))
 
 
-def _views(buffer: Tensor) -> list[Tensor]:
-    return [buffer[i] for i in range(buffer.shape[0])]  # not unbind: its views refuse in-place writes under grad
+def _views(buffer: Tensor) -> _Layers:
+    # not unbind: its views refuse in-place writes under grad
+    return _Layers((buffer[i] for i in range(buffer.shape[0])), buffer)
 
 
 def _moved_rows(index: Tensor) -> Tensor | None:
@@ -56,11 +67,11 @@ def _moved_rows(index: Tensor) -> Tensor | None:
     return None if len(moved) > 0.75 * len(index) else moved
 
 
-def _reorder_layers(layers: list[Tensor], index: Tensor, length: int | None) -> list[Tensor]:
+def _reorder_layers(layers: _Layers, index: Tensor, length: int | None) -> _Layers:
     """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
     rest hold nothing yet). Views of one buffer are reordered through the buffer, in one copy."""
-    base = layers[0]._base
-    if base is not None and all(t._base is base for t in layers) and base.shape[0] == len(layers):
+    base = layers.buffer
+    if base is not None:
         if base.shape[1] != len(index):
             return _views(base.index_select(1, index))
         view = base if length is None else base[:, :, :, :length]
@@ -78,7 +89,7 @@ def _reorder_layers(layers: list[Tensor], index: Tensor, length: int | None) -> 
             view = t if length is None else t[:, :, :length]
             view.copy_(view.index_select(0, index))
             out.append(t)
-    return out
+    return _Layers(out)
 
 
 class KVCache:
