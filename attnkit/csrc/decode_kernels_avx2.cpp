@@ -115,19 +115,42 @@ inline void rows_times_rows(const float* w, int64_t row_stride, const float* x, 
     for (int r = 0; r < R; ++r) y[m * N + r] = sums[m * R + r];
 }
 
-// R * M accumulators + R weight vectors + one x vector <= the 16 vector registers
-template <int M> constexpr int kRowsPerStep = M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1;
+// y[m * N] = dot(one weight row, x row m) for m < M: the row is read front to back, 16 values a
+// step, two accumulators per x row (2 M independent multiply-adds), so each thread reads its block
+// of weight rows as one stream. The prefetchers keep up with one stream per core better than with
+// several rows side by side: from memory, 2 threads, 4 rows of x, 1536 x 384 weights read at 14.1
+// GB/s this way against 8.9 two rows at a time (384 x 1536: 15.9 vs 11.7; ad-hoc medians of 40).
+template <int M>
+inline void row_times_rows(const float* w, const float* x, int64_t K, float* y, int64_t N) {
+  __m256 acc[2][M];
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int m = 0; m < M; ++m) {
+      acc[0][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+      acc[1][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[1][m]);
+    }
+  }
+  for (; k < K; k += 8) {  // the last 1..15 values, zero-filled past K
+    const __m256i tail = lanes(K - k);  // at most 8 lanes
+    const __m256 wk = load8(w + k, tail);
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wk, load8(x + m * K + k, tail), acc[0][m]);
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = sum1(_mm256_add_ps(acc[0][m], acc[1][m]));
+}
 
+// a contiguous block of weight rows per thread, read front to back: one weight row at a time
+// (row_times_rows: 2 M accumulators + 2 weight vectors + one x vector <= the 16 vector registers,
+// so up to 6 rows of x; 7 or 8 rows take one accumulator per row of x).
 template <int M>
 void few_rows_linear(const float* w, int64_t row_stride, const float* x, int64_t N, int64_t K, float* y) {
-  constexpr int R = kRowsPerStep<M>;
-  // a contiguous block of weight rows per thread, read front to back (one stream per thread)
-  torch::stable::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = R * begin; n < std::min(R * end, N); n += R) {
-      if (n + R <= N) {
-        rows_times_rows<R, M>(w + n * row_stride, row_stride, x, K, y + n, N);
+  torch::stable::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if constexpr (M <= 6) {
+        row_times_rows<M>(w + n * row_stride, x, K, y + n, N);
       } else {
-        for (int64_t r = n; r < N; ++r) rows_times_rows<1, M>(w + r * row_stride, row_stride, x, K, y + r, N);
+        rows_times_rows<1, M>(w + n * row_stride, row_stride, x, K, y + n, N);
       }
     }
   });
