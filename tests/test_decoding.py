@@ -3,6 +3,7 @@
 token-identical to the target's greedy; sampling keeps the target's distribution), and the caches'
 reorder / crop against recomputing from scratch."""
 
+import itertools
 import math
 
 import pytest
@@ -276,6 +277,22 @@ def test_reorder_and_crop_give_the_logits_of_recomputing_from_scratch(kind, mode
         want = model(torch.cat([picked[:, :11], new], 1))[:, 11:]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert cache.length == 13
+
+
+def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows():
+    # every repeat, drop, permutation and cycle of 4 rows, through the one-copy-per-moved-row path
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        cache = KVCache(2, 4, 2, 8, 12, torch.float32, "cpu")
+        cache.claim(10)
+        for index in itertools.product(range(4), repeat=4):
+            for layer in range(2):  # rows that differ
+                cache.k[layer][:, :, :10] = torch.randn(4, 2, 10, 8, generator=g)
+                cache.v[layer][:, :, :10] = torch.randn(4, 2, 10, 8, generator=g)
+            index = torch.tensor(index)
+            want = [t[:, :, :10].index_select(0, index) for t in cache.k + cache.v]
+            cache.reorder(index)
+            assert all(torch.equal(w, t[:, :, :10]) for w, t in zip(want, cache.k + cache.v)), index
 
 
 def test_a_rolling_cache_refuses_to_forget_more_than_its_spare_slots():
