@@ -88,7 +88,8 @@ def _copy_rows(view: Tensor, rows: list[int], sources: list[int]) -> None:
 
 def _reorder_layers(layers: _Layers, index: Tensor, length: int | None) -> _Layers:
     """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
-    rest hold nothing yet). Views of one buffer are reordered through the buffer, in one copy."""
+    rest hold nothing yet). Views of one buffer are reordered through the buffer: one copy of it all
+    when most rows move, else one copy per moved row (``_copy_rows``)."""
     base = layers.buffer
     if base is not None:
         if base.shape[1] != len(index):
