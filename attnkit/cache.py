@@ -19,6 +19,8 @@ Kinds: ``KVCache`` (growing, or ``static`` for a compiled step: fixed shapes, ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -61,19 +63,15 @@ def _views(buffer: Tensor) -> _Layers:
     return _Layers((buffer[i] for i in range(buffer.shape[0])), buffer)
 
 
-def _moved_rows(index: Tensor) -> Tensor | None:
-    """The rows i with index[i] != i, or None when most rows move (one whole copy is cheaper then)."""
-    moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
-    return None if len(moved) > 0.75 * len(index) else moved
-
-
-def _copy_rows(view: Tensor, rows: list[int], sources: list[int]) -> None:
-    """view[:, rows[i]] = view[:, sources[i]] as it was before any of these writes: one plain copy
-    per row (runs of contiguous slots; index_select + index_copy_ over the sliced buffer took about
-    three times as long for beam search's reorders). A row is written once no other row still has
-    to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0 need no extra copy); a cycle reads one row into
-    a copy first."""
-    pending, kept = dict(zip(rows, sources)), {}
+def _copy_rows(view: Tensor, index: Sequence[int]) -> None:
+    """view[:, i] = view[:, index[i]] for every i, in place, as view was before any of these writes:
+    one plain copy per moved row (runs of contiguous slots), rows that keep their own tokens untouched.
+    index_select + copy back took three to ten times as long for beam search's reorders: its
+    temporary of the whole sliced buffer is fresh memory, faulted in on every step. A row is written
+    once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0 need no extra copy);
+    a cycle reads one row into a copy first."""
+    pending = {row: source for row, source in enumerate(index) if row != source}
+    kept = {}
     while pending:
         still_read = {s for s in pending.values() if s not in kept}
         ready = [row for row in pending if row not in still_read]
@@ -88,26 +86,20 @@ def _copy_rows(view: Tensor, rows: list[int], sources: list[int]) -> None:
 
 def _reorder_layers(layers: _Layers, index: Tensor, length: int | None) -> _Layers:
     """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
-    rest hold nothing yet). Views of one buffer are reordered through the buffer: one copy of it all
-    when most rows move, else one copy per moved row (``_copy_rows``)."""
-    base = layers.buffer
+    rest hold nothing yet). Views of one buffer are reordered through the buffer, all layers in one
+    copy per moved row (``_copy_rows``); a new number of rows makes a new buffer."""
+    base, rows = layers.buffer, index.tolist()
     if base is not None:
-        if base.shape[1] != len(index):
+        if base.shape[1] != len(rows):
             return _views(base.index_select(1, index))
-        view = base if length is None else base[:, :, :, :length]
-        moved = _moved_rows(index)
-        if moved is None:
-            view.copy_(view.index_select(1, index))
-        elif len(moved):  # only the rows that take another row's tokens (beams that kept their parent stay)
-            _copy_rows(view, moved.tolist(), index[moved].tolist())
+        _copy_rows(base if length is None else base[:, :, :, :length], rows)
         return layers
     out = []
     for t in layers:
-        if t.shape[0] != len(index):
+        if t.shape[0] != len(rows):
             out.append(t.index_select(0, index))
         else:
-            view = t if length is None else t[:, :, :length]
-            view.copy_(view.index_select(0, index))
+            _copy_rows((t if length is None else t[:, :, :length])[None], rows)
             out.append(t)
     return _Layers(out)
 

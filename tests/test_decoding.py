@@ -279,11 +279,12 @@ def test_reorder_and_crop_give_the_logits_of_recomputing_from_scratch(kind, mode
     assert cache.length == 13
 
 
-def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows():
+@pytest.mark.parametrize("static", [False, True], ids=["views-of-one-buffer", "separate-layers"])
+def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows(static):
     # every repeat, drop, permutation and cycle of 4 rows, through the one-copy-per-moved-row path
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        cache = KVCache(2, 4, 2, 8, 12, torch.float32, "cpu")
+        cache = KVCache(2, 4, 2, 8, 12, torch.float32, "cpu", static=static)
         cache.claim(10)
         for index in itertools.product(range(4), repeat=4):
             for layer in range(2):  # rows that differ
