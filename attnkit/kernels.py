@@ -85,7 +85,7 @@ def _build(compiler: str, isa: str) -> Path:
 _FAKES = {  # shapes for torch.compile's tracing, per op
     "linear_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_fp32": lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
-    "linear_rows_fp32": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_rows_fp32": lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_rows_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_quantized": lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)),
     "decode_attention": lambda q, k, v, mask, scale: torch.empty_like(q),
@@ -160,6 +160,12 @@ def _fp32_min_weights() -> int:
     return _FP32_NATIVE_MIN_WEIGHTS[_isa_loaded or "avx512"]
 
 
+def _fp32_kernel_takes(bias: Tensor | None) -> bool:
+    """Whether the fp32 kernels can add this bias themselves: None, or (N,) fp32 contiguous, no grad."""
+    return bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
+                            and _no_grad_needed(bias))
+
+
 def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
     """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs: one row of
     activations on the CPU, weight of the same dtype with unit stride along K, nothing to
@@ -171,9 +177,7 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
         return None
     if x.dtype == torch.bfloat16:
         return torch.ops.attnkit.linear_bf16 if _has("linear_bf16") else None
-    if (x.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
-                                  and _no_grad_needed(bias)))
+    if (x.dtype == torch.float32 and not torch.compiler.is_compiling() and _fp32_kernel_takes(bias)
             and _has("linear_fp32") and weight.numel() >= _fp32_min_weights()):
         return torch.ops.attnkit.linear_fp32
     return None
@@ -191,11 +195,13 @@ _ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2,
                 "avx2": ({torch.float32: range(2, 9)}, 1 << 14)}  # isa -> (rows per dtype, fewest weights)
 
 
-def _native_rows_linear(x: Tensor, weight: Tensor):
-    """The native kernel for a few rows of x, or None (the conditions of ``_native_linear``, several rows)."""
+def _native_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """The native kernel for a few rows of x, or None (the conditions of ``_native_linear``, several
+    rows; the fp32 kernel adds the bias, bf16's is added after)."""
     rows = x.numel() // max(1, x.shape[-1])
     if not (x.device.type == "cpu" and 2 <= rows <= 8 and x.dtype in (torch.float32, torch.bfloat16)
-            and weight.dtype == x.dtype and weight.stride(-1) == 1 and _no_grad_needed(x, weight) and _loaded_now()):
+            and weight.dtype == x.dtype and weight.stride(-1) == 1 and _no_grad_needed(x, weight) and _loaded_now()
+            and (x.dtype != torch.float32 or _fp32_kernel_takes(bias))):
         return None
     rows_per_dtype, min_weights = _ROWS_NATIVE[_isa_loaded]
     if rows in rows_per_dtype.get(x.dtype, ()) and weight.numel() >= min_weights:
@@ -207,12 +213,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, through a native kernel where one applies (see ``_native_linear``)."""
     op = _native_linear(x, weight, bias)
     if op is None:
-        rows_op = _native_rows_linear(x, weight)
-        if rows_op is not None:
-            y = rows_op(x.contiguous(), weight)
-            return y if bias is None else y + bias
-        return F.linear(x, weight, bias)
-    if x.dtype == torch.float32:
+        op = _native_rows_linear(x, weight, bias)
+        if op is None:
+            return F.linear(x, weight, bias)
+    if x.dtype == torch.float32:  # the fp32 kernels add the bias
         return op(x.contiguous(), weight, bias)
     y = op(x.contiguous(), weight)
     return y if bias is None else y + bias

@@ -311,10 +311,15 @@ def test_linear_rows_is_the_product_within_rounding_for_1_to_8_rows(dtype, rows)
         x, w = torch.randn(rows, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
         exact = x.double() @ w.double().T
         scale = x.double().abs() @ w.double().abs().T
-        got = op(x.view(1, rows, K), w).double().view(rows, N)
+        args = (None,) if dtype == torch.float32 else ()  # fp32 takes a bias (None here)
+        got = op(x.view(1, rows, K), w, *args).double().view(rows, N)
         # fp32: sums in another order; bf16: one rounding of the fp32 sum to bf16 (2^-8 relative)
         bound = 1e-5 * scale if dtype == torch.float32 else 2 ** -8 * exact.abs() + 1e-5 * scale
         assert ((got - exact).abs() <= bound).all(), (N, K)
+        if dtype == torch.float32:  # the bias is added to every row, after the same products
+            bias = torch.randn(N, generator=g)
+            with_bias = op(x.view(1, rows, K), w, bias).view(rows, N)
+            assert torch.equal(with_bias, (got.float() + bias)), (N, K)
 
 
 @needs_native

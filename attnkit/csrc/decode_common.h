@@ -26,6 +26,13 @@ inline std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t N) {
   return shape;
 }
 
+// bias None or N contiguous fp32 values
+inline void check_bias(const std::optional<Tensor>& bias, int64_t N, const char* name) {
+  STD_TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
+                                        bias->size(0) == N && bias->is_contiguous()),
+                  name, ": bias must be None or N contiguous fp32 values");
+}
+
 // linear_fp32: x one contiguous row of K fp32 values, weight (N, K) fp32 with unit stride along K,
 // bias None or N contiguous fp32 values.
 inline void check_linear_fp32(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -36,9 +43,13 @@ inline void check_linear_fp32(const Tensor& x, const Tensor& weight, const std::
   const int64_t N = weight.size(0), K = weight.size(1);
   STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K && x.numel() == K && x.is_contiguous(),
                   "attnkit::linear_fp32: x must be one contiguous row of K = weight.size(1) values");
-  STD_TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
-                                        bias->size(0) == N && bias->is_contiguous()),
-                  "attnkit::linear_fp32: bias must be None or N contiguous fp32 values");
+  check_bias(bias, N, "attnkit::linear_fp32");
+}
+
+// y (M, N) += bias (N,) on every row: after the products, where the outputs are still in cache.
+inline void add_bias_rows(float* y, const float* bias, int64_t M, int64_t N) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
 }
 
 // linear_rows_*: x 1 to 8 contiguous rows of K values, weight (N, K) with unit stride along K, both of

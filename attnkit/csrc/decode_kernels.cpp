@@ -3,8 +3,9 @@
 //   attnkit::linear_bf16(x, weight)      x @ weight.T for ONE row of bf16 activations.
 //   attnkit::linear_fp32(x, weight, bias)
 //                                        x @ weight.T (+ bias) for ONE row of fp32 activations.
-//   attnkit::linear_rows_fp32(x, weight), attnkit::linear_rows_bf16(x, weight)
-//                                        x @ weight.T for 2 to 8 rows (beam search, draft checking).
+//   attnkit::linear_rows_fp32(x, weight, bias), attnkit::linear_rows_bf16(x, weight)
+//                                        x @ weight.T (+ bias, fp32) for 2 to 8 rows (beam search,
+//                                        draft checking).
 //   attnkit::linear_quantized(x, q, d, m, kind)
 //                                        x @ W.T for ONE row, W in GGML's Q8_0 / Q4_0 / Q4_1 blocks
 //                                        (int8 dot products, AVX512-VNNI; see its section).
@@ -312,9 +313,15 @@ Tensor linear_rows(Tensor x, Tensor weight, ScalarType type, const char* name) {
   return out;
 }
 
-// x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K -> (..., N); fp32 or bf16.
-Tensor linear_rows_fp32(Tensor x, Tensor weight) {
-  return linear_rows<float>(x, weight, ScalarType::Float, "attnkit::linear_rows_fp32");
+// x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K -> (..., N); fp32 (with
+// bias None or (N,) contiguous) or bf16 (no bias).
+Tensor linear_rows_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  check_bias(bias, weight.size(0), "attnkit::linear_rows_fp32");
+  Tensor out = linear_rows<float>(x, weight, ScalarType::Float, "attnkit::linear_rows_fp32");
+  if (bias.has_value())
+    add_bias_rows(static_cast<float*>(out.data_ptr()), static_cast<const float*>(bias->data_ptr()),
+                  x.numel() / weight.size(1), weight.size(0));  // K >= 1 once linear_rows checked
+  return out;
 }
 Tensor linear_rows_bf16(Tensor x, Tensor weight) {
   return linear_rows<uint16_t>(x, weight, ScalarType::BFloat16, "attnkit::linear_rows_bf16");
@@ -608,7 +615,7 @@ Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, i
 STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("linear_rows_fp32(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind, int n) -> Tensor");

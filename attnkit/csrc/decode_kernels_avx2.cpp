@@ -3,7 +3,7 @@
 //
 //   attnkit::linear_fp32(x, weight, bias)
 //                                        x @ weight.T (+ bias) for ONE row of fp32 activations.
-//   attnkit::linear_rows_fp32(x, weight)
+//   attnkit::linear_rows_fp32(x, weight, bias)
 //                                        x @ weight.T for 1 to 8 rows (beam search, draft checking).
 //   attnkit::decode_attention(q, k, v, mask, scale)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
@@ -200,9 +200,11 @@ Tensor linear_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   return out;
 }
 
-// x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K -> (..., N), fp32.
-Tensor linear_rows_fp32(Tensor x, Tensor weight) {
+// x (..., K) with 1 to 8 rows in all, weight (N, K) with unit stride along K, bias None or (N,)
+// contiguous -> (..., N), fp32.
+Tensor linear_rows_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   const int64_t M = check_linear_rows(x, weight, ScalarType::Float, "attnkit::linear_rows_fp32");
+  check_bias(bias, weight.size(0), "attnkit::linear_rows_fp32");
   const int64_t N = weight.size(0), K = weight.size(1);
   Tensor out = torch::stable::empty(linear_out_shape(x, N), ScalarType::Float, std::nullopt, x.device());
   const float* w = static_cast<const float*>(weight.data_ptr());
@@ -219,6 +221,7 @@ Tensor linear_rows_fp32(Tensor x, Tensor weight) {
     case 7: few_rows_linear<7>(w, rs, xs, N, K, y); break;
     default: few_rows_linear<8>(w, rs, xs, N, K, y); break;
   }
+  if (bias.has_value()) add_bias_rows(y, static_cast<const float*>(bias->data_ptr()), M, N);
   return out;
 }
 
@@ -317,7 +320,7 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
 
 STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("linear_rows_fp32(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 
