@@ -16,6 +16,7 @@ says which applies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -162,25 +163,8 @@ def _fp32_min_weights() -> int:
 
 def _fp32_kernel_takes(bias: Tensor | None) -> bool:
     """Whether the fp32 kernels can add this bias themselves: None, or (N,) fp32 contiguous, no grad."""
-    return bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()
-                            and _no_grad_needed(bias))
-
-
-def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
-    """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs: one row of
-    activations on the CPU, weight of the same dtype with unit stride along K, nothing to
-    differentiate, the kernels loaded; bf16 (bias added after), or fp32 for matrices of at least
-    ``_fp32_min_weights()`` values outside torch.compile (bias None or (N,) fp32 contiguous, added
-    in the kernel)."""
-    if not (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dtype == x.dtype
-            and weight.stride(-1) == 1 and _no_grad_needed(x, weight)):
-        return None
-    if x.dtype == torch.bfloat16:
-        return torch.ops.attnkit.linear_bf16 if _has("linear_bf16") else None
-    if (x.dtype == torch.float32 and not torch.compiler.is_compiling() and _fp32_kernel_takes(bias)
-            and _has("linear_fp32") and weight.numel() >= _fp32_min_weights()):
-        return torch.ops.attnkit.linear_fp32
-    return None
+    return bias is None or (bias.dtype is torch.float32 and bias.dim() == 1 and bias.is_contiguous()
+                            and not (bias.requires_grad and torch.is_grad_enabled()))
 
 
 # A few rows at once (beam search, checking draft tokens), native vs torch's F.linear, weights streamed
@@ -195,17 +179,34 @@ _ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2,
                 "avx2": ({torch.float32: range(2, 9)}, 1 << 14)}  # isa -> (rows per dtype, fewest weights)
 
 
-def _native_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
-    """The native kernel for a few rows of x, or None (the conditions of ``_native_linear``, several
-    rows; the fp32 kernel adds the bias, bf16's is added after)."""
+def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """The native kernel for ``F.linear(x, weight, bias)``, or None where torch's op runs. Always: x
+    on the CPU, weight of its dtype (fp32 or bf16) with unit stride along K, nothing to
+    differentiate, the kernels loaded; fp32 kernels add the bias themselves (None or (N,) fp32
+    contiguous), bf16's is added after. One row: bf16, or fp32 for matrices of at least
+    ``_fp32_min_weights()`` values outside torch.compile. 2 to 8 rows: the rows and sizes of
+    ``_ROWS_NATIVE``. Called for every linear of every step, so the cheapest tests come first (a
+    tensor attribute costs 0.2-0.9 us here; ``x.device.type`` is the dearest)."""
+    if not (x.is_cpu and _loaded_now()):
+        return None
+    dtype = x.dtype
+    if weight.dtype is not dtype or (dtype is not torch.float32 and dtype is not torch.bfloat16):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if weight.stride(-1) != 1 or (dtype is torch.float32 and not _fp32_kernel_takes(bias)):
+        return None
     rows = x.numel() // max(1, x.shape[-1])
-    if not (x.device.type == "cpu" and 2 <= rows <= 8 and x.dtype in (torch.float32, torch.bfloat16)
-            and weight.dtype == x.dtype and weight.stride(-1) == 1 and _no_grad_needed(x, weight) and _loaded_now()
-            and (x.dtype != torch.float32 or _fp32_kernel_takes(bias))):
+    if rows == 1:
+        if dtype is torch.bfloat16:
+            return torch.ops.attnkit.linear_bf16 if "linear_bf16" in _ops_loaded else None
+        if (not torch.compiler.is_compiling() and "linear_fp32" in _ops_loaded
+                and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS[_isa_loaded]):
+            return torch.ops.attnkit.linear_fp32
         return None
     rows_per_dtype, min_weights = _ROWS_NATIVE[_isa_loaded]
-    if rows in rows_per_dtype.get(x.dtype, ()) and weight.numel() >= min_weights:
-        return torch.ops.attnkit.linear_rows_fp32 if x.dtype == torch.float32 else torch.ops.attnkit.linear_rows_bf16
+    if rows in rows_per_dtype.get(dtype, ()) and weight.numel() >= min_weights:
+        return torch.ops.attnkit.linear_rows_fp32 if dtype is torch.float32 else torch.ops.attnkit.linear_rows_bf16
     return None
 
 
@@ -213,10 +214,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, through a native kernel where one applies (see ``_native_linear``)."""
     op = _native_linear(x, weight, bias)
     if op is None:
-        op = _native_rows_linear(x, weight, bias)
-        if op is None:
-            return F.linear(x, weight, bias)
-    if x.dtype == torch.float32:  # the fp32 kernels add the bias
+        return F.linear(x, weight, bias)
+    if x.dtype is torch.float32:  # the fp32 kernels add the bias
         return op(x.contiguous(), weight, bias)
     y = op(x.contiguous(), weight)
     return y if bias is None else y + bias
@@ -241,9 +240,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
             and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
             and q.dtype in _ISAS[_isa_loaded][3]):
         return None
-    mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if mask is None else mask.reshape(-1, S).expand(B, S)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return torch.ops.attnkit.decode_attention(q, k, v, mask.contiguous(), scale)
+    mask = _every_key(B, S, q.device) if mask is None else mask.reshape(-1, S).expand(B, S).contiguous()
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return torch.ops.attnkit.decode_attention(q, k, v, mask, scale)
+
+
+@functools.lru_cache(maxsize=4)
+def _every_key(B: int, S: int, device: torch.device) -> Tensor:
+    """A (B, S) all-true mask, made once for the layers of a decode step (the kernel only reads it)."""
+    return torch.ones(B, S, dtype=torch.bool, device=device)
 
 
 def quantized_kernels_available() -> bool:
@@ -264,7 +270,9 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose forward is ``kernels.linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        # from the dict: the attributes go through Module.__getattr__ (1.7 us each here, twice a linear)
+        params = self._parameters
+        return linear(x, params["weight"], params["bias"])
 
 
 _HUGE_PAGE = 2 << 20

@@ -340,6 +340,10 @@ def test_linear_routes_a_few_rows_to_the_rows_kernel_and_more_to_torch():
             assert not any(name.startswith("attnkit::") for name in ops_called(lambda: half(two)))
             torch.testing.assert_close(half(two), F.linear(two, half.weight, half.bias), rtol=0, atol=0)
     assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(four))  # grad enabled: torch's
+    layer.weight.requires_grad_(False)  # a trainable bias on frozen weights: torch's, so the bias gets its grad
+    assert "attnkit::linear_rows_fp32" not in ops_called(lambda: layer(four))
+    layer(four).sum().backward()
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, torch.full((N,), 4.0))
 
 
 @pytest.mark.skipif(ISA != "avx2", reason="an AVX2 CPU without the AVX512 set")
