@@ -118,13 +118,22 @@ def sample_next(
 def repeated_ngram_mask(rows: Sequence[Sequence[int]], n: int, vocab_size: int, device) -> Tensor:
     """(B, V) bool: True for each token that would complete an n-gram already in the row."""
     banned = torch.zeros((len(rows), vocab_size), dtype=torch.bool)
+    at_rows, at_tokens = [], []  # written in one indexing op: one per hit cost ~5 us each
     for r, row in enumerate(rows):
         if len(row) < n:
             continue
-        tail = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        if n == 1:
+            at_tokens += row
+            at_rows += [r] * len(row)
+            continue
+        tail = tuple(row[len(row) - n + 1:])
+        first = tail[0]
         for i in range(len(row) - n + 1):
-            if tuple(row[i:i + n - 1]) == tail:
-                banned[r, row[i + n - 1]] = True
+            if row[i] == first and tuple(row[i:i + n - 1]) == tail:  # the first token before the slice
+                at_rows.append(r)
+                at_tokens.append(row[i + n - 1])
+    if at_rows:
+        banned[at_rows, at_tokens] = True
     return banned.to(device)
 
 

@@ -5,6 +5,7 @@ reorder / crop against recomputing from scratch."""
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from attnkit.checkpoints import load_checkpoint, save_checkpoint
 from attnkit.cli import main
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.generate import Beams, Sampling, Speculation, beam_search, generate_tokens
+from attnkit.generate import Beams, Sampling, Speculation, beam_search, generate_tokens, repeated_ngram_mask
 from attnkit.layers import Stack
 from attnkit.models.decoder import DecoderLM, left_pad
 from attnkit.tokenizers import CharTokenizer
@@ -441,3 +442,17 @@ def test_compiled_speculative_greedy_equals_greedy():
     plain = tokens_of(target, SPEC_PROMPTS[:2], 24, sampling=greedy)
     assert tokens_of(target, SPEC_PROMPTS[:2], 24, sampling=greedy, compile=True,
                      speculation=Speculation(draft=draft, tokens=3)) == plain
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_repeated_ngram_mask_bans_exactly_the_tokens_that_would_repeat_an_ngram(n):
+    rng = random.Random(n)
+    rows = [[rng.randrange(5) for _ in range(length)] for length in (0, 1, 2, 3, 7, 30, 30)]
+    rows.append([*range(n - 1), 4, *range(n - 1)])  # ends with the first n - 1 tokens of an n-gram it holds
+    got = repeated_ngram_mask(rows, n, 5, "cpu")
+    for r, row in enumerate(rows):  # token t is banned iff the row's last n-1 tokens + t occur in the row
+        grams = {tuple(row[i:i + n]) for i in range(len(row) - n + 1)}
+        want = [len(row) >= n and (*row[len(row) - n + 1:], t) in grams for t in range(5)] if n > 1 else \
+            [t in row for t in range(5)]
+        assert got[r].tolist() == want, (r, row)
+    assert got[-1, 4]  # that n-gram's last token
