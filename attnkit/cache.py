@@ -63,13 +63,14 @@ def _views(buffer: Tensor) -> _Layers:
     return _Layers((buffer[i] for i in range(buffer.shape[0])), buffer)
 
 
-def _copy_rows(view: Tensor, index: Sequence[int]) -> None:
-    """view[:, i] = view[:, index[i]] for every i, in place, as view was before any of these writes:
-    one plain copy per moved row (runs of contiguous slots), rows that keep their own tokens untouched.
-    index_select + copy back took three to ten times as long for beam search's reorders: its
-    temporary of the whole sliced buffer is fresh memory, faulted in on every step. A row is written
-    once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0 need no extra copy);
-    a cycle reads one row into a copy first."""
+def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
+    """view[:, i] = view[:, index[i]] for every i and every view, in place, as the views were before
+    any of these writes: one plain copy per moved row (runs of contiguous slots), rows that keep
+    their own tokens untouched. index_select + copy back took three to ten times as long for beam
+    search's reorders: its temporary of the whole sliced buffer is fresh memory, faulted in on every
+    step. A row is written once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0
+    need no extra copy); a cycle reads one row into a copy first. The order is worked out once for
+    all the views (keys and values; every layer of a static cache)."""
     pending = {row: source for row, source in enumerate(index) if row != source}
     kept = {}
     while pending:
@@ -77,31 +78,29 @@ def _copy_rows(view: Tensor, index: Sequence[int]) -> None:
         ready = [row for row in pending if row not in still_read]
         if not ready:  # every pending row is read by another: a cycle
             row = next(iter(pending))
-            kept[row] = view[:, row].clone()
+            kept[row] = [view[:, row].clone() for view in views]
             continue
         for row in ready:
             source = pending.pop(row)
-            view[:, row].copy_(kept[source] if source in kept else view[:, source])
+            for i, view in enumerate(views):
+                view[:, row].copy_(kept[source][i] if source in kept else view[:, source])
 
 
-def _reorder_layers(layers: _Layers, index: Tensor, length: int | None) -> _Layers:
-    """Every layer's batch rows at ``index``; only slots [0, length) when a length is given (the
-    rest hold nothing yet). Views of one buffer are reordered through the buffer, all layers in one
-    copy per moved row (``_copy_rows``); a new number of rows makes a new buffer."""
-    base, rows = layers.buffer, index.tolist()
-    if base is not None:
-        if base.shape[1] != len(rows):
-            return _views(base.index_select(1, index))
-        _copy_rows(base if length is None else base[:, :, :, :length], rows)
-        return layers
-    out = []
-    for t in layers:
-        if t.shape[0] != len(rows):
-            out.append(t.index_select(0, index))
-        else:
-            _copy_rows((t if length is None else t[:, :, :length])[None], rows)
-            out.append(t)
-    return _Layers(out)
+def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -> tuple[_Layers, _Layers]:
+    """Every layer's keys and values at batch rows ``index``; only slots [0, length) when a length is
+    given (the rest hold nothing yet). In place, one copy per moved row (``_copy_rows``): through
+    the buffer for views of one buffer (all layers at once), per layer for tensors of their own; a
+    new number of rows makes new tensors."""
+    rows = index.tolist()
+    if k and len(rows) != k[0].shape[0]:
+        return tuple(_views(t.buffer.index_select(1, index)) if t.buffer is not None
+                     else _Layers(layer.index_select(0, index) for layer in t) for t in (k, v))
+    if k.buffer is not None and v.buffer is not None:
+        views = [t.buffer if length is None else t.buffer[:, :, :, :length] for t in (k, v)]
+    else:
+        views = [(layer if length is None else layer[:, :, :length])[None] for layer in (*k, *v)]
+    _copy_rows(views, rows)
+    return k, v
 
 
 class KVCache:
@@ -168,7 +167,7 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
         # slots from `length` on hold nothing a query may see (never written, or cropped and masked)
-        self.k, self.v = _reorder_layers(self.k, index, self.length), _reorder_layers(self.v, index, self.length)
+        self.k, self.v = _reorder_layers(self.k, self.v, index, self.length)
         self.key_pos = _take_rows(self.key_pos, index)
         self.key_valid = _take_rows(self.key_valid, index)
 
@@ -283,7 +282,7 @@ class RollingKVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) long, in that order: repeats and drops allowed."""
-        self.k, self.v = _reorder_layers(self.k, index, None), _reorder_layers(self.v, index, None)
+        self.k, self.v = _reorder_layers(self.k, self.v, index, None)
         self.key_pos = _take_rows(self.key_pos, index)
         self.key_valid = _take_rows(self.key_valid, index)
 
