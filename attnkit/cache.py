@@ -66,9 +66,9 @@ def _views(buffer: Tensor) -> _Layers:
 def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
     """view[:, i] = view[:, index[i]] for every i and every view, in place, as the views were before
     any of these writes: one plain copy per moved row (runs of contiguous slots), rows that keep
-    their own tokens untouched. index_select + copy back took three to ten times as long for beam
-    search's reorders: its temporary of the whole sliced buffer is fresh memory, faulted in on every
-    step. A row is written once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0
+    their own tokens untouched. index_select + copy back cost 2.6 ms a call in a beam search profile
+    (its temporary of the whole sliced buffer is fresh memory, faulted in on every step), against
+    about 0.2 ms for four moved rows this way. A row is written once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0
     need no extra copy); a cycle reads one row into a copy first. The order is worked out once for
     all the views (keys and values; every layer of a static cache)."""
     pending = {row: source for row, source in enumerate(index) if row != source}

@@ -1,5 +1,6 @@
 // What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
-// argument checks of the ops both define, the output shape of a linear, and the per-batch-row lists
+// argument checks of the ops both define, the output shape of a linear, the bias add after a few-row
+// linear, and the per-batch-row lists
 // of the keys a mask allows. Included by both; kernels.py hashes it into both libraries' names.
 #pragma once
 

@@ -4,7 +4,8 @@
 //   attnkit::linear_fp32(x, weight, bias)
 //                                        x @ weight.T (+ bias) for ONE row of fp32 activations.
 //   attnkit::linear_rows_fp32(x, weight, bias)
-//                                        x @ weight.T for 1 to 8 rows (beam search, draft checking).
+//                                        x @ weight.T (+ bias) for 1 to 8 rows (beam search, draft
+//                                        checking).
 //   attnkit::decode_attention(q, k, v, mask, scale)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
 //                                        query per head (grouped-query heads), fp32 only.
