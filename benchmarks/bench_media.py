@@ -4,6 +4,7 @@ speed with the cache against the same model without it.
   python -m benchmarks.bench_media gru       # shakespeare char: transformer (shakespeare-char recipe) vs
                                              # GRU (shakespeare-gru), same data, settings and --budget s
   python -m benchmarks.bench_media mnist     # the mnist recipe for --budget s; bits/dim on the 10k test digits
+                                             # (--recipe mnist-gpu: the GPU-sized recipe on a CUDA GPU)
   python -m benchmarks.bench_media speech    # speech: transformer (speech recipe) vs WaveNet (speech-wavenet)
                                              # for --budget s each; bits/sample on the held-out test sentences
   python -m benchmarks.bench_media sampling  # pixels/s and samples/s, batch 1 and 16, cache vs full recompute
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
+from benchmarks.common import (gpu_limits, gpu_limits_line, limits_line, machine_limits, set_threads, table,
+                               write_section)
 
 RUNS_FILE = Path(__file__).with_name("media_runs.json")
 SAMPLES_PNG = Path(__file__).with_name("mnist-samples.png")
@@ -116,37 +118,47 @@ def run_mnist(args) -> None:
     from attnkit.data.images import mnist
     from attnkit.media import generate_images, image_bits_per_dim
 
+    recipe, gpu = args.recipe, args.recipe == "mnist-gpu"
+    out, samples_png = f"runs/bench-{recipe}", SAMPLES_PNG.with_name(f"{recipe}-samples.png")
     changes = {"model_overrides": {"d_model": args.d_model}} if args.d_model else {}
-    figures, trainer = _train("mnist", args.budget, "runs/bench-mnist", **changes)
-    model = _best("runs/bench-mnist")
+    figures, trainer = _train(recipe, args.budget, out, **changes)
+    model = _best(out).to(trainer.device)
     images = mnist()
     t0 = time.perf_counter()
     test = image_bits_per_dim(model, images.test, batch_size=64, precision=trainer.cfg.precision)
     figures["test_bpd"], figures["test_images"], figures["test_eval_s"] = (test["bits_per_dim"], test["images"],
                                                                           time.perf_counter() - t0)
-    write_image_grid(SAMPLES_PNG, generate_images(model, 64, seed=0), scale=2)
-    _keep("mnist", figures)
+    write_image_grid(samples_png, generate_images(model, 64, seed=0), scale=2)
     cfg = model.cfg
-    body = f"""The `mnist` recipe (ImageGPT-style causal transformer over the 784 8-bit pixels in raster order,
+    train_flops = 3 * model.flops_per_token(cfg.context_length)  # forward + backward per token (PaLM's count)
+    limits = gpu_limits() if gpu else machine_limits()
+    figures["train_tflops"] = figures["tokens_per_s"] * train_flops / 1e12
+    figures["mfu"] = figures["train_tflops"] * 1e3 / limits["matmul_bf16_gflops"]
+    _keep(recipe, figures)
+    where = f"{args.budget:.0f} s {'GPU' if gpu else 'CPU'}"
+    target = "Issue target with a GPU budget: <= 0.70." if gpu else "Issue target on CPU: <= 0.85."
+    body = f"""The `{recipe}` recipe (ImageGPT-style causal transformer over the 784 8-bit pixels in raster order,
 256 levels, unconditional; {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, {cfg.positional} positions,
-{figures['params']:,} parameters) trained by `attnkit train --recipe mnist --max-time {args.budget:.0f}` on
-the 50k training digits, batch 16, {figures['precision']}. Test: negative log2-likelihood per pixel of all
-{test['images']:,} test digits (`attnkit eval --ckpt runs/bench-mnist --data mnist --split test`), best/
-checkpoint (lowest val loss on 256 val digits).
+{figures['params']:,} parameters) trained by `attnkit train --recipe {recipe} --max-time {args.budget:.0f}` on
+the 50k training digits, batch {trainer.cfg.batch_size}, {figures['precision']}. Test: negative log2-likelihood per
+pixel of all {test['images']:,} test digits (`attnkit eval --ckpt {out} --data mnist --split test`), best/
+checkpoint (lowest val loss on 256 val digits). Training speed: {figures['tokens_per_s']:,.0f} pixels/s over the
+whole budget (evaluations and saves included), {figures['train_tflops']:.1f} TFLOP/s at 3 x the forward FLOPs per
+token = {100 * figures['mfu']:.1f}% of the bf16 matrix-product rate measured below.
 
 {table(["budget", "steps", "images seen", "val bits/dim (256 digits)", "test bits/dim (10k digits)"],
-       [[f"{args.budget:.0f} s CPU", figures['steps'], f"{figures['steps'] * 16:,}",
+       [[where, figures['steps'], f"{figures['steps'] * trainer.cfg.batch_size:,}",
          f"{figures['val'].get('val_bpd', float('nan')):.4f}", f"{test['bits_per_dim']:.4f}"]])}
 
 Published anchors (8-bit MNIST, test bits/dim): RealNVP 1.06, Glow 1.05, FFJORD 0.99 (FFJORD's table);
-a softmax-attention transformer 0.621 (Katharopoulos et al. 2020, GPU-days). Issue target on CPU: <= 0.85.
+a softmax-attention transformer 0.621 (Katharopoulos et al. 2020, GPU-days). {target}
 
-Samples (64, temperature 1, seed 0): [mnist-samples.png](mnist-samples.png)
+Samples (64, temperature 1, seed 0): [{samples_png.name}]({samples_png.name})
 
-{limits_line(machine_limits())}
+{gpu_limits_line(limits) if gpu else limits_line(limits)}
 """
-    write_section("media-mnist", "MNIST bits per dimension (pixels)", body,
-                  f"python -m benchmarks.bench_media mnist --budget {args.budget:.0f}"
+    write_section(f"media-{recipe}", f"MNIST bits per dimension (pixels, {'GPU' if gpu else 'CPU'})", body,
+                  f"python -m benchmarks.bench_media mnist --recipe {recipe} --budget {args.budget:.0f}"
                   + (f" --d-model {args.d_model}" if args.d_model else ""))
 
 
@@ -285,12 +297,14 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=100_000)
     parser.add_argument("--audio-steps", type=int, default=512)
     parser.add_argument("--audio-prompt", type=int, default=1024)
+    parser.add_argument("--recipe", default="mnist", choices=["mnist", "mnist-gpu"], help="mnist: the recipe")
     parser.add_argument("--d-model", type=int, default=None, help="mnist: the model width instead of the recipe's")
     parser.add_argument("--only", default=None, help="speech: train only this recipe, the other's figures from "
                         "media_runs.json (its earlier run)")
     args = parser.parse_args()
     set_threads(args.threads)
-    args.budget = args.budget or {"gru": 300, "mnist": 1800, "speech": 300}.get(args.what, 0)
+    args.budget = args.budget or {"gru": 300, "mnist": 1800 if args.recipe == "mnist" else 360,
+                                  "speech": 300}.get(args.what, 0)
     {"gru": run_gru, "mnist": run_mnist, "speech": run_speech, "sampling": run_sampling}[args.what](args)
 
 

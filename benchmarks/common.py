@@ -64,6 +64,27 @@ def machine_limits(device: str = "cpu") -> dict:
     }
 
 
+def gpu_limits() -> dict:
+    """The CUDA GPU's name and its measured limits: 8192^3 matrix products (big enough to reach a
+    data-centre GPU's peak) and a 2 GiB copy."""
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "matmul_fp32_gflops": matmul_flops(torch.float32, n=8192, device="cuda") / 1e9,
+        "matmul_bf16_gflops": matmul_flops(torch.bfloat16, n=8192, device="cuda") / 1e9,
+        "copy_gbps": copy_bandwidth(mbytes=2048, device="cuda") / 1e9,
+    }
+
+
+def gpu_limits_line(limits: dict) -> str:
+    return (
+        f"Machine (measured in this run): {limits['gpu']}, torch {limits['torch']} (CUDA {limits['cuda']}); "
+        f"matmul fp32 {limits['matmul_fp32_gflops'] / 1e3:.0f} TFLOP/s (TF32 off), "
+        f"bf16 {limits['matmul_bf16_gflops'] / 1e3:.0f} TFLOP/s; copy bandwidth {limits['copy_gbps'] / 1e3:.2f} TB/s."
+    )
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
     try:

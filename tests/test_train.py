@@ -189,6 +189,10 @@ def test_recipes_load_with_their_documented_settings():
     assert (gpu.batch_size, gpu.lr, gpu.max_steps, gpu.data, gpu.tokenizer) == (64, 1e-3, 5000, "shakespeare", "char")
     cpu = load_recipe("shakespeare-char")
     assert cpu.data == "shakespeare" and cpu.tokenizer == "char" and cpu.max_time <= 600 and cpu.schedule == "time"
+    pixels = load_recipe("mnist-gpu")  # benchmarks/results.md's GPU bits/dim
+    assert (pixels.model_overrides, pixels.batch_size, pixels.device, pixels.precision) == (
+        {"n_layer": 8, "n_head": 8, "d_model": 512}, 64, "cuda", "bf16")
+    assert pixels.task == "pixels" and pixels.data == "mnist" and pixels.schedule == "time"
 
 
 # --- the command line ------------------------------------------------------------------------------
