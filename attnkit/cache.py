@@ -93,14 +93,34 @@ def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -
     new number of rows makes new tensors."""
     rows = index.tolist()
     if k and len(rows) != k[0].shape[0]:
-        return tuple(_views(t.buffer.index_select(1, index)) if t.buffer is not None
-                     else _Layers(layer.index_select(0, index) for layer in t) for t in (k, v))
+        return _rows_of(k, index, length), _rows_of(v, index, length)
     if k.buffer is not None and v.buffer is not None:
         views = [t.buffer if length is None else t.buffer[:, :, :, :length] for t in (k, v)]
     else:
         views = [(layer if length is None else layer[:, :, :length])[None] for layer in (*k, *v)]
     _copy_rows(views, rows)
     return k, v
+
+
+def _rows_of(t: _Layers, index: Tensor, length: int | None) -> _Layers:
+    """New tensors of t's batch rows at ``index`` (another number of rows). With a length only slots
+    [0, length) are copied: the rest are left unwritten in views of one buffer (a growing cache never
+    reads them) and zeroed in tensors of their own (a static cache's attention reads every slot).
+    Copying the whole capacity cost 10 ms a call when 32 sources became 128 beams after one token
+    (3 layers x 4 heads x 65 slots x 64)."""
+    if length is None:
+        return (_views(t.buffer.index_select(1, index)) if t.buffer is not None
+                else _Layers(layer.index_select(0, index) for layer in t))
+    if t.buffer is not None:
+        new = t.buffer.new_empty((t.buffer.shape[0], len(index), *t.buffer.shape[2:]))
+        new[:, :, :, :length] = t.buffer[:, :, :, :length].index_select(1, index)
+        return _views(new)
+    picked = []
+    for layer in t:
+        new = layer.new_zeros((len(index), *layer.shape[1:]))
+        new[:, :, :length] = layer[:, :, :length].index_select(0, index)
+        picked.append(new)
+    return _Layers(picked)
 
 
 class KVCache:

@@ -280,6 +280,26 @@ def test_reorder_and_crop_give_the_logits_of_recomputing_from_scratch(kind, mode
     assert cache.length == 13
 
 
+@pytest.mark.parametrize("kind", ["growing", "static"])
+def test_a_reorder_to_another_number_of_rows_copies_the_written_slots_and_decodes_on(kind):
+    """More rows (sources -> beams), then fewer (finished sources dropped): only slots [0, length)
+    are copied; a static cache's other slots are zeros (its attention reads them, masked)."""
+    model = cache_lm(kind)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = model.make_cache(2, 16, static=kind == "static")
+        model(ids[:, :6], cache=cache)
+        for index in (torch.tensor([0, 0, 1, 1, 1]), torch.tensor([4, 1])):
+            cache.reorder(index)
+            ids = ids.index_select(0, index)
+        assert cache.batch_size == 2 and cache.k[0].shape[0] == 2
+        if kind == "static":
+            assert all(not t[:, :, 6:].any() for t in cache.k + cache.v)
+        got = model(ids[:, 6:], cache=cache, positions=torch.arange(6, 9).expand(2, 3))
+        want = model(ids)[:, 6:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["views-of-one-buffer", "separate-layers"])
 def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows(static):
     # every repeat, drop, permutation and cycle of 4 rows, through the one-copy-per-moved-row path
