@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
-from attnkit.kernels import weights_on_huge_pages
+from attnkit.kernels import keep_freed_memory, weights_on_huge_pages
 from attnkit.tokenizers import StreamDecoder, Tokenizer
 
 
@@ -148,6 +148,7 @@ def _prepare(model) -> torch.device:
     device = next(model.parameters()).device
     if device.type == "cpu":
         weights_on_huge_pages(model)  # every step streams all the weights: 2 MB pages stream faster
+        keep_freed_memory()  # every step's temporaries reuse freed memory instead of faulting in fresh pages
     return device
 
 

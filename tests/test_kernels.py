@@ -357,3 +357,17 @@ def test_on_avx2_the_fp32_kernels_load_and_bf16_and_quantized_weights_stay_on_to
     assert kernels._native_linear(x, w, None) is None and torch.equal(kernels.linear(x, w), F.linear(x, w))
     assert kernels._native_linear(x.float(), w.float(), None) is torch.ops.attnkit.linear_fp32
     assert not hasattr(torch.ops.attnkit, "linear_bf16")
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc_unless_turned_off(monkeypatch):
+    import ctypes.util
+    import sys
+
+    kernels.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("ATTNKIT_KEEP_FREED_MEMORY", "0")
+    assert kernels.keep_freed_memory() is False
+    kernels.keep_freed_memory.cache_clear()
+    monkeypatch.delenv("ATTNKIT_KEEP_FREED_MEMORY")
+    glibc = sys.platform.startswith("linux") and ctypes.util.find_library("c") == "libc.so.6"
+    assert kernels.keep_freed_memory() is glibc
+    assert kernels.keep_freed_memory.cache_info().currsize == 1  # once per process
