@@ -14,11 +14,11 @@ from attnkit.media import generate_images, image_bits_per_dim
 from attnkit.models.seq2seq import right_pad
 from attnkit.train import Trainer
 
-from test_core import qkv, tiny
-from test_decoding import BEAMS, EOS, PROMPTS, small_lm
-from test_media import tiny_image_model
-from test_seq2seq import small
-from test_train import split, tiny_config
+from tests.test_core import qkv, tiny
+from tests.test_decoding import BEAMS, EOS, PROMPTS, small_lm
+from tests.test_media import tiny_image_model
+from tests.test_seq2seq import small
+from tests.test_train import split, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = torch.device("cuda")
