@@ -371,3 +371,12 @@ def test_freed_memory_is_kept_for_reuse_on_glibc_unless_turned_off(monkeypatch):
     glibc = sys.platform.startswith("linux") and ctypes.util.find_library("c") == "libc.so.6"
     assert kernels.keep_freed_memory() is glibc
     assert kernels.keep_freed_memory.cache_info().currsize == 1  # once per process
+    if glibc:  # 64 MB (over glibc's 32 MB ceiling for its own threshold) now comes from the heap, not a mapping
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+        libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_void_p], [ctypes.c_ssize_t]
+        block = libc.malloc(64 << 20)
+        try:
+            assert block + (64 << 20) <= libc.sbrk(0)
+        finally:
+            libc.free(block)
