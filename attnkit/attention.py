@@ -127,18 +127,25 @@ def attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention with grouped-query heads.
 
-    q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 (Hkv == 1 is multi-query).
+    q (B, H, Tq, D); k, v (B / g, Hkv, Tk, D) with H % Hkv == 0 (Hkv == 1 is multi-query) and g
+    consecutive query rows per row of keys (g = 1 but in cross-attention, where the g beams of a
+    source share its keys; then ``mask`` is the keys' (B / g, 1, 1 | Tq, Tk) and ``causal`` False).
     ``causal`` aligns the queries with the last Tq keys (so it also holds after a cache).
     Returns (output (B, H, Tq, D), weights (B, H, Tq, Tk) if need_weights else None).
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"{q.shape[0]} query rows are not a multiple of {k.shape[0]} key rows")
     if q.shape[2] == 1 and backend == "sdpa" and not need_weights and dropout_p == 0.0:
         # one query per head (a decode step; causal masks nothing for the last query) on the CPU:
         # the native kernel where it is built and the mask is a bool one shared by all heads
         out = decode_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         if out is not None:
             return out, None
+    if (group := q.shape[0] // k.shape[0]) > 1:
+        return _grouped_attention(q, k, v, mask, group, dropout_p=dropout_p, scale=scale, backend=backend,
+                                  need_weights=need_weights)
     # one query in a compiled graph: inductor fuses the math into a few loops; SDPA's CPU kernel
     # spends more on set-up than on that little math
     one_compiled_query = q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
@@ -165,6 +172,21 @@ def attention(
         enable_gqa=n_rep > 1,
     )
     return out, None
+
+
+def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int,
+                       **options) -> tuple[Tensor, Tensor | None]:
+    """Attention of q (B, H, T, D) over k, v (B / group, ...), a row of keys for ``group`` neighbouring
+    query rows: those rows' queries attend together, as g * T queries of one row."""
+    B, H, T, D = q.shape
+    q = q.view(B // group, group, H, T, D).transpose(1, 2).reshape(B // group, H, group * T, D)
+    if mask is not None and mask.dim() == 4 and mask.shape[2] == T > 1:  # each query's mask, for every row
+        mask = mask.repeat(1, 1, group, 1)
+    y, weights = attention(q, k, v, mask, **options)  # (B / g, H, g * T, D)
+    y = y.view(B // group, H, group, T, D).transpose(1, 2).reshape(B, H, T, D)
+    if weights is not None:
+        weights = weights.view(B // group, H, group, T, -1).transpose(1, 2).reshape(B, H, T, -1)
+    return y, weights
 
 
 def _combine(mask: Tensor, allowed: Tensor) -> Tensor:

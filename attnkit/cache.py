@@ -89,16 +89,23 @@ def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
 def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -> tuple[_Layers, _Layers]:
     """Every layer's keys and values at batch rows ``index``; only slots [0, length) when a length is
     given (the rest hold nothing yet). In place, one copy per moved row (``_copy_rows``): through
-    the buffer for views of one buffer (all layers at once), per layer for tensors of their own; a
-    new number of rows makes new tensors."""
+    the buffer for views of one buffer (all layers at once), per layer for tensors of their own.
+    Fewer rows (sources that finished leave a beam search) are gathered in place into the first
+    rows of the same buffer, whose memory was already touched: a new buffer is memory the kernel
+    faults in page by page as the cache grows (4 KB a (row, head) every 16 slots of 64 fp32 values;
+    on this 2-core EPYC, writing one slot of 128 rows x 4 heads cost ~100 us into fresh memory, ~20
+    us into touched). More rows, or tensors of their own (static caches), make new tensors."""
     rows = index.tolist()
-    if k and len(rows) != k[0].shape[0]:
+    one_buffer = k.buffer is not None and v.buffer is not None
+    if k and len(rows) != k[0].shape[0] and not (one_buffer and len(rows) < k[0].shape[0]):
         return _rows_of(k, index, length), _rows_of(v, index, length)
-    if k.buffer is not None and v.buffer is not None:
+    if one_buffer:
         views = [t.buffer if length is None else t.buffer[:, :, :, :length] for t in (k, v)]
     else:
         views = [(layer if length is None else layer[:, :, :length])[None] for layer in (*k, *v)]
     _copy_rows(views, rows)
+    if k and len(rows) < k[0].shape[0]:
+        return _views(k.buffer[:, :len(rows)]), _views(v.buffer[:, :len(rows)])
     return k, v
 
 

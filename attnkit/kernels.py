@@ -12,6 +12,9 @@ them, bf16 and block-quantized weights included; CPUs with AVX2 and FMA only get
 own ops run. Where there is no compiler or the build fails, torch's ops run too and a warning says
 why, once. ``ATTNKIT_NATIVE=0`` turns the kernels off; ``native_status()`` (and ``attnkit info``)
 says which applies.
+
+Not a kernel of ours but routed here too: on AVX512 CPUs, several rows without gradients multiply
+by oneDNN's packed copy of the weight (``_packed_weight``; ``ATTNKIT_PACKED_WEIGHTS=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 _CSRC = Path(__file__).with_name("csrc")
 _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this source needs
@@ -177,8 +181,9 @@ def _fp32_kernel_takes(bias: Tensor | None) -> bool:
 # 3.45 ms per step at best, 4.42 vs 4.57 median). AVX2 (AMD EPYC): fp32 2-8 rows 1.4-5.2x on 384x384 ..
 # 49152x576 (4 rows: 5.2-8.4 -> 13.6-21.8 GB/s, 49152x576 4.9 -> 16.0); weights in cache, 4 rows 128x128
 # 8.0 -> 6.7 us, 64x64 1.00x: so 2 to 8 rows from 16 Ki values.
-_ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2, 4)}, 1 << 18),
-                "avx2": ({torch.float32: range(2, 9)}, 1 << 14)}  # isa -> (rows per dtype, fewest weights)
+# On AVX512, fp32 matrices of 2 Mi values or more go to oneDNN's packed weights instead (see _packed_weight).
+_ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2, 4)}, 1 << 18, 1 << 21),
+                "avx2": ({torch.float32: range(2, 9)}, 1 << 14, 1 << 62)}  # isa -> (rows per dtype, weights from, below)
 
 
 def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
@@ -206,16 +211,62 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
                 and weight.numel() >= _FP32_NATIVE_MIN_WEIGHTS[_isa_loaded]):
             return torch.ops.attnkit.linear_fp32
         return None
-    rows_per_dtype, min_weights = _ROWS_NATIVE[_isa_loaded]
-    if rows in rows_per_dtype.get(dtype, ()) and weight.numel() >= min_weights:
+    rows_per_dtype, min_weights, max_weights = _ROWS_NATIVE[_isa_loaded]
+    if rows in rows_per_dtype.get(dtype, ()) and min_weights <= weight.numel() < max_weights:
         return torch.ops.attnkit.linear_rows_fp32 if dtype is torch.float32 else torch.ops.attnkit.linear_rows_bf16
     return None
 
 
+# Several rows times a weight that oneDNN reordered once into its blocked layout
+# (torch.ops.mkldnn._reorder_linear_weight, as inductor's frozen graphs do), against F.linear (MKL's sgemm,
+# which re-packs the weight on every call) and the rows kernels, best of 7, 2 threads, AVX512 (AMD EPYC),
+# microseconds F.linear / packed. fp32: 256x8000 2 rows 404 / 81, 9 rows 623 / 191, 128 rows 4264 / 2585,
+# 1024 rows 23378 / 19458; 768x2304 9 rows 488 / 168, 128 rows 3310 / 2156; 768x3072 128 rows 5702 / 2884;
+# 49152x576 4 rows 16109 / 2751 (rows kernel 5620), 128 rows 58775 / 33281; but 256x256 2-9 rows 13-23 /
+# 21-25 (the call costs ~20 us): so from 128 Ki values. Against the fp32 rows kernel (3-6 rows) mixed below
+# 2 Mi values (576x1536 4 rows 51 / 61, 768x2304 3 rows 88 / 82), ahead above (256x8000 4 rows 118 / 107,
+# 6 rows 170 / 140). bf16, 4 or more rows: 256x256 40 / 20, 256x8000 159 / 66, 49152x576 3584 / 1486; 2-3
+# rows stay on the rows kernel (576x1536 23 / 33). Measured on AVX512 only: elsewhere F.linear runs.
+# ATTNKIT_PACKED_WEIGHTS=0 turns it off. The cost: a second copy of each weight used this way.
+_PACKED_MIN_WEIGHTS = {torch.float32: 1 << 17, torch.bfloat16: 1 << 12}
+_packed: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # weight -> (its data_ptr, its version, packed copy)
+
+
+@functools.lru_cache(maxsize=1)
+def _packing_on() -> bool:
+    return (os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") != "0" and _isa() == "avx512"
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """oneDNN's reordered copy of ``weight`` for ``F.linear(x, weight, bias)`` over several rows, made
+    on first use and remade when the weight changes (another tensor, storage or version), or None
+    where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 / bf16, a weight
+    made in inference mode (it keeps no version to check), inside torch.compile."""
+    dtype = x.dtype
+    if not (x.is_cpu and weight.dtype is dtype and dtype in _PACKED_MIN_WEIGHTS
+            and weight.numel() >= _PACKED_MIN_WEIGHTS[dtype] and x.numel() > x.shape[-1] > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and weight.dim() == 2 and (bias is None or (bias.dtype is dtype and bias.dim() == 1))
+            and _packing_on() and not weight.is_inference() and not torch.compiler.is_compiling()):
+        return None
+    key = (weight.data_ptr(), weight._version)
+    found = _packed.get(weight)
+    if found is None or found[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            found = _packed[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128))
+    return found[1]
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, through a native kernel where one applies (see ``_native_linear``)."""
+    """``F.linear``, through a native kernel where one applies (see ``_native_linear``), else over
+    oneDNN's packed copy of the weight where that applies (``_packed_weight``)."""
     op = _native_linear(x, weight, bias)
     if op is None:
+        packed = _packed_weight(x, weight, bias)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
     if x.dtype is torch.float32:  # the fp32 kernels add the bias
         return op(x.contiguous(), weight, bias)
@@ -233,13 +284,15 @@ def _one_mask_row_per_batch_row(mask: Tensor, B: int, S: int) -> bool:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
     """Attention for one query per head through the native kernel, or None where it does not apply.
 
-    q (B, H, 1, D); k, v (B, Hkv, S, D); mask None or bool, broadcastable to (B, 1, 1, S) (the same for
-    every head), true where a key may be seen. fp32 or bf16 on the CPU, nothing to differentiate.
+    q (B, H, 1, D); k, v (Bk, Hkv, S, D), B a multiple of Bk: query row b reads key row b // (B / Bk)
+    (the beams of one source share its cross-attention keys); mask None or bool, broadcastable to
+    (Bk, 1, 1, S) (the same for every head), true where a key may be seen. fp32 or bf16 on the CPU,
+    nothing to differentiate.
     """
-    B, S = q.shape[0], k.shape[2]
+    B, S = k.shape[0], k.shape[2]
     if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and _no_grad_needed(q, k, v)
-            and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and q.shape[0] % B == 0
+            and _no_grad_needed(q, k, v) and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
             and q.dtype in _ISAS[_isa_loaded][3]):
         return None
     mask = _every_key(B, S, q.device) if mask is None else mask.reshape(-1, S).expand(B, S).contiguous()

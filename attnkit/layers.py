@@ -396,23 +396,15 @@ class CrossAttention(nn.Module):
             k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, S, hd)
             if cache is not None:
                 cache.store(layer, k, v)
-        group = 1
         if cache is not None:
             memory_valid = cache.source_valid
             if cache.group is None:  # rows in any order: each row's source, gathered
                 k, v = k.index_select(0, cache.rows), v.index_select(0, cache.rows)
                 memory_valid = memory_valid.index_select(0, cache.rows) if memory_valid is not None else None
-            else:  # each source's rows are `group` neighbours (beams): their queries attend together
-                group = cache.group
-        if group > 1:  # (B, nh, T, hd) -> (B / g, nh, g * T, hd)
-            q = q.view(B // group, group, self.n_head, T, hd).transpose(1, 2).reshape(B // group, self.n_head, -1, hd)
-        mask = padding_mask(memory_valid) if memory_valid is not None else None  # (B, 1, 1, S)
+            # else each source's rows are `group` neighbours (beams), which attention reads its keys for
+        mask = padding_mask(memory_valid) if memory_valid is not None else None  # (B / g, 1, 1, S)
         y, weights = attention(q, k, v, mask, backend=self.backend, scale=self.scale,
                                dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
-        if group > 1:  # back to one row per query row
-            y = y.view(B // group, self.n_head, group, T, hd).transpose(1, 2).reshape(B, self.n_head, T, hd)
-            weights = (weights.view(B // group, self.n_head, group, T, -1).transpose(1, 2).reshape(B, self.n_head, T, -1)
-                       if weights is not None else None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
         return self.out(y), weights
 

@@ -289,10 +289,14 @@ def test_a_reorder_to_another_number_of_rows_copies_the_written_slots_and_decode
     with torch.inference_mode():
         cache = model.make_cache(2, 16, static=kind == "static")
         model(ids[:, :6], cache=cache)
+        storage = []
         for index in (torch.tensor([0, 0, 1, 1, 1]), torch.tensor([4, 1])):
             cache.reorder(index)
             ids = ids.index_select(0, index)
+            storage.append({t.untyped_storage().data_ptr() for t in cache.k + cache.v})
         assert cache.batch_size == 2 and cache.k[0].shape[0] == 2
+        if kind == "growing":  # fewer rows: gathered into the first rows of the memory already written
+            assert storage[1] == storage[0] and len(storage[0]) == 2
         if kind == "static":
             assert all(not t[:, :, 6:].any() for t in cache.k + cache.v)
         got = model(ids[:, 6:], cache=cache, positions=torch.arange(6, 9).expand(2, 3))
@@ -314,6 +318,24 @@ def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_row
             index = torch.tensor(index)
             want = [t[:, :, :10].index_select(0, index) for t in cache.k + cache.v]
             cache.reorder(index)
+            assert all(torch.equal(w, t[:, :, :10]) for w, t in zip(want, cache.k + cache.v)), index
+
+
+def test_a_reorder_to_fewer_rows_in_place_equals_picking_the_rows_for_every_index_of_three_from_four():
+    # every repeat, drop, permutation and cycle, through the same buffer's first rows
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for index in itertools.product(range(4), repeat=3):
+            cache = KVCache(2, 4, 2, 8, 12, torch.float32, "cpu")
+            cache.claim(10)
+            for layer in range(2):
+                cache.k[layer][:, :, :10] = torch.randn(4, 2, 10, 8, generator=g)
+                cache.v[layer][:, :, :10] = torch.randn(4, 2, 10, 8, generator=g)
+            index = torch.tensor(index)
+            want = [t[:, :, :10].index_select(0, index) for t in cache.k + cache.v]
+            buffers = (cache.k.buffer.data_ptr(), cache.v.buffer.data_ptr())
+            cache.reorder(index)
+            assert (cache.k.buffer.data_ptr(), cache.v.buffer.data_ptr()) == buffers
             assert all(torch.equal(w, t[:, :, :10]) for w, t in zip(want, cache.k + cache.v)), index
 
 

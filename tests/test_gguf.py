@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attnkit import hf, quant
+from attnkit import hf, kernels, quant
 from attnkit.checkpoints import build_model, load_checkpoint, named_checkpoint_dir
 from attnkit.chat import render_chat
 from attnkit.cli import main
@@ -206,13 +206,21 @@ MIXED = ["The capital of France is", "def f(x):\n    return x ** 2  # 12345 + 0.
          "  leading spaces\tand tabs\n\nnew lines 3.14159 1,000,000"]
 
 
-def test_smollm2_logits_equal_transformers(smollm2, smollm2_transformers):
+def test_smollm2_logits_equal_transformers(smollm2, smollm2_transformers, monkeypatch):
+    """With torch's F.linear, as transformers runs its products, within 1e-4. attnkit's default for
+    several rows on AVX512 CPUs multiplies by oneDNN's packed copy of each weight, whose other
+    summation order moves these logits (up to 40 in size) by up to 1.6e-4 after 30 layers (measured:
+    4.6e-5, 7.9e-5, 1.6e-4 on the three texts, against 4.3e-5, 0, 0 with F.linear): within 2e-4 there."""
     model, tokenizer = load_checkpoint("smollm2-135m")
     theirs, _ = smollm2_transformers
     for text in MIXED[:3]:
         ids = torch.tensor([tokenizer.encode(text)])
         with torch.inference_mode():
-            assert torch.allclose(model(ids), theirs(ids).logits, atol=1e-4, rtol=0), text
+            want = theirs(ids).logits
+            assert (model(ids) - want).abs().max().item() <= 2e-4, text
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "_packing_on", lambda: False)
+                assert torch.allclose(model(ids), want, atol=1e-4, rtol=0), text
 
 
 def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm2, smollm2_transformers, tmp_path):

@@ -380,3 +380,84 @@ def test_freed_memory_is_kept_for_reuse_on_glibc_unless_turned_off(monkeypatch):
             assert block + (64 << 20) <= libc.sbrk(0)
         finally:
             libc.free(block)
+
+
+# --- decode_attention over grouped key rows (the beams of a source read its cross-attention keys) ----
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=needs_bf16)])
+@pytest.mark.parametrize("group", [2, 4])
+def test_decode_attention_lets_neighbouring_query_rows_share_a_row_of_keys(dtype, tol, group):
+    q, _, _, _ = decode_case(3 * group, 4, 2, 13, 24, dtype)
+    _, k, v, mask = decode_case(3, 4, 2, 13, 24, dtype, seed=1)  # 3 sources, strided like a cache
+    got = kernels.decode_attention(q, k, v, mask, 0.3)
+    rows = torch.arange(3).repeat_interleave(group)  # query row b reads key row b // group
+    want, _ = math_attention(q.double(), k[rows].double(), v[rows].double(), mask[rows], scale=0.3)
+    assert got.shape == q.shape and (got.double() - want).abs().max().item() <= tol
+    routed, _ = attention(q, k, v, mask, scale=0.3)  # attention() takes the kernel for one query per head
+    assert torch.equal(routed, got)
+
+
+def test_attention_over_grouped_key_rows_equals_attention_over_repeated_keys():
+    """Several queries per head, maps asked for, or no kernel: the rows of a group attend together."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(6, 4, 2, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    mask = torch.rand(2, 1, 1, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    rows = torch.arange(2).repeat_interleave(3)
+    for backend in ("sdpa", "math"):
+        got, weights = attention(q, k, v, mask, backend=backend, need_weights=True)
+        want, want_weights = math_attention(q, k[rows], v[rows], mask[rows])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 4 key rows"):
+        attention(q[:5], k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1))
+
+
+# --- several rows over oneDNN's packed copy of the weight ------------------------------------------------
+
+needs_packing = pytest.mark.skipif(not kernels._packing_on(), reason="packed weights are used on AVX512 CPUs only")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(9,), (4, 1), (2, 33)])
+def test_several_rows_run_on_the_packed_weight_within_rounding_of_the_exact_product(dtype, lead):
+    g = torch.Generator().manual_seed(len(lead))
+    layer = kernels.Linear(384, 512).to(dtype)
+    x = torch.randn(*lead, 384, generator=g).to(dtype)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops_called(lambda: layer(x))
+        got = layer(x).double()
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    scale = x.double().abs() @ layer.weight.double().abs().T + layer.bias.double().abs()
+    # fp32: sums in another order than F.linear's; bf16: also the output rounded to bf16 (2^-8 relative)
+    bound = 1e-5 * scale if dtype == torch.float32 else 2 ** -8 * exact.abs() + 1e-5 * scale
+    assert got.shape == (*lead, 512) and ((got - exact).abs() <= bound).all()
+
+
+@needs_packing
+def test_the_packed_weight_is_made_again_when_the_weight_changes_and_never_under_autograd(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    layer = kernels.Linear(384, 512)
+    x = torch.randn(16, 384, generator=g)
+
+    def same_as_torch():
+        return torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        assert same_as_torch()
+        packed = kernels._packed[layer.weight][1]
+        layer.weight.mul_(-2.0)  # an optimizer's in-place step: a new version
+        assert same_as_torch() and kernels._packed[layer.weight][1] is not packed
+        layer.weight.data = torch.randn(512, 384, generator=g) / 20  # new storage (to(), load_state_dict(assign=True))
+        assert same_as_torch()
+        assert "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x[:1]))  # one row: not packed
+    with torch.inference_mode():
+        assert same_as_torch()
+    out = layer(x)  # gradients: torch's op, with a graph
+    assert out.grad_fn is not None and "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x))
+    monkeypatch.setattr(kernels, "_packing_on", lambda: False)  # ATTNKIT_PACKED_WEIGHTS=0
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x))
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

@@ -11,7 +11,8 @@
 //                                        (int8 dot products, AVX512-VNNI; see its section).
 //   attnkit::decode_attention(q, k, v, mask, scale)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
-//                                        query per head (grouped-query heads), fp32 or bf16.
+//                                        query per head (grouped-query heads), fp32 or bf16; several
+//                                        query rows may share a row of keys (a source's beams).
 //
 // Decoding one token reads every weight once, so the matmuls are bound by memory bandwidth.
 // linear_bf16 reads each weight row front to back, one row at a time, so that a thread's share of
@@ -332,14 +333,13 @@ Tensor linear_rows_bf16(Tensor x, Tensor weight) {
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 16), fixed at compile time
 // so that the query, one key or value row and the output all stay in registers.
 template <typename T, int Chunks>
-void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int32_t>& keys, bool uniform,
-                 Tensor& out, float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
-  // strides read once: each accessor is a call through torch's C ABI
-  const int64_t D = q.size(3), k_row = k.stride(2), v_row = v.stride(2);
-  const T* qh = static_cast<const T*>(q.data_ptr()) + b * q.stride(0) + h * q.stride(1);
-  const T* kb = static_cast<const T*>(k.data_ptr()) + b * k.stride(0) + g * k.stride(1);
-  const T* vb = static_cast<const T*>(v.data_ptr()) + b * v.stride(0) + g * v.stride(1);
-  T* oh = static_cast<T*>(out.data_ptr()) + (b * q.size(1) + h) * D;
+void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool uniform, float scale, int64_t b,
+                 int64_t h, int64_t g, std::vector<float>& weights) {
+  const int64_t D = t.D, k_row = t.k_row, v_row = t.v_row;
+  const T* qh = t.query(b, h);
+  const T* kb = t.keys(b, g);
+  const T* vb = t.values(b, g);
+  T* oh = t.output(b, h);
   __mmask16 masks[Chunks];
   for (int c = 0; c < Chunks; ++c) masks[c] = lanes(D - 16 * c);
 
@@ -439,18 +439,17 @@ void attend_head(const Tensor& q, const Tensor& k, const Tensor& v, const std::v
 }
 
 template <typename T, int Chunks = 1>
-void attend_head_any(int64_t chunks, const Tensor& q, const Tensor& k, const Tensor& v,
-                     const std::vector<int32_t>& keys, bool uniform, Tensor& out, float scale, int64_t b, int64_t h,
-                     int64_t g, std::vector<float>& weights) {
+void attend_head_any(int64_t chunks, const HeadViews<T>& t, const std::vector<int32_t>& keys, bool uniform,
+                     float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 16) {
-    if (chunks > Chunks)
-      return attend_head_any<T, Chunks + 1>(chunks, q, k, v, keys, uniform, out, scale, b, h, g, weights);
+    if (chunks > Chunks) return attend_head_any<T, Chunks + 1>(chunks, t, keys, uniform, scale, b, h, g, weights);
   }
-  attend_head<T, Chunks>(q, k, v, keys, uniform, out, scale, b, h, g, weights);
+  attend_head<T, Chunks>(t, keys, uniform, scale, b, h, g, weights);
 }
 
-// q (B, H, 1, D); k, v (B, Hkv, S, D), H % Hkv == 0, unit stride along D; mask (B, S) bool, true where
-// a key may be seen. Returns (B, H, 1, D) contiguous, q's dtype (fp32 or bf16; k, v the same).
+// q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
+// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen. Returns
+// (B, H, 1, D) contiguous, q's dtype (fp32 or bf16; k, v the same).
 Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
   const ScalarType dtype = q.scalar_type();
   STD_TORCH_CHECK((dtype == ScalarType::Float || dtype == ScalarType::BFloat16) && k.scalar_type() == dtype &&
@@ -464,14 +463,16 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   const auto& uniform = lists.uniform;
   const int64_t rep = H / Hkv, chunks = (D + 15) / 16;
   const float scale32 = static_cast<float>(scale);
+  const HeadViews<float> fp32(q, k, v, out);
+  const HeadViews<uint16_t> bf16(q, k, v, out);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / H, h = u % H;
+      const int64_t b = u / H, h = u % H, row = b / fp32.group;
       if (dtype == ScalarType::Float)
-        attend_head_any<float>(chunks, q, k, v, keys[b], uniform[b], out, scale32, b, h, h / rep, weights);
+        attend_head_any<float>(chunks, fp32, keys[row], uniform[row], scale32, b, h, h / rep, weights);
       else
-        attend_head_any<uint16_t>(chunks, q, k, v, keys[b], uniform[b], out, scale32, b, h, h / rep, weights);
+        attend_head_any<uint16_t>(chunks, bf16, keys[row], uniform[row], scale32, b, h, h / rep, weights);
     }
   });
   return out;

@@ -8,7 +8,8 @@
 //                                        checking).
 //   attnkit::decode_attention(q, k, v, mask, scale)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
-//                                        query per head (grouped-query heads), fp32 only.
+//                                        query per head (grouped-query heads), fp32 only; several
+//                                        query rows may share a row of keys (a source's beams).
 //
 // The same designs and the same op schemas as there, on 8-lane registers (16 of them, not 32): every
 // weight row is read once, front to back, several rows side by side, with fp32 multiply-adds and fp32
@@ -228,26 +229,15 @@ Tensor linear_rows_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 
 // ---- decode_attention -------------------------------------------------------------------------
 
-// Raw pointers and strides of decode_attention's tensors, read once per call: each accessor of a
-// stable-ABI Tensor is a call through torch's C shim, and reading them in every (batch row, head)
-// unit cost more than the unit's arithmetic at decode lengths (4 rows x 6 heads x 20 keys: 27-30 us a
-// call before, 16-22 us with them read once; ad hoc, on a noisy machine). The AVX512 file still reads
-// them per unit: it cannot be run here to check a change.
-struct HeadViews {
-  const float *q, *k, *v;
-  float* out;
-  int64_t q_b, q_h, k_b, k_h, k_row, v_b, v_h, v_row, H, D;
-};
-
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 8), fixed at compile time.
 template <int Chunks>
-void attend_head(const HeadViews& t, const std::vector<int32_t>& keys, bool uniform, float scale, int64_t b,
+void attend_head(const HeadViews<float>& t, const std::vector<int32_t>& keys, bool uniform, float scale, int64_t b,
                  int64_t h, int64_t g, std::vector<float>& weights) {
   const int64_t D = t.D, k_row = t.k_row, v_row = t.v_row;
-  const float* qh = t.q + b * t.q_b + h * t.q_h;
-  const float* kb = t.k + b * t.k_b + g * t.k_h;
-  const float* vb = t.v + b * t.v_b + g * t.v_h;
-  float* oh = t.out + (b * t.H + h) * D;
+  const float* qh = t.query(b, h);
+  const float* kb = t.keys(b, g);
+  const float* vb = t.values(b, g);
+  float* oh = t.output(b, h);
   const int64_t full = D / 8;  // chunks loaded whole; a last partial one through a mask
   const __m256i tail = lanes(D - 8 * full);
   auto load = [&](const float* p, int c) { return c < full ? _mm256_loadu_ps(p + 8 * c) : load8(p + 8 * c, tail); };
@@ -294,7 +284,7 @@ void attend_head(const HeadViews& t, const std::vector<int32_t>& keys, bool unif
 }
 
 template <int Chunks = 1>
-void attend_head_any(int64_t chunks, const HeadViews& t, const std::vector<int32_t>& keys, bool uniform,
+void attend_head_any(int64_t chunks, const HeadViews<float>& t, const std::vector<int32_t>& keys, bool uniform,
                      float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 8) {
     if (chunks > Chunks) return attend_head_any<Chunks + 1>(chunks, t, keys, uniform, scale, b, h, g, weights);
@@ -302,8 +292,9 @@ void attend_head_any(int64_t chunks, const HeadViews& t, const std::vector<int32
   attend_head<Chunks>(t, keys, uniform, scale, b, h, g, weights);
 }
 
-// q (B, H, 1, D); k, v (B, Hkv, S, D), H % Hkv == 0, unit stride along D; mask (B, S) bool, true where
-// a key may be seen. Returns (B, H, 1, D) contiguous fp32.
+// q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
+// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen. Returns (B, H, 1, D)
+// contiguous fp32.
 Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
   STD_TORCH_CHECK(q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
                       v.scalar_type() == ScalarType::Float && mask.scalar_type() == ScalarType::Bool,
@@ -316,15 +307,12 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   const auto& uniform = lists.uniform;
   const int64_t rep = H / Hkv, chunks = (D + 7) / 8;
   const float scale32 = static_cast<float>(scale);
-  const HeadViews views{static_cast<const float*>(q.data_ptr()), static_cast<const float*>(k.data_ptr()),
-                        static_cast<const float*>(v.data_ptr()), static_cast<float*>(out.data_ptr()),
-                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                        v.stride(0), v.stride(1), v.stride(2), H, D};
+  const HeadViews<float> views(q, k, v, out);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / H, h = u % H;
-      attend_head_any(chunks, views, keys[b], uniform[b], scale32, b, h, h / rep, weights);
+      attend_head_any(chunks, views, keys[b / views.group], uniform[b / views.group], scale32, b, h, h / rep, weights);
     }
   });
   return out;
