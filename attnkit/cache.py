@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
+from attnkit.kernels import copy_rows
 
 
 def _take_rows(t: Tensor, index: Tensor) -> Tensor:
@@ -65,12 +66,14 @@ def _views(buffer: Tensor) -> _Layers:
 
 def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
     """view[:, i] = view[:, index[i]] for every i and every view, in place, as the views were before
-    any of these writes: one plain copy per moved row (runs of contiguous slots), rows that keep
-    their own tokens untouched. index_select + copy back cost 2.6 ms a call in a beam search profile
+    any of these writes: one plain copy per moved row, or per run of neighbouring rows moved from
+    neighbouring rows, rows that keep their own tokens untouched. index_select + copy back cost 2.6 ms a call in a beam search profile
     (its temporary of the whole sliced buffer is fresh memory, faulted in on every step), against
     about 0.2 ms for four moved rows this way. A row is written once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0
     need no extra copy); a cycle reads one row into a copy first. The order is worked out once for
     all the views (keys and values; every layer of a static cache)."""
+    if copy_rows(list(views), list(index)):  # the same moves in native code, where it is built
+        return
     pending = {row: source for row, source in enumerate(index) if row != source}
     kept = {}
     while pending:
@@ -80,10 +83,26 @@ def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
             row = next(iter(pending))
             kept[row] = [view[:, row].clone() for view in views]
             continue
-        for row in ready:
+        # runs of neighbouring rows from neighbouring rows are one copy (a finished source's rows
+        # leaving shift the rows after them down); no row of a run is read by another move, so no
+        # run overlaps its source
+        ready.sort()
+        while ready:
+            row = ready[0]
             source = pending.pop(row)
-            for i, view in enumerate(views):
-                view[:, row].copy_(kept[source][i] if source in kept else view[:, source])
+            if source in kept:
+                for i, view in enumerate(views):
+                    view[:, row].copy_(kept[source][i])
+                ready.pop(0)
+                continue
+            n = 1
+            while (n < len(ready) and ready[n] == row + n and pending.get(row + n) == source + n
+                   and source + n not in kept):
+                pending.pop(row + n)
+                n += 1
+            for view in views:
+                view[:, row:row + n].copy_(view[:, source:source + n])
+            del ready[:n]
 
 
 def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -> tuple[_Layers, _Layers]:

@@ -42,7 +42,7 @@ _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this 
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
 # instruction set -> (its source, the CPU flags it uses, the ops it defines, the dtypes its decode_attention takes)
-_FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention")
+_FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention", "copy_rows")
 _ISAS = {
     "avx512": (_CSRC / "decode_kernels.cpp",
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
@@ -96,6 +96,7 @@ _FAKES = {  # shapes for torch.compile's tracing, per op
     "linear_rows_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_quantized": lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)),
     "decode_attention": lambda q, k, v, mask, scale: torch.empty_like(q),
+    "copy_rows": lambda views, index: None,
 }
 
 
@@ -299,6 +300,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return torch.ops.attnkit.decode_attention(q, k, v, mask, scale)
+
+
+def copy_rows(views: list[Tensor], index: list[int]) -> bool:
+    """``view[:, i] = view[:, index[i]]`` for every i and view, in place, through the native op (see
+    ``cache._copy_rows``); False where it does not apply: no kernels, not the CPU, inside torch.compile,
+    views that are not (L, B, H, S, D) with contiguous (S, D) blocks."""
+    if not (views and all(t.is_cpu and t.dim() == 5 and t.stride(4) == 1 and t.stride(3) == t.shape[4]
+                          for t in views) and not torch.compiler.is_compiling() and _has("copy_rows")):
+        return False
+    torch.ops.attnkit.copy_rows(views, index)
+    return True
 
 
 @functools.lru_cache(maxsize=4)

@@ -461,3 +461,30 @@ def test_the_packed_weight_is_made_again_when_the_weight_changes_and_never_under
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x))
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_native
+@pytest.mark.parametrize("native", [True, False], ids=["copy_rows-op", "python-moves"])
+def test_a_cache_reorder_in_place_equals_picking_the_rows_for_every_index_of_three_or_four_rows(native, monkeypatch):
+    """Every repeat, drop, permutation and cycle, over a cache buffer's first slots (strided along rows,
+    heads and layers), through the native op and through the Python moves it replaces."""
+    import itertools
+
+    from attnkit import cache
+
+    if not native:
+        monkeypatch.setattr(cache, "copy_rows", lambda views, index: False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for index in [*itertools.product(range(4), repeat=4), *itertools.product(range(4), repeat=3)]:
+            buffers = [torch.randn(2, 4, 3, 9, 8, generator=g) for _ in range(2)]  # (L, B, H, capacity, D)
+            views = [b[:, :, :, :6] for b in buffers]
+            want = [v.index_select(1, torch.tensor(index)) for v in views]
+            untouched = [b[:, :, :, 6:].clone() for b in buffers]
+            if native:
+                assert "attnkit::copy_rows" in ops_called(lambda: cache._copy_rows(views, index))
+            else:
+                cache._copy_rows(views, index)
+            n = len(index)
+            assert all(torch.equal(v[:, :n], w) for v, w in zip(views, want)), index
+            assert all(torch.equal(b[:, :, :, 6:], u) for b, u in zip(buffers, untouched))

@@ -1,14 +1,18 @@
 // What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
 // argument checks of the ops both define, the output shape of a linear, the bias add after a few-row
-// linear, and the per-batch-row lists
-// of the keys a mask allows. Included by both; kernels.py hashes it into both libraries' names.
+// linear, the per-batch-row lists of the keys a mask allows, the views decode_attention reads through,
+// and copy_rows (a cache's rows reordered in place, plain copies), which both libraries register.
+// Included by both; kernels.py hashes it into both libraries' names.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
+#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
@@ -128,6 +132,81 @@ inline KeyLists allowed_keys(const Tensor& mask) {
       for (int64_t s = 0; s < S; ++s) keys.push_back(static_cast<int32_t>(s));
   }
   return lists;
+}
+
+}  // namespace attnkit_common
+
+namespace attnkit_common {
+
+// ---- copy_rows: a KV cache's batch rows reordered in place (beam search) --------------------------
+//
+// views: tensors (L, B, H, S, D) on the CPU (a cache buffer's layers, heads and first S slots), each
+// (S, D) block contiguous (strides D and 1); index: B' <= B rows. In place, as if at once:
+// view[:, i] = view[:, index[i]] for every i < B' and every view. A row is written once no pending
+// move still reads it; a cycle first copies one row aside. Each wave of moves that can go together
+// is split over threads by (move, layer, head) blocks. Rows that keep their own tokens are untouched.
+inline void copy_rows(std::vector<Tensor> views, std::vector<int64_t> index) {
+  STD_TORCH_CHECK(!views.empty(), "attnkit::copy_rows: no tensors given");
+  const int64_t B = views[0].size(1), n = static_cast<int64_t>(index.size());
+  STD_TORCH_CHECK(n <= B, "attnkit::copy_rows: more rows asked for than the tensors hold");
+  for (const Tensor& t : views)
+    STD_TORCH_CHECK(t.dim() == 5 && t.size(1) == B && t.stride(4) == 1 && t.stride(3) == t.size(4),
+                    "attnkit::copy_rows: tensors (L, B, H, S, D) with contiguous (S, D) blocks");
+  for (int64_t s : index) STD_TORCH_CHECK(0 <= s && s < B, "attnkit::copy_rows: a row index out of range");
+
+  // the order: waves of (row, source) moves; source < 0 reads aside copy -1 - source
+  std::vector<int64_t> readers(B, 0), aside(B, -1), stashed;
+  std::vector<int64_t> pending;
+  for (int64_t i = 0; i < n; ++i)
+    if (index[i] != i) pending.push_back(i), ++readers[index[i]];
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> waves;
+  while (!pending.empty()) {
+    std::vector<std::pair<int64_t, int64_t>> wave;
+    std::vector<int64_t> left;
+    for (int64_t row : pending) {
+      if (readers[row] == 0)
+        wave.emplace_back(row, 0);
+      else
+        left.push_back(row);
+    }
+    if (wave.empty()) {  // a cycle: copy its first row aside, its readers read that copy
+      const int64_t row = pending.front();
+      aside[row] = static_cast<int64_t>(stashed.size());
+      stashed.push_back(row);
+      readers[row] = 0;
+      continue;
+    }
+    for (auto& move : wave) {
+      const int64_t source = index[move.first];
+      move.second = aside[source] >= 0 ? -1 - aside[source] : source;
+      if (aside[source] < 0) --readers[source];
+    }
+    waves.push_back(std::move(wave));
+    pending = std::move(left);
+  }
+
+  for (const Tensor& t : views) {
+    const int64_t L = t.size(0), H = t.size(2), block = t.size(3) * t.size(4) * t.element_size();
+    char* base = static_cast<char*>(t.data_ptr());
+    const int64_t s0 = t.stride(0) * t.element_size(), s1 = t.stride(1) * t.element_size(),
+                  s2 = t.stride(2) * t.element_size();
+    auto at = [&](int64_t l, int64_t b, int64_t h) { return base + l * s0 + b * s1 + h * s2; };
+    std::vector<char> copies(stashed.size() * L * H * block);
+    auto copy_of = [&](int64_t slot, int64_t l, int64_t h) { return copies.data() + ((slot * L + l) * H + h) * block; };
+    for (int64_t slot = 0; slot < static_cast<int64_t>(stashed.size()); ++slot)
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < H; ++h) std::memcpy(copy_of(slot, l, h), at(l, stashed[slot], h), block);
+    for (const auto& wave : waves) {
+      const int64_t units = static_cast<int64_t>(wave.size()) * L * H;
+      torch::stable::parallel_for(0, units, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) {
+          const auto& [row, source] = wave[u / (L * H)];
+          const int64_t l = u / H % L, h = u % H;
+          std::memcpy(at(l, row, h), source >= 0 ? at(l, source, h) : copy_of(-1 - source, l, h), block);
+        }
+      });
+    }
+  }
 }
 
 }  // namespace attnkit_common

@@ -619,6 +619,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
   m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind, int n) -> Tensor");
 }
 
@@ -628,5 +629,6 @@ STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("linear_rows_fp32", TORCH_BOX(&linear_rows_fp32));
   m.impl("linear_rows_bf16", TORCH_BOX(&linear_rows_bf16));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
+  m.impl("copy_rows", TORCH_BOX(&attnkit_common::copy_rows));
   m.impl("linear_quantized", TORCH_BOX(&linear_quantized));
 }

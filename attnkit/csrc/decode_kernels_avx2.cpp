@@ -324,10 +324,12 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("linear_fp32", TORCH_BOX(&linear_fp32));
   m.impl("linear_rows_fp32", TORCH_BOX(&linear_rows_fp32));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
+  m.impl("copy_rows", TORCH_BOX(&attnkit_common::copy_rows));
 }
