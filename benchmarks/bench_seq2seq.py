@@ -30,7 +30,8 @@ none) for --summary-budget s; ROUGE-1/2/L on the 110 test pairs, beam 4, beside 
 
 Speed: runs/bench-de-en/best (else a seeded random transformer-small, said so in the table), exported
 with save_checkpoint(layout="hf") and loaded by transformers.MarianMTModel (fp32, eval) and converted
-for CTranslate2 (float32, intra_threads = --threads). One batch plan for all three: the sources sorted
+for CTranslate2 (float32, intra_threads = --threads; in a process of its own, see _ct2_worker, asked
+from this one in turn with the other two). One batch plan for all three: the sources sorted
 by token length, 32 a batch, each batch's max_new_tokens M by the rule above. Timed per system: its own
 tokenization of the batch's texts, beam 4 (early stopping, length penalty 1.0, max M new tokens) and
 decoding back to text; median of --repeats interleaved rounds after one warm-up round. The warm-up
@@ -315,6 +316,24 @@ def _ct2_translate(translator, tokenizer, sources: list[str], plan, eos: int, pa
     return texts, tokens
 
 
+def _ct2_worker(conn, hf_folder: str, out: str, threads: int, tokenizer, sources, plan, eos, pad, limit) -> None:
+    """CTranslate2 in a process of its own: converts the HF folder (as decoded by the other two, and with
+    Marian's zero start), then answers each name it receives ("ct2" / "ct2-zero") with that
+    translator's (texts, tokens) of the plan, and stops at None. Once CTranslate2 has translated in
+    a process (its own OpenMP runtime, libgomp, is loaded beside torch's), torch's ops there ran
+    slower: beam-4 translation of these sentences 1.59-1.88 s before, 1.98-2.60 s after for attnkit,
+    3.2-4.1 s before, 3.65-4.31 s after for transformers' generate (interleaved, one process), which
+    a user running one of them would not see."""
+    import ctranslate2
+
+    translators = {name: ctranslate2.Translator(str(_ct2_convert(Path(hf_folder), Path(out) / name, zero_start=zero)),
+                                                device="cpu", intra_threads=threads, inter_threads=1)
+                   for name, zero in (("ct2", False), ("ct2-zero", True))}
+    conn.send(ctranslate2.__version__)
+    while (name := conn.recv()) is not None:
+        conn.send(_ct2_translate(translators[name], tokenizer, sources, plan, eos, pad, limit))
+
+
 # --- quality --------------------------------------------------------------------------------------
 
 def _summary_config(budget: float):
@@ -442,7 +461,8 @@ def _step_of(folder: Path):
 
 
 def bench_speed(args) -> None:
-    import ctranslate2
+    import multiprocessing
+
     import transformers
 
     from attnkit.checkpoints import save_checkpoint
@@ -458,14 +478,22 @@ def bench_speed(args) -> None:
         tmp = Path(tmp)
         save_checkpoint(tmp / "hf", model, tokenizer, layout="hf")
         hf = transformers.MarianMTModel.from_pretrained(str(tmp / "hf"), dtype=torch.float32).eval()
-        translator = ctranslate2.Translator(str(_ct2_convert(tmp / "hf", tmp / "ct2")), device="cpu",
-                                            intra_threads=args.threads, inter_threads=1)
-        zero_start = ctranslate2.Translator(str(_ct2_convert(tmp / "hf", tmp / "ct2-zero", zero_start=True)),
-                                            device="cpu", intra_threads=args.threads, inter_threads=1)
+        # CTranslate2 in its own process (see _ct2_worker), asked for each round in turn like the others
+        conn, child = multiprocessing.get_context("spawn").Pipe()
+        worker = multiprocessing.get_context("spawn").Process(
+            target=_ct2_worker, args=(child, str(tmp / "hf"), str(tmp), args.threads, tokenizer, sources, plan, eos,
+                                      pad, limit), daemon=True)
+        worker.start()
+        ct2_version = conn.recv()
+
+        def ct2(name: str = "ct2"):
+            conn.send(name)
+            return conn.recv()
+
         runs = {
             "attnkit": lambda: _attnkit_texts(model, tokenizer, sources, plan),
             "transformers": lambda: _transformers_translate(hf, tokenizer, sources, plan),
-            "CTranslate2": lambda: _ct2_translate(translator, tokenizer, sources, plan, eos, pad, limit),
+            "CTranslate2": ct2,
         }
         warm = {name: fn() for name, fn in runs.items()}  # the warm-up round; its outputs are checked
         times = {name: [] for name in runs}
@@ -474,7 +502,9 @@ def bench_speed(args) -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-        zero_tokens = _ct2_translate(zero_start, tokenizer, sources, plan, eos, pad, limit)[1]
+        zero_tokens = ct2("ct2-zero")[1]
+        conn.send(None)
+        worker.join()
     ours_tokens = _attnkit_tokens(model, tokenizer, sources, plan)
     hf_texts, hf_tokens = warm["transformers"]
     ct2_texts, ct2_tokens = warm["CTranslate2"]
@@ -505,8 +535,10 @@ def bench_speed(args) -> None:
         "fp32; tokenization and detokenization included on all three sides; median of "
         f"{args.repeats} interleaved rounds after a warm-up round. transformers: MarianMTModel.from_pretrained of "
         "save_checkpoint(layout=\"hf\"), generate. CTranslate2 "
-        f"{ctranslate2.__version__}: that folder converted (float32, Marian's converter with the decoder started "
-        f"from <s>'s embedding as in the other two), translate_batch, intra_threads {args.threads}.\n\n"
+        f"{ct2_version}: that folder converted (float32, Marian's converter with the decoder started "
+        f"from <s>'s embedding as in the other two), translate_batch, intra_threads {args.threads}, in a process "
+        "of its own (timed from this one, in turn with the others): after CTranslate2 had translated in the "
+        "process that runs torch, torch's ops there ran slower (attnkit +25-40%, transformers +10-20%).\n\n"
         + table(["system", "median s", "sentences/s", "outputs identical to transformers (tokens)",
                  "(texts)"], rows)
         + f"\n\nattnkit / transformers: {ratio:.2f}x{note}; attnkit / CTranslate2: {ct2_ratio:.2f}x{note}. "
