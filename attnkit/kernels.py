@@ -262,7 +262,10 @@ def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, through a native kernel where one applies (see ``_native_linear``), else over
-    oneDNN's packed copy of the weight where that applies (``_packed_weight``)."""
+    oneDNN's packed copy of the weight where that applies (``_packed_weight``). Under CPU autocast
+    torch's op runs, so that autocast picks the product's dtype (the training loop evaluates in bf16)."""
+    if x.is_cpu and torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)
     op = _native_linear(x, weight, bias)
     if op is None:
         packed = _packed_weight(x, weight, bias)
@@ -290,13 +293,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     (Bk, 1, 1, S) (the same for every head), true where a key may be seen. fp32 or bf16 on the CPU,
     nothing to differentiate.
     """
-    B, S = k.shape[0], k.shape[2]
+    Bk, S = k.shape[0], k.shape[2]
     if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and q.shape[0] % B == 0
-            and _no_grad_needed(q, k, v) and (mask is None or _one_mask_row_per_batch_row(mask, B, S)) and _has("decode_attention")
-            and q.dtype in _ISAS[_isa_loaded][3]):
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and q.shape[0] % Bk == 0
+            and _no_grad_needed(q, k, v) and (mask is None or _one_mask_row_per_batch_row(mask, Bk, S))
+            and _has("decode_attention") and q.dtype in _ISAS[_isa_loaded][3]):
         return None
-    mask = _every_key(B, S, q.device) if mask is None else mask.reshape(-1, S).expand(B, S).contiguous()
+    mask = _every_key(Bk, S, q.device) if mask is None else mask.reshape(-1, S).expand(Bk, S).contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return torch.ops.attnkit.decode_attention(q, k, v, mask, scale)

@@ -488,3 +488,16 @@ def test_a_cache_reorder_in_place_equals_picking_the_rows_for_every_index_of_thr
             n = len(index)
             assert all(torch.equal(v[:, :n], w) for v, w in zip(views, want)), index
             assert all(torch.equal(b[:, :, :, 6:], u) for b, u in zip(buffers, untouched))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_under_cpu_autocast_linear_runs_torchs_op_in_the_autocast_dtype(rows):
+    """The training loop evaluates without gradients under bf16 autocast: the packed weights and the fp32
+    kernels would compute in fp32 there (autocast does not see their ops)."""
+    layer = kernels.Linear(512, 1024)  # large enough for the kernels and the packed weights
+    x = torch.randn(rows, 512)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+        called = ops_called(lambda: layer(x))
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not any(name.startswith(("attnkit::", "mkldnn::_linear_pointwise")) for name in called)
