@@ -66,13 +66,14 @@ def _views(buffer: Tensor) -> _Layers:
 
 def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
     """view[:, i] = view[:, index[i]] for every i and every view, in place, as the views were before
-    any of these writes: one plain copy per moved row, or per run of neighbouring rows moved from
-    neighbouring rows, rows that keep their own tokens untouched. index_select + copy back cost 2.6 ms a call in a beam search profile
-    (its temporary of the whole sliced buffer is fresh memory, faulted in on every step), against
-    about 0.2 ms for four moved rows this way. A row is written once no other row still has to read it (beams: rows 3 <- 2, 2 <- 1, 1 <- 0
-    need no extra copy); a cycle reads one row into a copy first. The order is worked out once for
-    all the views (keys and values; every layer of a static cache)."""
-    if copy_rows(list(views), list(index)):  # the same moves in native code, where it is built
+    any of these writes: in native code where the kernels are built (``kernels.copy_rows``, the same
+    moves), else one plain copy per moved row (runs of contiguous slots), rows that keep their own
+    tokens untouched. index_select + copy back cost 2.6 ms a call in a beam search profile (its
+    temporary of the whole sliced buffer is fresh memory, faulted in on every step), against about
+    0.2 ms for four moved rows this way. A row is written once no other row still has to read it
+    (beams: rows 3 <- 2, 2 <- 1, 1 <- 0 need no extra copy); a cycle reads one row into a copy first.
+    The order is worked out once for all the views (keys and values; every layer of a static cache)."""
+    if copy_rows(list(views), list(index)):
         return
     pending = {row: source for row, source in enumerate(index) if row != source}
     kept = {}
@@ -83,26 +84,10 @@ def _copy_rows(views: Sequence[Tensor], index: Sequence[int]) -> None:
             row = next(iter(pending))
             kept[row] = [view[:, row].clone() for view in views]
             continue
-        # runs of neighbouring rows from neighbouring rows are one copy (a finished source's rows
-        # leaving shift the rows after them down); no row of a run is read by another move, so no
-        # run overlaps its source
-        ready.sort()
-        while ready:
-            row = ready[0]
+        for row in ready:
             source = pending.pop(row)
-            if source in kept:
-                for i, view in enumerate(views):
-                    view[:, row].copy_(kept[source][i])
-                ready.pop(0)
-                continue
-            n = 1
-            while (n < len(ready) and ready[n] == row + n and pending.get(row + n) == source + n
-                   and source + n not in kept):
-                pending.pop(row + n)
-                n += 1
-            for view in views:
-                view[:, row:row + n].copy_(view[:, source:source + n])
-            del ready[:n]
+            for i, view in enumerate(views):
+                view[:, row].copy_(kept[source][i] if source in kept else view[:, source])
 
 
 def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -> tuple[_Layers, _Layers]:
@@ -116,14 +101,15 @@ def _reorder_layers(k: _Layers, v: _Layers, index: Tensor, length: int | None) -
     us into touched). More rows, or tensors of their own (static caches), make new tensors."""
     rows = index.tolist()
     one_buffer = k.buffer is not None and v.buffer is not None
-    if k and len(rows) != k[0].shape[0] and not (one_buffer and len(rows) < k[0].shape[0]):
+    fewer = bool(k) and len(rows) < k[0].shape[0]
+    if k and len(rows) != k[0].shape[0] and not (fewer and one_buffer):
         return _rows_of(k, index, length), _rows_of(v, index, length)
     if one_buffer:
         views = [t.buffer if length is None else t.buffer[:, :, :, :length] for t in (k, v)]
     else:
         views = [(layer if length is None else layer[:, :, :length])[None] for layer in (*k, *v)]
     _copy_rows(views, rows)
-    if k and len(rows) < k[0].shape[0]:
+    if fewer:  # the buffers' first rows now hold them
         return _views(k.buffer[:, :len(rows)]), _views(v.buffer[:, :len(rows)])
     return k, v
 

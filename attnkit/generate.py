@@ -589,7 +589,8 @@ def beam_search(
         if history is not None:
             log_probs = log_probs.masked_fill(
                 repeated_ngram_mask(history, beams.no_repeat_ngram_size, V, device), float("-inf"))
-        scores = log_probs.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)  # in place: one (B * K, V) temporary fewer
+        # in place: one (B * K, V) temporary fewer a step
+        scores = log_probs.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
         top_scores, top_index = torch.topk(scores, n_keep)  # (B, n_keep)
         source = top_index // V  # the beam each candidate extends
         candidates = _take(running, source)

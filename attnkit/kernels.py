@@ -183,8 +183,9 @@ def _fp32_kernel_takes(bias: Tensor | None) -> bool:
 # 49152x576 (4 rows: 5.2-8.4 -> 13.6-21.8 GB/s, 49152x576 4.9 -> 16.0); weights in cache, 4 rows 128x128
 # 8.0 -> 6.7 us, 64x64 1.00x: so 2 to 8 rows from 16 Ki values.
 # On AVX512, fp32 matrices of 2 Mi values or more go to oneDNN's packed weights instead (see _packed_weight).
+# isa -> (rows per dtype, fewest weights, weights below)
 _ROWS_NATIVE = {"avx512": ({torch.float32: range(3, 7), torch.bfloat16: range(2, 4)}, 1 << 18, 1 << 21),
-                "avx2": ({torch.float32: range(2, 9)}, 1 << 14, 1 << 62)}  # isa -> (rows per dtype, weights from, below)
+                "avx2": ({torch.float32: range(2, 9)}, 1 << 14, 1 << 62)}
 
 
 def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):

@@ -401,7 +401,8 @@ def test_decode_attention_lets_neighbouring_query_rows_share_a_row_of_keys(dtype
 def test_attention_over_grouped_key_rows_equals_attention_over_repeated_keys():
     """Several queries per head, maps asked for, or no kernel: the rows of a group attend together."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(6, 4, 2, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    q = torch.randn(6, 4, 2, 16, generator=g)
+    k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
     mask = torch.rand(2, 1, 1, 7, generator=g) > 0.3
     mask[..., 0] = True
     rows = torch.arange(2).repeat_interleave(3)

@@ -134,10 +134,6 @@ inline KeyLists allowed_keys(const Tensor& mask) {
   return lists;
 }
 
-}  // namespace attnkit_common
-
-namespace attnkit_common {
-
 // ---- copy_rows: a KV cache's batch rows reordered in place (beam search) --------------------------
 //
 // views: tensors (L, B, H, S, D) on the CPU (a cache buffer's layers, heads and first S slots), each
