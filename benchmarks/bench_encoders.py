@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
+from benchmarks.common import keep_runs, limits_line, machine_limits, set_threads, table, write_section
 
 
 RUNS_FILE = Path(__file__).with_name("encoders_sentiment_runs.json")
@@ -226,9 +226,7 @@ def bench_sentiment(args) -> None:
                              "process": process, "machine": machine}
             print(json.dumps(results[name]), flush=True)
     # runs are kept by name in RUNS_FILE, so a subset can be re-run and the table shows every run's latest
-    kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
-    kept.update(results)
-    RUNS_FILE.write_text(json.dumps(kept, indent=1))
+    kept = keep_runs(RUNS_FILE, results)
     results = {name: kept[name] for name in runs if name in kept}
     rows = [[name, f"{r['accuracy']:.4f}", f"{r['pang_lee']:.4f}", f"{100 * r['trainable'] / r['total']:.2f}%",
              r["steps"], r["precision"], f"{r['wall_s']:.0f}",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (gpu_limits, gpu_limits_line, limits_line, machine_limits, set_threads, table,
+from benchmarks.common import (gpu_limits, gpu_limits_line, keep_runs, limits_line, machine_limits, set_threads, table,
                                write_section)
 
 RUNS_FILE = Path(__file__).with_name("media_runs.json")
@@ -43,9 +43,7 @@ WAVENET_WAV = Path(__file__).with_name("speech-wavenet-sample.wav")
 
 
 def _keep(key: str, value: dict) -> None:
-    kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
-    kept[key] = value
-    RUNS_FILE.write_text(json.dumps(kept, indent=1))
+    keep_runs(RUNS_FILE, {key: value})
 
 
 def _kept() -> dict:

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import limits_line, machine_limits, set_threads, table, write_section
+from benchmarks.common import keep_runs, limits_line, machine_limits, set_threads, table, write_section
 
 RUNS_FILE = Path(__file__).with_name("seq2seq_runs.json")
 RUN_DIR = Path("runs/bench-de-en")
@@ -69,9 +69,7 @@ IGNORE = -100
 
 
 def _keep(key: str, value: dict) -> None:
-    kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {}
-    kept[key] = value
-    RUNS_FILE.write_text(json.dumps(kept, indent=1))
+    keep_runs(RUNS_FILE, {key: value})
 
 
 def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -171,7 +169,8 @@ def _transformers_train(task, cfg, budget: float) -> tuple[dict, object]:
         vocab_size=task.tokenizer.vocab_size, d_model=256, encoder_layers=3, decoder_layers=3,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
         activation_function="relu", scale_embedding=True, max_position_embeddings=task.model_config.context_length,
-        dropout=0.1, attention_dropout=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=2,
+        dropout=task.model_config.dropout, attention_dropout=task.model_config.dropout, activation_dropout=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=2,
         forced_eos_token_id=None, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
     model = transformers.MarianMTModel(config).train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -371,7 +370,10 @@ def bench_quality(args) -> None:
     ours["decode_s"] = time.perf_counter() - t0
     ours.update(scores(texts, references, "bleu"))
     ours["examples"] = texts[:5]
+    ours["val_curve"] = [(row["step"], row["val_bleu"]) for row in map(json.loads, (RUN_DIR / "metrics.jsonl").open())
+                         if row.get("kind") == "eval" and "val_bleu" in row]
     print(json.dumps({k: v for k, v in ours.items() if k != "examples"}), flush=True)
+    _keep("quality", {**results, "attnkit": ours})  # a long run: keep this half should the rest fail
 
     print("=== transformers de-en", flush=True)
     theirs, hf_model = _transformers_train(task, cfg, args.budget)
@@ -409,7 +411,8 @@ def bench_quality(args) -> None:
     body = (
         f"{limits_line(limits)}\n\nde-en (ding sentence pairs, fixed seeded split 15,933 / 885 / 885, one byte-level "
         f"BPE of {task.tokenizer.vocab_size} trained on the training split), transformer-small shape for both "
-        f"(post-norm, d 256, 3 + 3 layers, 4 heads, FF 1024), the de-en recipe's hyperparameters, {args.budget:.0f} s "
+        f"(post-norm, d 256, 3 + 3 layers, 4 heads, FF 1024, dropout {task.model_config.dropout:g} on embeddings, "
+        f"residual branches and attention weights), the de-en recipe's hyperparameters, {args.budget:.0f} s "
         "each: attnkit's budget holds its whole fit (its evaluations every 500 steps and saves included: "
         f"{ours['train_s']:.0f} s of training), transformers' holds training alone (plain PyTorch loop, "
         "MarianMTModel). "
@@ -417,6 +420,8 @@ def bench_quality(args) -> None:
         "BLEU and chrF by sacrebleu. Train tokens/s: real source + target tokens over training seconds.\n\n"
         + table(["system", "budget s", "wall s", "train s", "steps", "precision", "train tokens/s", "test BLEU", "chrF",
                  "decode s"], rows)
+        + "\n\nattnkit's BLEU on its fixed sample of the val split during training, by step: "
+        + ", ".join(f"{step}: {bleu:.2f}" for step, bleu in ours["val_curve"])
         + f"\n\nattnkit / transformers: BLEU {ours['bleu']:.2f} vs {theirs['bleu']:.2f} "
         f"({ours['bleu'] - theirs['bleu']:+.2f}); train tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
         f"{speed_note}; steps {ours['steps'] / max(1, theirs['steps']):.2f}x; test decoding seconds transformers / "

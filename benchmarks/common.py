@@ -3,6 +3,7 @@ and writing one section of benchmarks/results.md (each script owns its section).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -112,6 +113,15 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def keep_runs(path: Path, runs: dict) -> dict:
+    """Merge `runs` (name -> figures) into the JSON file at `path` and return everything it now holds: runs are
+    kept by name, so a benchmark can re-run a subset and still report every run's latest figures."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept.update(runs)
+    path.write_text(json.dumps(kept, indent=1))
+    return kept
 
 
 def write_section(name: str, title: str, body: str, command: str) -> None:
