@@ -370,7 +370,8 @@ def bench_quality(args) -> None:
     ours["decode_s"] = time.perf_counter() - t0
     ours.update(scores(texts, references, "bleu"))
     ours["examples"] = texts[:5]
-    ours["val_curve"] = [(row["step"], row["val_bleu"]) for row in map(json.loads, (RUN_DIR / "metrics.jsonl").open())
+    evals = map(json.loads, (RUN_DIR / "metrics.jsonl").read_text().splitlines())
+    ours["val_curve"] = [(row["step"], row["val_bleu"]) for row in evals
                          if row.get("kind") == "eval" and "val_bleu" in row]
     print(json.dumps({k: v for k, v in ours.items() if k != "examples"}), flush=True)
     _keep("quality", {**results, "attnkit": ours})  # a long run: keep this half should the rest fail
@@ -420,7 +421,7 @@ def bench_quality(args) -> None:
         "BLEU and chrF by sacrebleu. Train tokens/s: real source + target tokens over training seconds.\n\n"
         + table(["system", "budget s", "wall s", "train s", "steps", "precision", "train tokens/s", "test BLEU", "chrF",
                  "decode s"], rows)
-        + "\n\nattnkit's BLEU on its fixed sample of the val split during training, by step: "
+        + "\n\nattnkit's BLEU (greedy) on its fixed sample of the val split during training, by step: "
         + ", ".join(f"{step}: {bleu:.2f}" for step, bleu in ours["val_curve"])
         + f"\n\nattnkit / transformers: BLEU {ours['bleu']:.2f} vs {theirs['bleu']:.2f} "
         f"({ours['bleu'] - theirs['bleu']:+.2f}); train tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
