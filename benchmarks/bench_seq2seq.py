@@ -7,6 +7,9 @@ attnkit vs transformers (and CTranslate2 for speed).
   python -m benchmarks.bench_seq2seq speed     # beam-4 sentences/s, first --sentences (256) de-en test sources:
                                                # attnkit, transformers generate, CTranslate2, same weights
   python -m benchmarks.bench_seq2seq all       # quality, then speed (speed reads quality's model)
+  python -m benchmarks.bench_seq2seq quality --seeds 1 2 3 --budget 2700
+                                               # de-en only, both systems once per seed: the BLEU gap
+                                               # beside the spread between seeds (its own section)
   (--threads 2 for all; --under-load marks the speed figures of a shared machine as not comparable)
 
 Quality (de-en, pairs split 15,933 / 885 / 885 by a fixed seed, one byte-level BPE of 8000 trained on
@@ -347,6 +350,42 @@ def _summary_config(budget: float):
     return cfg.replace(max_time=budget, out_dir=str(SUMMARY_DIR)), source
 
 
+def _de_en_pair(cfg, budget: float, test, keep_as: str, results: dict) -> tuple[dict, dict, object]:
+    """attnkit's Trainer on cfg (into cfg.out_dir), then transformers' MarianMTModel on the same rows for the
+    same budget; each decoded on the test pairs and scored -> (attnkit's figures, transformers', the task).
+    attnkit's half is kept under keep_as as soon as it is measured (a long run: should the rest fail)."""
+    from attnkit.checkpoints import load_checkpoint
+    from attnkit.generate import Beams, seq2seq_texts
+    from attnkit.train.seq2seq_tasks import scores
+
+    sources, references = [p.source for p in test], [p.target for p in test]
+    run_dir = Path(cfg.out_dir)
+    print(f"=== attnkit de-en (seed {cfg.seed})", flush=True)
+    ours, task = _attnkit_train(cfg)
+    model, tokenizer = load_checkpoint(run_dir / "best")
+    t0 = time.perf_counter()
+    texts = [o[0] for o in seq2seq_texts(model, tokenizer, sources, beams=Beams(4), batch_size=BATCH)]
+    ours["decode_s"] = time.perf_counter() - t0
+    ours.update(scores(texts, references, "bleu"))
+    ours["examples"] = texts[:5]
+    evals = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    ours["val_curve"] = [(row["step"], row["val_bleu"]) for row in evals
+                         if row.get("kind") == "eval" and "val_bleu" in row]
+    print(json.dumps({k: v for k, v in ours.items() if k != "examples"}), flush=True)
+    _keep(keep_as, {**results, "attnkit": ours})
+
+    print(f"=== transformers de-en (seed {cfg.seed})", flush=True)
+    theirs, hf_model = _transformers_train(task, cfg, budget)
+    plan = _plan(task.tokenizer, sources, hf_model.config.eos_token_id, hf_model.config.max_position_embeddings - 1)
+    t0 = time.perf_counter()
+    texts, _ = _transformers_translate(hf_model, task.tokenizer, sources, plan)
+    theirs["decode_s"] = time.perf_counter() - t0
+    theirs.update(scores(texts, references, "bleu"))
+    theirs["examples"] = texts[:5]
+    print(json.dumps({k: v for k, v in theirs.items() if k != "examples"}), flush=True)
+    return ours, theirs, task
+
+
 def bench_quality(args) -> None:
     from attnkit.checkpoints import load_checkpoint
     from attnkit.data.pairs import lead_baseline, load_pairs
@@ -359,32 +398,8 @@ def bench_quality(args) -> None:
     results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "threads": args.threads,
                "under_load": args.under_load, "limits": limits}
     test = load_pairs("de-en")[2]
-    sources, references = [p.source for p in test], [p.target for p in test]
-
-    print("=== attnkit de-en", flush=True)
-    cfg = load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR))
-    ours, task = _attnkit_train(cfg)
-    model, tokenizer = load_checkpoint(RUN_DIR / "best")
-    t0 = time.perf_counter()
-    texts = [o[0] for o in seq2seq_texts(model, tokenizer, sources, beams=Beams(4), batch_size=BATCH)]
-    ours["decode_s"] = time.perf_counter() - t0
-    ours.update(scores(texts, references, "bleu"))
-    ours["examples"] = texts[:5]
-    evals = map(json.loads, (RUN_DIR / "metrics.jsonl").read_text().splitlines())
-    ours["val_curve"] = [(row["step"], row["val_bleu"]) for row in evals
-                         if row.get("kind") == "eval" and "val_bleu" in row]
-    print(json.dumps({k: v for k, v in ours.items() if k != "examples"}), flush=True)
-    _keep("quality", {**results, "attnkit": ours})  # a long run: keep this half should the rest fail
-
-    print("=== transformers de-en", flush=True)
-    theirs, hf_model = _transformers_train(task, cfg, args.budget)
-    plan = _plan(task.tokenizer, sources, hf_model.config.eos_token_id, hf_model.config.max_position_embeddings - 1)
-    t0 = time.perf_counter()
-    texts, _ = _transformers_translate(hf_model, task.tokenizer, sources, plan)
-    theirs["decode_s"] = time.perf_counter() - t0
-    theirs.update(scores(texts, references, "bleu"))
-    theirs["examples"] = texts[:5]
-    print(json.dumps({k: v for k, v in theirs.items() if k != "examples"}), flush=True)
+    ours, theirs, task = _de_en_pair(load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR)),
+                                     args.budget, test, "quality", results)
     results.update(attnkit=ours, transformers=theirs)
 
     print("=== attnkit manpage-summary", flush=True)
@@ -439,6 +454,51 @@ def bench_quality(args) -> None:
     write_section("seq2seq-quality", f"Seq2seq quality at equal wall time: attnkit vs transformers "
                                      f"({args.threads} threads)", body,
                   f"python -m benchmarks.bench_seq2seq quality {flags}" + (" --under-load" if args.under_load else ""))
+
+
+def bench_quality_seeds(args) -> None:
+    """de-en only, both systems once per seed in --seeds (init, batch order, dropout; the split and the
+    BPE stay), each at --budget: is the BLEU gap at equal time more than the spread between seeds?"""
+    from attnkit.data.pairs import load_pairs
+    from attnkit.train import load_recipe
+
+    set_threads(args.threads)
+    limits = machine_limits()
+    test = load_pairs("de-en")[2]
+    runs: dict[str, dict] = {}
+    for seed in args.seeds:
+        results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "threads": args.threads,
+                   "under_load": args.under_load, "limits": limits}
+        cfg = load_recipe("de-en").replace(max_time=args.budget, seed=seed,
+                                           out_dir=str(RUN_DIR.with_name(f"{RUN_DIR.name}-seed-{seed}")))
+        ours, theirs, _ = _de_en_pair(cfg, args.budget, test, f"quality-seed-{seed}", results)
+        runs[str(seed)] = {**results, "attnkit": ours, "transformers": theirs}
+        _keep(f"quality-seed-{seed}", runs[str(seed)])
+
+    def spread(system: str, key: str) -> str:
+        values = [r[system][key] for r in runs.values()]
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+    gaps = [r["attnkit"]["bleu"] - r["transformers"]["bleu"] for r in runs.values()]
+    rows = [[seed, r["attnkit"]["steps"], r["transformers"]["steps"], f"{r['attnkit']['bleu']:.2f}",
+             f"{r['transformers']['bleu']:.2f}", f"{r['attnkit']['bleu'] - r['transformers']['bleu']:+.2f}",
+             f"{r['attnkit']['chrf']:.2f}", f"{r['transformers']['chrf']:.2f}"] for seed, r in runs.items()]
+    rows.append(["mean ± sd", "", "", spread("attnkit", "bleu"), spread("transformers", "bleu"),
+                 f"{statistics.mean(gaps):+.2f}", spread("attnkit", "chrf"), spread("transformers", "chrf")])
+    body = (
+        f"{limits_line(limits)}\n\nde-en as in the quality section (the recipe for attnkit, MarianMTModel of the same "
+        f"shape for transformers, the same rows, {args.budget:.0f} s each, test beam 4), once per seed; the seed sets "
+        "initialization, batch order and dropout, not the split or the BPE.\n\n"
+        + table(["seed", "attnkit steps", "transformers steps", "attnkit BLEU", "transformers BLEU", "gap",
+                 "attnkit chrF", "transformers chrF"], rows)
+        + f"\n\nattnkit ahead on {sum(g > 0 for g in gaps)} of {len(gaps)} seeds."
+    )
+    print(body)
+    seeds = " ".join(str(s) for s in args.seeds)
+    write_section("seq2seq-quality-seeds", f"Seq2seq quality over seeds: attnkit vs transformers ({args.threads} threads)",
+                  body, f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {args.budget:g} "
+                  f"--threads {args.threads}" + (" --under-load" if args.under_load else ""))
 
 
 # --- speed ----------------------------------------------------------------------------------------
@@ -565,13 +625,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=900, help="de-en training seconds, the same for both.")
     parser.add_argument("--summary-budget", type=float, default=300, help="manpage-summary training seconds.")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="quality: de-en only, both systems once per seed (no summary), its own results section.")
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--under-load", action="store_true",
                         help="Other jobs share the machine: keep the quality, mark speed figures as not comparable.")
     args = parser.parse_args()
     if args.what in ("quality", "all"):
-        bench_quality(args)
+        bench_quality_seeds(args) if args.seeds else bench_quality(args)
     if args.what in ("speed", "all"):
         bench_speed(args)
 
