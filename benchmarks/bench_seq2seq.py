@@ -496,8 +496,8 @@ def bench_quality_seeds(args) -> None:
     )
     print(body)
     seeds = " ".join(str(s) for s in args.seeds)
-    write_section("seq2seq-quality-seeds", f"Seq2seq quality over seeds: attnkit vs transformers ({args.threads} threads)",
-                  body, f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {args.budget:g} "
+    write_section("seq2seq-quality-seeds",
+                  f"Seq2seq quality over seeds: attnkit vs transformers ({args.threads} threads)", body, f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {args.budget:g} "
                   f"--threads {args.threads}" + (" --under-load" if args.under_load else ""))
 
 
@@ -632,8 +632,13 @@ def main() -> None:
     parser.add_argument("--under-load", action="store_true",
                         help="Other jobs share the machine: keep the quality, mark speed figures as not comparable.")
     args = parser.parse_args()
+    if args.seeds and args.what != "quality":
+        parser.error("--seeds goes with quality only (speed reads the plain quality run's model)")
     if args.what in ("quality", "all"):
-        bench_quality_seeds(args) if args.seeds else bench_quality(args)
+        if args.seeds:
+            bench_quality_seeds(args)
+        else:
+            bench_quality(args)
     if args.what in ("speed", "all"):
         bench_speed(args)
 
