@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
-from attnkit.kernels import keep_freed_memory, weights_on_huge_pages
+from attnkit.kernels import beam_topk, keep_freed_memory, weights_on_huge_pages
 from attnkit.tokenizers import StreamDecoder, Tokenizer
 
 
@@ -589,9 +589,13 @@ def beam_search(
         if history is not None:
             log_probs = log_probs.masked_fill(
                 repeated_ngram_mask(history, beams.no_repeat_ngram_size, V, device), float("-inf"))
-        # in place: one (B * K, V) temporary fewer a step
-        scores = log_probs.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
-        top_scores, top_index = torch.topk(scores, n_keep)  # (B, n_keep)
+        # the n_keep best of the (B, K * V) sums log_probs + running score: natively where that applies
+        # (without the sums), else in place (one (B * K, V) temporary fewer a step); the same answer
+        top = beam_topk(log_probs, running_scores, n_keep)
+        if top is None:
+            scores = log_probs.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
+            top = torch.topk(scores, n_keep)
+        top_scores, top_index = top  # (B, n_keep)
         source = top_index // V  # the beam each candidate extends
         candidates = _take(running, source)
         candidates[:, :, step] = top_index % V

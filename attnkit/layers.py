@@ -77,7 +77,10 @@ class MLP(nn.Module):
         self.down = Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.up(x)
+        up = self.up
+        if self.kind == "relu" and type(up) is Linear and not up._forward_hooks:  # not LoRA's nor quantized
+            return self.down(up(x, relu=True))  # the ReLU fused into the product where it can be
+        h = up(x)
         if self.kind in self.GATED:
             gate, up = h.chunk(2, dim=-1)
             h = self.ACTIVATIONS[self.GATED[self.kind]](gate) * up
@@ -422,11 +425,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, fn) -> tuple[Tensor, Tensor | None]:
-        if self.pre_norm:
-            h, w = fn(norm(x))
-            return x + self.drop(h), w
-        h, w = fn(x)
-        return norm(x + self.drop(h)), w
+        h, w = fn(norm(x) if self.pre_norm else x)
+        if self.training:  # dropout is the identity in eval: not called (a decode step has 9 of these)
+            h = self.drop(h)
+        return (x + h, w) if self.pre_norm else (norm(x + h), w)
 
     def forward(
         self,

@@ -502,3 +502,81 @@ def test_under_cpu_autocast_linear_runs_torchs_op_in_the_autocast_dtype(rows):
         called = ops_called(lambda: layer(x))
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
     assert not any(name.startswith(("attnkit::", "mkldnn::_linear_pointwise")) for name in called)
+
+
+# --- a beam search step's best candidates ---------------------------------------------------------------
+
+def reference_topk(log_probs: torch.Tensor, running: torch.Tensor, n: int):
+    B, K = running.shape
+    return torch.topk((log_probs.view(B, K, -1) + running[:, :, None]).view(B, -1), n)
+
+
+@needs_native
+@pytest.mark.parametrize("B,K,V,n", [(1, 1, 5, 1), (3, 4, 8000, 8), (32, 4, 8000, 8), (2, 5, 37, 10), (7, 2, 16, 20),
+                                     (4, 3, 1000, 3)])
+def test_beam_topk_is_torch_topk_of_the_sums_bit_for_bit(B, K, V, n):
+    g = torch.Generator().manual_seed(B * 100 + V)
+    log_probs = torch.log_softmax(3 * torch.randn(B * K, V, generator=g), -1)
+    log_probs[:, 1::3] = float("-inf")  # masked tokens (no_repeat_ngram_size) sum to -inf
+    running = 2 * torch.randn(B, K, generator=g)
+    want = reference_topk(log_probs, running, n)
+    got = kernels.beam_topk(log_probs, running, n)
+    assert "attnkit::beam_topk" in ops_called(lambda: kernels.beam_topk(log_probs, running, n))
+    assert got is not None and torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+
+
+@needs_native
+def test_beam_topk_leaves_ties_and_nan_to_torch_topk():
+    """torch.topk orders equal values its own way: where that order can change the answer, the op
+    says so and the caller runs torch.topk; where it cannot, the op answers."""
+    running = torch.zeros(1, 2)
+    assert kernels.beam_topk(torch.tensor([[0.0, -1.0, -1.0, -5.0], [-2.0, -3.0, -4.0, -6.0]]), running, 2) is None
+    assert kernels.beam_topk(torch.tensor([[0.0, -1.0, -3.0, -5.0], [-1.0, -3.0, -4.0, -6.0]]), running, 2) is None
+    assert kernels.beam_topk(torch.tensor([[0.0, float("nan"), -3.0, -5.0], [-2.0, -3.0, -4.0, -6.0]]), running, 2) is None
+    # equal values below the kept ones, or one of them kept and the other not before it: the same answer
+    lp = torch.tensor([[0.0, -1.0, -3.0, -3.0], [-2.0, -3.0, -4.0, -6.0]])
+    got = kernels.beam_topk(lp, running, 3)
+    want = reference_topk(lp, running, 3)
+    assert got is not None and torch.equal(got[1], want.indices) and torch.equal(got[0], want.values)
+    with pytest.raises(RuntimeError, match="n is not in"):
+        torch.ops.attnkit.beam_topk(lp, running, 9)
+
+
+def test_beam_topk_leaves_what_it_does_not_take_to_torch(monkeypatch):
+    log_probs, running = torch.log_softmax(torch.randn(8, 50), -1), torch.randn(2, 4)
+    assert kernels.beam_topk(log_probs.double(), running.double(), 4) is None  # fp32 only
+    monkeypatch.setattr(kernels, "_loaded", False)
+    assert kernels.beam_topk(log_probs, running, 4) is None  # no kernels
+
+
+# --- the ReLU fused into the packed product -------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 4, 128])
+def test_linear_with_relu_is_relu_of_the_linear_on_every_path(rows):
+    """One row (torch's op or the one-row kernel), a few rows (the rows kernel) and many rows (the packed
+    weight, with oneDNN's ReLU fused): the same values as the product followed by torch's ReLU."""
+    layer = kernels.Linear(512, 1024)  # large enough for the kernels and the packed weights
+    x = torch.randn(rows, 1, 512)
+    with torch.no_grad():
+        assert torch.equal(layer(x, relu=True), F.relu(layer(x)))
+        if kernels._packing_on() and rows > 8:
+            assert "mkldnn::_linear_pointwise" in ops_called(lambda: layer(x, relu=True))
+            assert "aten::relu" not in ops_called(lambda: layer(x, relu=True))  # fused
+    y = layer(x, relu=True)  # with gradients: torch's ops
+    assert y.grad_fn is not None and torch.equal(y.detach(), F.relu(F.linear(x, layer.weight, layer.bias)))
+
+
+def test_an_mlp_whose_up_projection_has_a_hook_as_lora_adds_applies_relu_after_the_hook():
+    """LoRA adds its update to the up projection's output through a hook, so the ReLU must come after
+    the hook, not inside the product."""
+    from attnkit.config import ModelConfig
+    from attnkit.layers import MLP
+
+    cfg = ModelConfig(vocab_size=16, context_length=8, n_layer=1, n_head=2, d_model=512, d_ff=1024, mlp="relu")
+    mlp = MLP(cfg)
+    x = torch.randn(16, 1, 512)
+    shift = torch.randn(1024)
+    mlp.up.register_forward_hook(lambda module, args, out: out + shift)
+    with torch.no_grad():
+        want = mlp.down(F.relu(F.linear(x, mlp.up.weight, mlp.up.bias) + shift))
+        assert torch.allclose(mlp(x), want, atol=1e-5)

@@ -1,14 +1,17 @@
 // What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
 // argument checks of the ops both define, the output shape of a linear, the bias add after a few-row
 // linear, the per-batch-row lists of the keys a mask allows, the views decode_attention reads through,
-// and copy_rows (a cache's rows reordered in place, plain copies), which both libraries register.
+// copy_rows (a cache's rows reordered in place, plain copies) and beam_topk (a beam search step's best
+// candidates), which both libraries register.
 // Included by both; kernels.py hashes it into both libraries' names.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -203,6 +206,96 @@ inline void copy_rows(std::vector<Tensor> views, std::vector<int64_t> index) {
       });
     }
   }
+}
+
+// ---- beam_topk: the best candidates of a beam search step ----------------------------------------
+//
+// log_probs (B * K, V) fp32, contiguous; running (B, K) fp32, contiguous; 1 <= n <= K * V. For each
+// batch item b, the n largest sums running[b, k] + log_probs[b * K + k, v] (the same fp32 add as
+// torch's), largest first, as values (B, n) and flat indices k * V + v (B, n) int64: torch.topk over
+// the (B, K * V) sums, without writing them. torch.topk orders equal values in a way of its own (not
+// by index), so where the result depends on that order (two kept values equal, or a kept value equal
+// to one left out) or a sum is NaN, the third output is 1 and the caller runs torch.topk instead.
+// The scan skips blocks of 16 sums that are all below the worst value kept, which after the first few
+// blocks is nearly all of them: one pass over the row, no (B, K * V) temporary. On 32 sources x 4 beams x
+// 8000 tokens torch's add and topk took 750-960 us, this 62 us (2 threads, AMD EPYC); beam-4 translation of
+// 256 de-en sentences 1.82 -> 1.73 s (interleaved A/B medians, one process).
+struct TopN {
+  float* value;
+  int64_t* index;
+  int64_t n, count = 0;
+  float worst = -INFINITY;           // the n-th value once n are kept: a sum must beat it to enter
+  float best_left_out = -INFINITY;   // the largest value seen and not kept (evicted, or equal to worst)
+  bool unordered = false;            // a NaN was seen
+
+  void offer(float s, int64_t j) {
+    if (s != s) {
+      unordered = true;
+      return;
+    }
+    if (count == n && !(s > worst)) {
+      best_left_out = std::max(best_left_out, s);
+      return;
+    }
+    int64_t p = count < n ? count : n - 1;  // equal values keep their order of arrival (lower index first)
+    if (count == n) best_left_out = std::max(best_left_out, value[n - 1]);
+    while (p > 0 && value[p - 1] < s) {
+      value[p] = value[p - 1], index[p] = index[p - 1];
+      --p;
+    }
+    value[p] = s, index[p] = j;
+    if (count < n) ++count;
+    if (count == n) worst = value[n - 1];
+  }
+
+  // whether torch.topk's order of equal values could change the result
+  bool ambiguous() const {
+    if (unordered || best_left_out == value[n - 1]) return true;
+    for (int64_t i = 1; i < n; ++i)
+      if (value[i] == value[i - 1]) return true;
+    return false;
+  }
+};
+
+// Each library passes `reaches(row, r, worst)`: whether any of the 16 sums row[0..16) + r is not below
+// worst (or is NaN), in its vector instructions (plain code here was not vectorized by GCC).
+template <typename Reaches>
+std::tuple<Tensor, Tensor, int64_t> beam_topk_with(const Tensor& log_probs, const Tensor& running, int64_t n,
+                                                   Reaches reaches) {
+  STD_TORCH_CHECK(log_probs.scalar_type() == ScalarType::Float && running.scalar_type() == ScalarType::Float,
+                  "attnkit::beam_topk takes fp32 tensors");
+  STD_TORCH_CHECK(log_probs.dim() == 2 && running.dim() == 2 && log_probs.is_contiguous() && running.is_contiguous(),
+                  "attnkit::beam_topk: log_probs (B * K, V) and running (B, K), contiguous");
+  const int64_t B = running.size(0), K = running.size(1), V = log_probs.size(1);
+  STD_TORCH_CHECK(log_probs.size(0) == B * K && n >= 1 && n <= K * V,
+                  "attnkit::beam_topk: shapes disagree, or n is not in [1, K * V]");
+  Tensor values = torch::stable::empty({B, n}, ScalarType::Float, std::nullopt, log_probs.device());
+  Tensor indices = torch::stable::empty({B, n}, ScalarType::Long, std::nullopt, log_probs.device());
+  const float* lp = static_cast<const float*>(log_probs.data_ptr());
+  const float* run = static_cast<const float*>(running.data_ptr());
+  float* out_value = static_cast<float*>(values.data_ptr());
+  int64_t* out_index = static_cast<int64_t*>(indices.data_ptr());
+  std::vector<char> ambiguous(B, 0);
+  constexpr int64_t kBlock = 16;
+  torch::stable::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      TopN top{out_value + b * n, out_index + b * n, n};
+      for (int64_t k = 0; k < K; ++k) {
+        const float r = run[b * K + k];
+        const float* row = lp + (b * K + k) * V;
+        int64_t v = 0;
+        for (; v < V && top.count < top.n; ++v) top.offer(row[v] + r, k * V + v);
+        for (; v + kBlock <= V; v += kBlock) {
+          if (reaches(row + v, r, top.worst))
+            for (int64_t i = 0; i < kBlock; ++i) top.offer(row[v + i] + r, k * V + v + i);
+        }
+        for (; v < V; ++v) top.offer(row[v] + r, k * V + v);
+      }
+      ambiguous[b] = top.ambiguous();
+    }
+  });
+  const bool any = std::any_of(ambiguous.begin(), ambiguous.end(), [](char a) { return a != 0; });
+  return {values, indices, any ? 1 : 0};
 }
 
 }  // namespace attnkit_common

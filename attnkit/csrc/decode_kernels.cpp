@@ -13,6 +13,9 @@
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
 //                                        query per head (grouped-query heads), fp32 or bf16; several
 //                                        query rows may share a row of keys (a source's beams).
+//   attnkit::copy_rows, attnkit::beam_topk
+//                                        a cache's rows reordered in place; a beam search step's best
+//                                        candidates (decode_common.h: the AVX2 library has them too).
 //
 // Decoding one token reads every weight once, so the matmuls are bound by memory bandwidth.
 // linear_bf16 reads each weight row front to back, one row at a time, so that a thread's share of
@@ -611,6 +614,14 @@ Tensor linear_quantized(Tensor x, Tensor q, Tensor d, std::optional<Tensor> m, i
   return out;
 }
 
+// beam_topk's test of 16 sums (decode_common.h): any of row[0..16) + r not below worst, or NaN
+std::tuple<Tensor, Tensor, int64_t> beam_topk(Tensor log_probs, Tensor running, int64_t n) {
+  return beam_topk_with(log_probs, running, n, [](const float* row, float r, float worst) {
+    const __m512 sums = _mm512_add_ps(_mm512_loadu_ps(row), _mm512_set1_ps(r));
+    return _mm512_cmp_ps_mask(sums, _mm512_set1_ps(worst), _CMP_NLT_UQ) != 0;
+  });
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(attnkit, m) {
@@ -620,6 +631,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
+  m.def("beam_topk(Tensor log_probs, Tensor running, int n) -> (Tensor, Tensor, int)");
   m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind, int n) -> Tensor");
 }
 
@@ -630,5 +642,6 @@ STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("linear_rows_bf16", TORCH_BOX(&linear_rows_bf16));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
   m.impl("copy_rows", TORCH_BOX(&attnkit_common::copy_rows));
+  m.impl("beam_topk", TORCH_BOX(&beam_topk));
   m.impl("linear_quantized", TORCH_BOX(&linear_quantized));
 }

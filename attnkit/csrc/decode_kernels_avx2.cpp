@@ -318,6 +318,16 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   return out;
 }
 
+// beam_topk's test of 16 sums (decode_common.h): any of row[0..16) + r not below worst, or NaN
+std::tuple<Tensor, Tensor, int64_t> beam_topk(Tensor log_probs, Tensor running, int64_t n) {
+  return beam_topk_with(log_probs, running, n, [](const float* row, float r, float worst) {
+    const __m256 add = _mm256_set1_ps(r), bar = _mm256_set1_ps(worst);
+    const __m256 low = _mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(row), add), bar, _CMP_NLT_UQ);
+    const __m256 high = _mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(row + 8), add), bar, _CMP_NLT_UQ);
+    return _mm256_movemask_ps(_mm256_or_ps(low, high)) != 0;
+  });
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(attnkit, m) {
@@ -325,6 +335,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
+  m.def("beam_topk(Tensor log_probs, Tensor running, int n) -> (Tensor, Tensor, int)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
@@ -332,4 +343,5 @@ STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("linear_rows_fp32", TORCH_BOX(&linear_rows_fp32));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
   m.impl("copy_rows", TORCH_BOX(&attnkit_common::copy_rows));
+  m.impl("beam_topk", TORCH_BOX(&beam_topk));
 }
