@@ -576,6 +576,10 @@ def bench_speed(args) -> None:
     ct2_texts, ct2_tokens = warm["CTranslate2"]
     median = {name: statistics.median(t) for name, t in times.items()}
     rate = {name: len(sources) / s for name, s in median.items()}
+    # each round's own ratio (the three ran back to back, so a drift in the machine's speed, which moved
+    # all three by up to 25% between runs here, mostly cancels in it): its median and range
+    per_round = {name: sorted(t / a for t, a in zip(times[name], times["attnkit"])) for name in ("transformers",
+                                                                                                  "CTranslate2")}
     check = {"attnkit": (_identical(ours_tokens, hf_tokens), _identical(warm["attnkit"], hf_texts)),
              "transformers": (1.0, 1.0),
              "CTranslate2": (_identical(ct2_tokens, hf_tokens), _identical(ct2_texts, hf_texts))}
@@ -583,7 +587,9 @@ def bench_speed(args) -> None:
     generated = sum(len(t) for t in hf_tokens)
     results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "weights": weights, "sentences": len(sources),
                "repeats": args.repeats, "threads": args.threads, "under_load": args.under_load, "limits": limits,
-               "median_s": median, "sentences_per_s": rate,
+               "median_s": median, "sentences_per_s": rate, "times_s": times,
+               "per_round_ratio": {name: {"median": statistics.median(r), "min": r[0], "max": r[-1]}
+                                   for name, r in per_round.items()},
                "identical_tokens_vs_transformers": {k: v[0] for k, v in check.items()},
                "identical_texts_vs_transformers": {k: v[1] for k, v in check.items()},
                "ct2_zero_start_identical_tokens": zero_identical, "transformers_tokens_generated": generated,
@@ -591,6 +597,10 @@ def bench_speed(args) -> None:
     _keep("speed", results)
 
     note = "" if not args.under_load else " (machine under load: not a speed figure)"
+
+    def spread(name: str) -> str:
+        r = per_round[name]
+        return f"{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})"
     rows = [[name, f"{median[name]:.2f}", f"{rate[name]:.1f}{note}", f"{100 * check[name][0]:.1f}%",
              f"{100 * check[name][1]:.1f}%"] for name in runs]
     ratio, ct2_ratio = rate["attnkit"] / rate["transformers"], rate["attnkit"] / rate["CTranslate2"]
@@ -607,7 +617,9 @@ def bench_speed(args) -> None:
         "process that runs torch, torch's ops there ran slower (attnkit +25-40%, transformers +10-20%).\n\n"
         + table(["system", "median s", "sentences/s", "outputs identical to transformers (tokens)",
                  "(texts)"], rows)
-        + f"\n\nattnkit / transformers: {ratio:.2f}x{note}; attnkit / CTranslate2: {ct2_ratio:.2f}x{note}. "
+        + f"\n\nattnkit / transformers: {ratio:.2f}x{note}; attnkit / CTranslate2: {ct2_ratio:.2f}x{note} (ratios of "
+        f"the medians). Round by round: {spread('transformers')} against transformers, {spread('CTranslate2')} "
+        "against CTranslate2 (median, min-max of the rounds). "
         f"CTranslate2 with Marian's own decoder start (a zero embedding): {100 * zero_identical:.1f}% of outputs "
         f"identical to transformers.\n\nTarget: attnkit ≥ 2x transformers sentences/s: "
         f"{'met' if ratio >= 2 else 'missed'}."
