@@ -84,15 +84,16 @@ DECODE_OPTIONS = _options(
 
 
 def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, num_return, length_penalty,
-              early_stopping, speculative: bool = False):
-    """The flags -> (Beams or None, Sampling), refusing combinations that mean nothing."""
+              early_stopping, speculative: bool = False, to_sample: str = "without --beams"):
+    """The flags -> (Beams or None, Sampling), refusing combinations that mean nothing. ``to_sample``:
+    how the command's user turns beam search off (translate and summarize search by default)."""
     from attnkit.generate import Beams, Sampling
 
     beam_settings = None
     if beams is not None:
         if temperature not in (None, 0) or top_k is not None or top_p is not None:
-            raise AttnkitError("beam search is deterministic here; drop --temperature/--top-k/--top-p, or sample "
-                               "without --beams")
+            raise AttnkitError(f"beam search (--beams {beams}) is deterministic here; drop --temperature/--top-k/"
+                               f"--top-p, or sample {to_sample}")
         if speculative:
             raise AttnkitError("beam search does not combine with --draft or --prompt-lookup; choose one")
         beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
@@ -1060,7 +1061,8 @@ def _seq2seq_outputs(ckpt, texts, input_file, beams, max_new_tokens, temperature
     if beams == 1 and temperature is None and top_k is None and top_p is None:
         temperature = 0.0  # one beam and no sampling flag: greedy
     beam_settings, sampling = _decoding(None if beams == 1 else beams, temperature, top_k, top_p, repetition_penalty,
-                                        no_repeat_ngram, num_return, length_penalty, early_stopping)
+                                        no_repeat_ngram, num_return, length_penalty, early_stopping,
+                                        to_sample="with --beams 1 (the default is 4)")
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), dtype=_dtype(dtype_name))
     require_seq2seq(model, command)
     if tokenizer is None:

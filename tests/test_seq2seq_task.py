@@ -151,7 +151,8 @@ def test_bad_inputs_are_one_sentence_without_a_traceback(trained, tmp_path):
     result = runner.invoke(main, ["generate", "--ckpt", str(root / "run"), "-p", "eins"])
     assert result.exit_code == 2 and "is an encoder-decoder" in result.output
     result = runner.invoke(main, ["translate", "--ckpt", str(root / "run"), "eins", "--temperature", "0.7"])
-    assert result.exit_code == 2 and "beam search is deterministic" in result.output
+    assert result.exit_code == 2 and "beam search (--beams 4) is deterministic" in result.output
+    assert "sample with --beams 1 (the default is 4)" in result.output  # the fix, for a flag the user did not type
 
 
 def test_translate_beam_4_equals_transformers_on_a_marian_folder(tmp_path):
