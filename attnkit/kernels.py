@@ -269,8 +269,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = F
     ``_native_linear``), else over oneDNN's packed copy of the weight where that applies
     (``_packed_weight``; the ReLU is then fused into the product, which saves a pass over the output:
     beam-4 translation of 256 de-en sentences 1.75 -> 1.72 s, interleaved A/B medians). Under CPU
-    autocast torch's op runs, so that
-    autocast picks the product's dtype (the training loop evaluates in bf16)."""
+    autocast torch's op runs, so that autocast picks the product's dtype (the training loop evaluates
+    in bf16)."""
     if x.is_cpu and torch.is_autocast_enabled("cpu"):
         y = F.linear(x, weight, bias)
     elif (op := _native_linear(x, weight, bias)) is not None:
