@@ -361,6 +361,8 @@ class CrossCache:
 
     def reorder(self, index: Tensor) -> None:
         rows = index if self.rows is None else self.rows.index_select(0, index)
+        if self.group is not None and self.rows is not None and torch.equal(rows, self.rows):
+            return  # every row reads the source it read (beams moving within their source): nothing changes
         self.rows, self.group = rows, None
         g = int((rows == rows[0]).sum()) if len(rows) else 0
         if not g or len(rows) % g:

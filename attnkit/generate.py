@@ -578,9 +578,9 @@ def beam_search(
     done_scores = torch.full((B, K), -1e9, device=device)
     done_len = torch.zeros((B, K), dtype=torch.long, device=device)
     is_done = torch.zeros((B, K), dtype=torch.bool, device=device)
-    can_improve = torch.ones((B, 1), dtype=torch.bool, device=device)
     history = [list(p) for p in prompts for _ in range(K)] if beams.no_repeat_ngram_size else None
     live = list(range(B))  # the prompt of each row of the tensors above; closed prompts leave them
+    first_rows = torch.arange(B, device=device)[:, None] * K  # (B, 1) prompt b's first row in the state
     results: dict[int, tuple] = {}
 
     for step in range(N):
@@ -596,48 +596,48 @@ def beam_search(
             scores = log_probs.view(B, K, V).add_(running_scores[:, :, None]).view(B, K * V)
             top = torch.topk(scores, n_keep)
         top_scores, top_index = top  # (B, n_keep)
-        source = top_index // V  # the beam each candidate extends
+        source, tokens = top_index // V, top_index % V  # the beam each candidate extends, and its token
         candidates = _take(running, source)
-        candidates[:, :, step] = top_index % V
-        ends = torch.isin(top_index % V, eos) | (step == N - 1)  # an end token, or the length limit
+        candidates[:, :, step] = tokens
+        ends = (tokens == eos[0] if len(eos) == 1 else torch.isin(tokens, eos)) | (step == N - 1)
 
         # the K best candidates that did not end go on
-        open_scores = top_scores + ends.float() * -1e9
+        open_scores = top_scores.add(ends, alpha=-1e9)  # = top_scores + ends * -1e9, Hugging Face's sum
         going_on = torch.topk(open_scores, K).indices
         running, running_scores = _take(candidates, going_on), _take(open_scores, going_on)
         parents = _take(source, going_on)
 
-        # finished hypotheses: among the best K candidates, if they still can make the list
+        # finished hypotheses: among the best K candidates, if they still can make the list. (Hugging
+        # Face also closes every candidate of a prompt that is full (early stopping) or cannot improve;
+        # such a prompt left the loop at the step that closed it, so here only ~finished closes.)
         finished = ends & first_k
-        finished_scores = top_scores / ((step + 1) ** beams.length_penalty)
-        full = is_done.all(-1, keepdim=True) & (beams.early_stopping is True)
-        for closed in (full, ~can_improve, ~finished):  # added one by one, as Hugging Face does (ties)
-            finished_scores = finished_scores + closed.float() * -1e9
+        finished_scores = (top_scores / ((step + 1) ** beams.length_penalty)).add_(~finished, alpha=-1e9)
         merged_scores = torch.cat([done_scores, finished_scores], 1)
         best = torch.topk(merged_scores, K).indices
         done = _take(torch.cat([done, candidates], 1), best)
         done_scores = _take(merged_scores, best)
-        done_len = _take(torch.cat([done_len, torch.full_like(finished_scores, step + 1, dtype=torch.long)], 1), best)
+        done_len = _take(torch.cat([done_len, torch.full_like(top_index, step + 1)], 1), best)
         is_done = _take(torch.cat([is_done, finished], 1), best)
 
-        # can a running beam still beat the worst finished one?
+        # a prompt is closed when its finished list can no longer change: all K done (early stopping),
+        # or no running beam can beat the worst finished one (an empty slot's -1e9 while any is empty)
         longest = N if beams.early_stopping == "never" and beams.length_penalty > 0 else step + 1
-        best_possible = running_scores[:, :1] / (longest ** beams.length_penalty)
-        worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, torch.full_like(done_scores, -1e9))
-        can_improve = can_improve & (best_possible > worst_done).any(-1, keepdim=True)
-        # a prompt whose finished list can no longer change is closed: its rows leave the state
-        closed = (~can_improve | (is_done.all(-1, keepdim=True) & (beams.early_stopping is True)))[:, 0]
-        if bool(closed.all()) or bool(ends.all()):
+        best_possible = running_scores[:, 0] / (longest ** beams.length_penalty)
+        closed = ~(best_possible > done_scores.min(1).values)
+        if beams.early_stopping is True:
+            closed |= is_done.all(-1)
+        closed_rows = closed.tolist()
+        if all(closed_rows) or step == N - 1 or bool(ends.all()):
             break
-        offsets = torch.arange(B, device=device)[:, None] * K
-        if bool(closed.any()):
+        offsets = first_rows[:B]  # the live prompts' first rows in the state, as it is until the reorder
+        if any(closed_rows):
             for b in closed.nonzero()[:, 0].tolist():
                 results[live[b]] = (done[b], done_scores[b], done_len[b])
             keep = (~closed).nonzero()[:, 0]
             live = [live[b] for b in keep.tolist()]
-            running, running_scores, parents, offsets = running[keep], running_scores[keep], parents[keep], offsets[keep]
+            running, running_scores, parents = running[keep], running_scores[keep], parents[keep]
             done, done_scores, done_len, is_done = done[keep], done_scores[keep], done_len[keep], is_done[keep]
-            can_improve = can_improve[keep]
+            offsets = offsets[keep]
         rows = (parents + offsets).flatten()  # (B * K,) the state row each new beam continues
         state.reorder(rows)
         if history is not None:

@@ -80,6 +80,22 @@ def test_beam_search_matches_hf_generate_on_a_padded_batch(kind, tmp_path):
     assert all(a >= b for hyps in mine for (_, a), (_, b) in zip(hyps, hyps[1:]))  # best first
 
 
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+@pytest.mark.parametrize("length_penalty", [0.8, 1.5, -0.5])
+def test_beam_search_matches_hf_for_every_early_stopping_and_length_penalty(early_stopping, length_penalty, tmp_path):
+    hf = hf_model("gpt2")
+    ours = load_ours(hf, tmp_path)
+    settings = {**BEAMS, "early_stopping": early_stopping, "length_penalty": length_penalty}
+    ids, valid, _ = left_pad(PROMPTS, EOS, "cpu")
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=valid.long(), max_new_tokens=24, do_sample=False,
+                          return_dict_in_generate=True, output_scores=True, **settings)
+    theirs = [row[: row.index(EOS) + 1] if EOS in row else row for row in out.sequences[:, ids.shape[1]:].tolist()]
+    mine = beam_search(ours, PROMPTS, beams=Beams(**settings), max_new_tokens=24, eos_ids=[EOS], pad_id=EOS)
+    assert [tokens for hyps in mine for tokens, _ in hyps] == theirs
+    assert [score for hyps in mine for _, score in hyps] == pytest.approx(out.sequences_scores.tolist(), rel=1e-5)
+
+
 def test_cli_beam_search_prints_hf_s_hypotheses(tmp_path):
     hf = hf_model("llama")
     load_ours(hf, tmp_path)
