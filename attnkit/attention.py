@@ -124,6 +124,7 @@ def attention(
     scale: float | None = None,
     backend: str = "sdpa",
     need_weights: bool = False,
+    key_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -131,8 +132,16 @@ def attention(
     consecutive query rows per row of keys (g = 1 but in cross-attention, where the g beams of a
     source share its keys; then ``mask`` is the keys' (B / g, 1, 1 | Tq, Tk) and ``causal`` False).
     ``causal`` aligns the queries with the last Tq keys (so it also holds after a cache).
+    ``key_rows`` (B, Tk) int32 (``KVCache.key_rows``, beams reordered without copying): row b's key j
+    is in row key_rows[b, j] of k and v, which may hold any number of rows.
     Returns (output (B, H, Tq, D), weights (B, H, Tq, Tk) if need_weights else None).
     """
+    if key_rows is not None:
+        if q.shape[2] == 1 and backend == "sdpa" and not need_weights and dropout_p == 0.0:
+            out = decode_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, key_rows)
+            if out is not None:
+                return out, None
+        k, v = gather_key_rows(k, key_rows), gather_key_rows(v, key_rows)  # (B, Hkv, Tk, D)
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     if q.shape[0] % k.shape[0] != 0:
@@ -172,6 +181,13 @@ def attention(
         enable_gqa=n_rep > 1,
     )
     return out, None
+
+
+def gather_key_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t (Bk, Hkv, >= S, D) read through rows (B, S) (``KVCache.key_rows``) -> (B, Hkv, S, D): row b's
+    slot s from row rows[b, s]."""
+    slots = torch.arange(rows.shape[1], device=t.device)
+    return t[rows.long(), :, slots].transpose(1, 2)  # (B, S, Hkv, D) -> (B, Hkv, S, D)
 
 
 def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int,

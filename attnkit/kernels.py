@@ -96,7 +96,7 @@ _FAKES = {  # shapes for torch.compile's tracing, per op
     "linear_rows_fp32": lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_rows_bf16": lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_quantized": lambda x, q, d, m, kind, n: x.new_empty((*x.shape[:-1], n)),
-    "decode_attention": lambda q, k, v, mask, scale: torch.empty_like(q),
+    "decode_attention": lambda q, k, v, mask, scale, rows=None: torch.empty_like(q),
     "copy_rows": lambda views, index: None,
     "beam_topk": lambda log_probs, running, n: (running.new_empty((running.shape[0], n)),
                                                 running.new_empty((running.shape[0], n), dtype=torch.long), 0),
@@ -293,24 +293,36 @@ def _one_mask_row_per_batch_row(mask: Tensor, B: int, S: int) -> bool:
             and (mask.dim() == 1 or (shape[0] in (1, B) and all(d == 1 for d in shape[1:-1]))))
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                     rows: Tensor | None = None) -> Tensor | None:
     """Attention for one query per head through the native kernel, or None where it does not apply.
 
     q (B, H, 1, D); k, v (Bk, Hkv, S, D), B a multiple of Bk: query row b reads key row b // (B / Bk)
     (the beams of one source share its cross-attention keys); mask None or bool, broadcastable to
-    (Bk, 1, 1, S) (the same for every head), true where a key may be seen. fp32 or bf16 on the CPU,
+    (Bk, 1, 1, S) (the same for every head), true where a key may be seen. With ``rows`` (B, S) int32
+    (``KVCache.key_rows``: beams reordered without copying) query row b reads slot s of key row
+    rows[b, s], for any Bk, and the mask is broadcastable to (B, 1, 1, S). fp32 or bf16 on the CPU,
     nothing to differentiate.
     """
     Bk, S = k.shape[0], k.shape[2]
+    B = q.shape[0] if rows is not None else Bk  # the mask's rows
     if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and q.shape[0] % Bk == 0
-            and _no_grad_needed(q, k, v) and (mask is None or _one_mask_row_per_batch_row(mask, Bk, S))
+            and k.dtype == v.dtype == q.dtype and q.shape[-1] <= 256 and (rows is not None or q.shape[0] % Bk == 0)
+            and _no_grad_needed(q, k, v) and (mask is None or _one_mask_row_per_batch_row(mask, B, S))
             and _has("decode_attention") and q.dtype in _ISAS[_isa_loaded][3]):
         return None
-    mask = _every_key(Bk, S, q.device) if mask is None else mask.reshape(-1, S).expand(Bk, S).contiguous()
+    mask = _every_key(B, S, q.device) if mask is None else mask.reshape(-1, S).expand(B, S).contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return torch.ops.attnkit.decode_attention(q, k, v, mask, scale)
+    return torch.ops.attnkit.decode_attention(q, k, v, mask, scale, rows)
+
+
+def reads_key_rows(k: Tensor) -> bool:
+    """Whether ``decode_attention`` reads keys like ``k`` (a cache's (B, Hkv, S, hd) layer, no gradient)
+    through a rows table (``KVCache.key_rows``): on the CPU, in a dtype the loaded kernels take, outside
+    torch.compile. Where it does not, a cache copies reordered rows instead of keeping a table."""
+    return (k.device.type == "cpu" and not k.requires_grad and not torch.compiler.is_compiling()
+            and _has("decode_attention") and k.dtype in _ISAS[_isa_loaded][3])
 
 
 def copy_rows(views: list[Tensor], index: list[int]) -> bool:

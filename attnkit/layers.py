@@ -334,8 +334,10 @@ class SelfAttention(nn.Module):
         k, v = _split_heads(k, self.n_kv_head, hd), _split_heads(v, self.n_kv_head, hd)  # (B, nkv, T, hd)
         if frame.rope is not None:
             q, k = apply_rotary(q, *frame.rope), apply_rotary(k, *frame.rope)
+        key_rows = None
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, T_cache, hd)
+            k, v = cache.update(layer, k, v)  # (B, nkv, T_cache, hd), or any rows read through key_rows
+            key_rows = cache.key_rows
         dropout_p = self.dropout if self.training else 0.0
         if frame.kernel != "dense" and need_weights:
             raise AttnkitError("attention maps of sparse attention need the explicit mask; "
@@ -353,7 +355,7 @@ class SelfAttention(nn.Module):
         else:
             y, weights = attention(
                 q, k, v, frame.mask, causal=frame.causal, backend=self.backend,
-                dropout_p=dropout_p, need_weights=need_weights, scale=self.scale,
+                dropout_p=dropout_p, need_weights=need_weights, scale=self.scale, key_rows=key_rows,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, d)
         if frame.packed is not None:

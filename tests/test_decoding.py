@@ -296,8 +296,16 @@ def test_reorder_and_crop_give_the_logits_of_recomputing_from_scratch(kind, mode
     assert cache.length == 13
 
 
+@pytest.fixture
+def copying_reorders(monkeypatch):
+    """Reorders that copy keys and values (no kernels, another device, static caches), not a rows table."""
+    from attnkit import cache
+
+    monkeypatch.setattr(cache, "reads_key_rows", lambda k: False)
+
+
 @pytest.mark.parametrize("kind", ["growing", "static"])
-def test_a_reorder_to_another_number_of_rows_copies_the_written_slots_and_decodes_on(kind):
+def test_a_reorder_to_another_number_of_rows_copies_the_written_slots_and_decodes_on(kind, copying_reorders):
     """More rows (sources -> beams), then fewer (finished sources dropped): only slots [0, length)
     are copied; a static cache's other slots are zeros (its attention reads them, masked)."""
     model = cache_lm(kind)
@@ -321,7 +329,7 @@ def test_a_reorder_to_another_number_of_rows_copies_the_written_slots_and_decode
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["views-of-one-buffer", "separate-layers"])
-def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows(static):
+def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_rows(static, copying_reorders):
     # every repeat, drop, permutation and cycle of 4 rows, through the one-copy-per-moved-row path
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -337,7 +345,8 @@ def test_an_in_place_reorder_equals_picking_the_rows_for_every_index_of_four_row
             assert all(torch.equal(w, t[:, :, :10]) for w, t in zip(want, cache.k + cache.v)), index
 
 
-def test_a_reorder_to_fewer_rows_in_place_equals_picking_the_rows_for_every_index_of_three_from_four():
+def test_a_reorder_to_fewer_rows_in_place_equals_picking_the_rows_for_every_index_of_three_from_four(
+        copying_reorders):
     # every repeat, drop, permutation and cycle, through the same buffer's first rows
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -491,6 +491,76 @@ def test_a_cache_reorder_in_place_equals_picking_the_rows_for_every_index_of_thr
             assert all(torch.equal(b[:, :, :, 6:], u) for b, u in zip(buffers, untouched))
 
 
+@needs_native
+def test_a_reorder_by_the_rows_table_moves_no_keys_and_reads_like_picking_the_rows():
+    """Two reorders in a row (every index of 3 or 4 rows out of 4: repeats, drops, cycles) through the
+    table: the buffers are untouched, attention reads each row's slots from the rows picked, the next
+    token goes to each row's own slot, and own_slots() copies them into rows of their own."""
+    import itertools
+
+    from attnkit.attention import gather_key_rows, math_attention
+    from attnkit.cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    indices = [*itertools.product(range(4), repeat=4), *itertools.product(range(4), repeat=3)]
+    with torch.inference_mode():
+        for first, second in zip(indices, indices[7:] + indices[:7]):
+            second = [i % len(first) for i in second][: len(first)]  # no more rows than the first left
+            cache = KVCache(2, 4, 2, 8, 12, torch.float32, "cpu")
+            cache.claim(6)
+            for layer in range(2):
+                cache.k[layer][:, :, :6] = torch.randn(4, 2, 6, 8, generator=g)
+                cache.v[layer][:, :, :6] = torch.randn(4, 2, 6, 8, generator=g)
+            want = [t[:, :, :6].index_select(0, torch.tensor(first)).index_select(0, torch.tensor(second))
+                    for t in cache.k + cache.v]
+            before = [t[:, :, :6].clone() for t in cache.k + cache.v]
+            cache.reorder(torch.tensor(first))
+            cache.reorder(torch.tensor(second))
+            assert all(torch.equal(b, t[:, :, :6]) for b, t in zip(before, cache.k + cache.v))  # nothing moved
+            assert cache.batch_size == len(second) and cache.key_rows.shape == (len(second), 6)
+            got = [gather_key_rows(t, cache.key_rows) for t in cache.k + cache.v]
+            assert all(torch.equal(w, x) for w, x in zip(want, got)), (first, second)
+            # the next token: written to each row's own buffer row, read back through the table
+            cache.claim(1)
+            new = [torch.randn(len(second), 2, 1, 8, generator=g) for _ in range(2)]
+            k, v = cache.update(0, *new)
+            rows = cache.key_rows
+            assert rows.shape == (len(second), 7) and rows[:, 6].tolist() == list(range(len(second)))
+            assert torch.equal(gather_key_rows(k, rows)[:, :, :6], want[0])
+            assert torch.equal(gather_key_rows(k, rows)[:, :, 6:], new[0])
+            # the kernel reads through the table as the math over the gathered keys
+            q = torch.randn(len(second), 4, 1, 8, generator=g)
+            out = kernels.decode_attention(q, k, v, None, 0.3, rows)
+            ref, _ = math_attention(q, gather_key_rows(k, rows), gather_key_rows(v, rows), None, scale=0.3)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+            cache.own_slots()
+            assert cache.key_rows is None and cache.k[0].shape[0] == len(second)
+            assert torch.equal(cache.k[0][:, :, :6], want[0]) and torch.equal(cache.k[0][:, :, 6:7], new[0])
+
+
+@needs_native
+def test_beam_search_through_the_rows_table_copies_no_cache_rows_and_equals_copying(monkeypatch):
+    from attnkit import cache
+    from attnkit.config import ModelConfig
+    from attnkit.generate import Beams, beam_search
+    from attnkit.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                      positional="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    model = DecoderLM(cfg).eval()
+    model.reset_parameters(std=0.3)
+    prompts = [[5, 9, 11, 7], [8, 19], [27, 6, 13, 13, 2]]  # left-padded: the padded mask goes through too
+    run = lambda: beam_search(model, prompts, beams=Beams(num_beams=4, num_return_sequences=2), max_new_tokens=12,
+                              eos_ids=[3], pad_id=3)
+    ops = ops_called(run)
+    assert "attnkit::copy_rows" not in ops and "attnkit::decode_attention" in ops
+    table = run()
+    monkeypatch.setattr(cache, "reads_key_rows", lambda k: False)
+    assert "attnkit::copy_rows" in ops_called(run)
+    assert run() == table
+
+
 @pytest.mark.parametrize("rows", [1, 4, 16])
 def test_under_cpu_autocast_linear_runs_torchs_op_in_the_autocast_dtype(rows):
     """The training loop evaluates without gradients under bf16 autocast: the packed weights and the fp32

@@ -76,63 +76,86 @@ inline int64_t check_linear_rows(const Tensor& x, const Tensor& weight, ScalarTy
 // decode_attention's shapes (its dtypes are checked by each library): q (B, H, 1, D); k, v (Bk, Hkv, S, D)
 // with B a multiple of Bk (g = B / Bk consecutive query rows share one row of keys: the beams of one
 // source in cross-attention; g = 1 otherwise), H % Hkv == 0, D <= kMaxHeadDim, unit stride along D; mask
-// (Bk, S) with unit stride along S.
-inline void check_decode_attention_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+// (Bk, S) with unit stride along S. With rows (B, S) int32 (a cache whose beams were reordered without
+// copying: query row b's key slot s lives in key row rows[b, s]) Bk is any number of rows, g = 1 and the
+// mask is per query row, (B, S).
+inline void check_decode_attention_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
+                                          const std::optional<Tensor>& rows) {
   STD_TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
                   "attnkit::decode_attention: q (B, H, 1, D), k and v (Bk, Hkv, S, D)");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Bk = k.size(0), Hkv = k.size(1), S = k.size(2);
-  STD_TORCH_CHECK(Bk > 0 && B % Bk == 0 && v.size(0) == Bk && v.size(1) == Hkv && v.size(2) == S &&
-                      k.size(3) == D && v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D <= kMaxHeadDim,
+  const int64_t mask_rows = rows.has_value() ? B : Bk;
+  STD_TORCH_CHECK(Bk > 0 && (rows.has_value() || B % Bk == 0) && v.size(0) == Bk && v.size(1) == Hkv &&
+                      v.size(2) == S && k.size(3) == D && v.size(3) == D && Hkv > 0 && H % Hkv == 0 &&
+                      D <= kMaxHeadDim,
                   "attnkit::decode_attention: shapes disagree (or head dim > 256)");
   STD_TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
                   "attnkit::decode_attention: q, k, v need unit stride along the head dim");
-  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == Bk && mask.size(1) == S && mask.stride(1) == 1,
-                  "attnkit::decode_attention: mask must be (Bk, S) with unit stride along S");
+  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == mask_rows && mask.size(1) == S && mask.stride(1) == 1,
+                  "attnkit::decode_attention: mask must be (Bk, S) (with rows: (B, S)) with unit stride along S");
+  STD_TORCH_CHECK(!rows.has_value() || (rows->scalar_type() == ScalarType::Int && rows->dim() == 2 &&
+                                        rows->size(0) == B && rows->size(1) == S && rows->stride(1) == 1),
+                  "attnkit::decode_attention: rows must be (B, S) int32 with unit stride along S");
 }
 
 // Raw pointers and strides of decode_attention's tensors, read once per call: each accessor of a
 // stable-ABI Tensor is a call through torch's C shim, and reading them in every (batch row, head)
 // unit cost more than the unit's arithmetic at decode lengths (AVX2, 4 rows x 6 heads x 20 keys: 27-30
-// us a call before, 16-22 us with them read once; ad hoc, on a noisy machine). Query row b reads key
-// row b / group.
+// us a call before, 16-22 us with them read once; ad hoc, on a noisy machine). Query row b reads the
+// key list b / group (see KeyLists).
 template <typename T>
 struct HeadViews {
   const T *q, *k, *v;
   T* out;
-  int64_t q_b, q_h, k_b, k_h, k_row, v_b, v_h, v_row, H, D, group;
+  int64_t q_b, q_h, k_h, v_h, H, D, group;
 
-  HeadViews(const Tensor& q_, const Tensor& k_, const Tensor& v_, Tensor& out_)
+  HeadViews(const Tensor& q_, const Tensor& k_, const Tensor& v_, Tensor& out_, int64_t group_)
       : q(static_cast<const T*>(q_.data_ptr())), k(static_cast<const T*>(k_.data_ptr())),
         v(static_cast<const T*>(v_.data_ptr())), out(static_cast<T*>(out_.data_ptr())),
-        q_b(q_.stride(0)), q_h(q_.stride(1)), k_b(k_.stride(0)), k_h(k_.stride(1)), k_row(k_.stride(2)),
-        v_b(v_.stride(0)), v_h(v_.stride(1)), v_row(v_.stride(2)), H(q_.size(1)), D(q_.size(3)),
-        group(q_.size(0) / k_.size(0)) {}
+        q_b(q_.stride(0)), q_h(q_.stride(1)), k_h(k_.stride(1)), v_h(v_.stride(1)), H(q_.size(1)),
+        D(q_.size(3)), group(group_) {}
 
-  // the first element of query head h of row b, of its output, and of kv head g's keys and values
+  // the first element of query head h of row b, of its output, and of kv head g of key row 0 (a key
+  // list's offsets say where each key and value is from there)
   const T* query(int64_t b, int64_t h) const { return q + b * q_b + h * q_h; }
   T* output(int64_t b, int64_t h) const { return out + (b * H + h) * D; }
-  const T* keys(int64_t b, int64_t g) const { return k + (b / group) * k_b + g * k_h; }
-  const T* values(int64_t b, int64_t g) const { return v + (b / group) * v_b + g * v_h; }
+  const T* keys(int64_t g) const { return k + g * k_h; }
+  const T* values(int64_t g) const { return v + g * v_h; }
 };
 
-// Per batch row, the key slots its mask allows, shared by its heads; with none allowed, all of them,
+// Per list (a row of keys; with rows, a query row), the keys its mask allows as element offsets of each
+// key and value from HeadViews::keys / values, shared by its heads; with none allowed, all of them,
 // equally weighted (uniform: as math_attention weighs keys that all have its most negative score).
 struct KeyLists {
-  std::vector<std::vector<int32_t>> keys;
+  std::vector<std::vector<int64_t>> key_at, value_at;
   std::vector<char> uniform;
+  int64_t group;  // query rows per list
 };
-inline KeyLists allowed_keys(const Tensor& mask) {
-  const int64_t B = mask.size(0), S = mask.size(1), mask_row = mask.stride(0);
+inline KeyLists allowed_keys(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
+                             const std::optional<Tensor>& rows) {
+  const int64_t n = mask.size(0), S = mask.size(1), mask_row = mask.stride(0), Bk = k.size(0);
+  const int64_t k_b = k.stride(0), k_s = k.stride(2), v_b = v.stride(0), v_s = v.stride(2);
   const bool* allowed = static_cast<const bool*>(mask.data_ptr());
-  KeyLists lists{std::vector<std::vector<int32_t>>(B), std::vector<char>(B)};
-  for (int64_t b = 0; b < B; ++b) {
-    std::vector<int32_t>& keys = lists.keys[b];
-    keys.reserve(S);
+  const int32_t* row_of = rows.has_value() ? static_cast<const int32_t*>(rows->data_ptr()) : nullptr;
+  const int64_t rows_row = rows.has_value() ? rows->stride(0) : 0;
+  KeyLists lists{std::vector<std::vector<int64_t>>(n), std::vector<std::vector<int64_t>>(n), std::vector<char>(n),
+                 rows.has_value() ? 1 : q.size(0) / Bk};
+  for (int64_t b = 0; b < n; ++b) {
+    auto& key_at = lists.key_at[b];
+    auto& value_at = lists.value_at[b];
+    key_at.reserve(S);
+    value_at.reserve(S);
+    auto add = [&](int64_t s) {
+      const int64_t row = row_of != nullptr ? row_of[b * rows_row + s] : b;
+      STD_TORCH_CHECK(0 <= row && row < Bk, "attnkit::decode_attention: a row of rows is out of range");
+      key_at.push_back(row * k_b + s * k_s);
+      value_at.push_back(row * v_b + s * v_s);
+    };
     for (int64_t s = 0; s < S; ++s)
-      if (allowed[b * mask_row + s]) keys.push_back(static_cast<int32_t>(s));
-    lists.uniform[b] = keys.empty();
+      if (allowed[b * mask_row + s]) add(s);
+    lists.uniform[b] = key_at.empty();
     if (lists.uniform[b])
-      for (int64_t s = 0; s < S; ++s) keys.push_back(static_cast<int32_t>(s));
+      for (int64_t s = 0; s < S; ++s) add(s);
   }
   return lists;
 }

@@ -336,17 +336,18 @@ Tensor linear_rows_bf16(Tensor x, Tensor weight) {
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 16), fixed at compile time
 // so that the query, one key or value row and the output all stay in registers.
 template <typename T, int Chunks>
-void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool uniform, float scale, int64_t b,
+void attend_head(const HeadViews<T>& t, const std::vector<int64_t>& key_at,
+                 const std::vector<int64_t>& value_at, bool uniform, float scale, int64_t b,
                  int64_t h, int64_t g, std::vector<float>& weights) {
-  const int64_t D = t.D, k_row = t.k_row, v_row = t.v_row;
+  const int64_t D = t.D;
   const T* qh = t.query(b, h);
-  const T* kb = t.keys(b, g);
-  const T* vb = t.values(b, g);
+  const T* kb = t.keys(g);
+  const T* vb = t.values(g);
   T* oh = t.output(b, h);
   __mmask16 masks[Chunks];
   for (int c = 0; c < Chunks; ++c) masks[c] = lanes(D - 16 * c);
 
-  const int64_t n = static_cast<int64_t>(keys.size());
+  const int64_t n = static_cast<int64_t>(key_at.size());
   weights.resize(n);
 
   // scores: fp32 keys in 16-lane multiply-adds; bf16 keys in 32-lane bf16 dot products (exact products,
@@ -366,7 +367,7 @@ void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool u
     for (int c = 0; c < Chunks; ++c) qs[c] = load16(qh + 16 * c, masks[c]);
   }
   auto score = [&](int64_t i) {  // 16 lanes whose sum is key i's unscaled score
-    const T* key = kb + keys[i] * k_row;
+    const T* key = kb + key_at[i];
     if constexpr (kBf16) {
       __m512 acc = _mm512_setzero_ps();
       for (int p = 0; p < Pairs; ++p)
@@ -410,9 +411,9 @@ void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool u
     __m512 acc[2 * Pairs];
     for (int c = 0; c < 2 * Pairs; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 2) {
-      const T* v0 = vb + keys[i] * v_row;
+      const T* v0 = vb + value_at[i];
       const bool pair = i + 1 < n;
-      const T* v1 = pair ? vb + keys[i + 1] * v_row : v0;
+      const T* v1 = pair ? vb + value_at[i + 1] : v0;
       const uint32_t w0 = to_bf16(weights[i]), w1 = pair ? to_bf16(weights[i + 1]) : 0;
       const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(w0 | (w1 << 16)));
       for (int p = 0; p < Pairs; ++p) {
@@ -433,7 +434,7 @@ void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool u
     __m512 acc[Chunks];  // the weighted sum of the values
     for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; ++i) {
-      const T* value = vb + keys[i] * v_row;
+      const T* value = vb + value_at[i];
       const __m512 w = _mm512_set1_ps(weights[i]);
       for (int c = 0; c < Chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(value + 16 * c, masks[c]), acc[c]);
     }
@@ -442,40 +443,42 @@ void attend_head(const HeadViews<T>& t, const std::vector<int32_t>& keys, bool u
 }
 
 template <typename T, int Chunks = 1>
-void attend_head_any(int64_t chunks, const HeadViews<T>& t, const std::vector<int32_t>& keys, bool uniform,
+void attend_head_any(int64_t chunks, const HeadViews<T>& t, const std::vector<int64_t>& key_at,
+                 const std::vector<int64_t>& value_at, bool uniform,
                      float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 16) {
-    if (chunks > Chunks) return attend_head_any<T, Chunks + 1>(chunks, t, keys, uniform, scale, b, h, g, weights);
+    if (chunks > Chunks) return attend_head_any<T, Chunks + 1>(chunks, t, key_at, value_at, uniform, scale, b, h, g, weights);
   }
-  attend_head<T, Chunks>(t, keys, uniform, scale, b, h, g, weights);
+  attend_head<T, Chunks>(t, key_at, value_at, uniform, scale, b, h, g, weights);
 }
 
 // q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
-// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen. Returns
+// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen; or with rows
+// (B, S) int32 query row b's slot s read from key row rows[b, s], any Bk, mask (B, S). Returns
 // (B, H, 1, D) contiguous, q's dtype (fp32 or bf16; k, v the same).
-Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale, std::optional<Tensor> rows) {
   const ScalarType dtype = q.scalar_type();
   STD_TORCH_CHECK((dtype == ScalarType::Float || dtype == ScalarType::BFloat16) && k.scalar_type() == dtype &&
                       v.scalar_type() == dtype && mask.scalar_type() == ScalarType::Bool,
                   "attnkit::decode_attention takes fp32 or bf16 q, k, v of one dtype and a bool mask");
-  check_decode_attention_shapes(q, k, v, mask);
+  check_decode_attention_shapes(q, k, v, mask, rows);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1);
   Tensor out = torch::stable::empty({B, H, 1, D}, dtype, std::nullopt, q.device());
-  const KeyLists lists = allowed_keys(mask);
-  const auto& keys = lists.keys;
-  const auto& uniform = lists.uniform;
+  const KeyLists lists = allowed_keys(q, k, v, mask, rows);
   const int64_t rep = H / Hkv, chunks = (D + 15) / 16;
   const float scale32 = static_cast<float>(scale);
-  const HeadViews<float> fp32(q, k, v, out);
-  const HeadViews<uint16_t> bf16(q, k, v, out);
+  const HeadViews<float> fp32(q, k, v, out, lists.group);
+  const HeadViews<uint16_t> bf16(q, k, v, out, lists.group);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / H, h = u % H, row = b / fp32.group;
+      const int64_t b = u / H, h = u % H, list = b / lists.group;
+      const auto &key_at = lists.key_at[list], &value_at = lists.value_at[list];
       if (dtype == ScalarType::Float)
-        attend_head_any<float>(chunks, fp32, keys[row], uniform[row], scale32, b, h, h / rep, weights);
+        attend_head_any<float>(chunks, fp32, key_at, value_at, lists.uniform[list], scale32, b, h, h / rep, weights);
       else
-        attend_head_any<uint16_t>(chunks, bf16, keys[row], uniform[row], scale32, b, h, h / rep, weights);
+        attend_head_any<uint16_t>(chunks, bf16, key_at, value_at, lists.uniform[list], scale32, b, h, h / rep,
+                                  weights);
     }
   });
   return out;
@@ -629,7 +632,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_bf16(Tensor x, Tensor weight) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? rows=None) -> Tensor");
   m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
   m.def("beam_topk(Tensor log_probs, Tensor running, int n) -> (Tensor, Tensor, int)");
   m.def("linear_quantized(Tensor x, Tensor q, Tensor d, Tensor? m, int kind, int n) -> Tensor");

@@ -231,23 +231,24 @@ Tensor linear_rows_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 8), fixed at compile time.
 template <int Chunks>
-void attend_head(const HeadViews<float>& t, const std::vector<int32_t>& keys, bool uniform, float scale, int64_t b,
+void attend_head(const HeadViews<float>& t, const std::vector<int64_t>& key_at,
+                 const std::vector<int64_t>& value_at, bool uniform, float scale, int64_t b,
                  int64_t h, int64_t g, std::vector<float>& weights) {
-  const int64_t D = t.D, k_row = t.k_row, v_row = t.v_row;
+  const int64_t D = t.D;
   const float* qh = t.query(b, h);
-  const float* kb = t.keys(b, g);
-  const float* vb = t.values(b, g);
+  const float* kb = t.keys(g);
+  const float* vb = t.values(g);
   float* oh = t.output(b, h);
   const int64_t full = D / 8;  // chunks loaded whole; a last partial one through a mask
   const __m256i tail = lanes(D - 8 * full);
   auto load = [&](const float* p, int c) { return c < full ? _mm256_loadu_ps(p + 8 * c) : load8(p + 8 * c, tail); };
 
-  const int64_t n = static_cast<int64_t>(keys.size());
+  const int64_t n = static_cast<int64_t>(key_at.size());
   weights.resize(n + 8);  // room for a whole last 8 lanes
   __m256 qs[Chunks];
   for (int c = 0; c < Chunks; ++c) qs[c] = load(qh, c);
   auto score = [&](int64_t i) {  // 8 lanes whose sum is key i's unscaled score
-    const float* key = kb + keys[i] * k_row;
+    const float* key = kb + key_at[i];
     __m256 acc = _mm256_mul_ps(qs[0], load(key, 0));
     for (int c = 1; c < Chunks; ++c) acc = _mm256_fmadd_ps(qs[c], load(key, c), acc);
     return acc;
@@ -270,7 +271,7 @@ void attend_head(const HeadViews<float>& t, const std::vector<int32_t>& keys, bo
   __m256 acc[Chunks];  // the weighted sum of the values
   for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    const float* value = vb + keys[i] * v_row;
+    const float* value = vb + value_at[i];
     const __m256 w = _mm256_set1_ps(weights[i]);
     for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(w, load(value, c), acc[c]);
   }
@@ -284,35 +285,36 @@ void attend_head(const HeadViews<float>& t, const std::vector<int32_t>& keys, bo
 }
 
 template <int Chunks = 1>
-void attend_head_any(int64_t chunks, const HeadViews<float>& t, const std::vector<int32_t>& keys, bool uniform,
+void attend_head_any(int64_t chunks, const HeadViews<float>& t, const std::vector<int64_t>& key_at,
+                 const std::vector<int64_t>& value_at, bool uniform,
                      float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 8) {
-    if (chunks > Chunks) return attend_head_any<Chunks + 1>(chunks, t, keys, uniform, scale, b, h, g, weights);
+    if (chunks > Chunks) return attend_head_any<Chunks + 1>(chunks, t, key_at, value_at, uniform, scale, b, h, g, weights);
   }
-  attend_head<Chunks>(t, keys, uniform, scale, b, h, g, weights);
+  attend_head<Chunks>(t, key_at, value_at, uniform, scale, b, h, g, weights);
 }
 
 // q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
-// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen. Returns (B, H, 1, D)
-// contiguous fp32.
-Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
+// H % Hkv == 0, unit stride along D; mask (Bk, S) bool, true where a key may be seen; or with rows
+// (B, S) int32 query row b's slot s read from key row rows[b, s], any Bk, mask (B, S). Returns
+// (B, H, 1, D) contiguous fp32.
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale, std::optional<Tensor> rows) {
   STD_TORCH_CHECK(q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
                       v.scalar_type() == ScalarType::Float && mask.scalar_type() == ScalarType::Bool,
                   "attnkit::decode_attention takes fp32 q, k, v (on AVX2 CPUs) and a bool mask");
-  check_decode_attention_shapes(q, k, v, mask);
+  check_decode_attention_shapes(q, k, v, mask, rows);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1);
   Tensor out = torch::stable::empty({B, H, 1, D}, ScalarType::Float, std::nullopt, q.device());
-  const KeyLists lists = allowed_keys(mask);
-  const auto& keys = lists.keys;
-  const auto& uniform = lists.uniform;
+  const KeyLists lists = allowed_keys(q, k, v, mask, rows);
   const int64_t rep = H / Hkv, chunks = (D + 7) / 8;
   const float scale32 = static_cast<float>(scale);
-  const HeadViews<float> views(q, k, v, out);
+  const HeadViews<float> views(q, k, v, out, lists.group);
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {  // one unit per (batch row, head)
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / H, h = u % H;
-      attend_head_any(chunks, views, keys[b / views.group], uniform[b / views.group], scale32, b, h, h / rep, weights);
+      const int64_t b = u / H, h = u % H, list = b / lists.group;
+      attend_head_any(chunks, views, lists.key_at[list], lists.value_at[list], lists.uniform[list], scale32, b, h,
+                      h / rep, weights);
     }
   });
   return out;
@@ -333,7 +335,7 @@ std::tuple<Tensor, Tensor, int64_t> beam_topk(Tensor log_probs, Tensor running, 
 STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("linear_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_fp32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? rows=None) -> Tensor");
   m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
   m.def("beam_topk(Tensor log_probs, Tensor running, int n) -> (Tensor, Tensor, int)");
 }
