@@ -126,36 +126,41 @@ struct HeadViews {
 // Per list (a row of keys; with rows, a query row), the keys its mask allows as element offsets of each
 // key and value from HeadViews::keys / values, shared by its heads; with none allowed, all of them,
 // equally weighted (uniform: as math_attention weighs keys that all have its most negative score).
+// Flat: list b's offsets are key_at[start[b] .. start[b + 1]) (value_at the same where v's strides are
+// k's), so a call makes a handful of allocations, not two per list.
 struct KeyLists {
-  std::vector<std::vector<int64_t>> key_at, value_at;
+  std::vector<int64_t> key_at, value_at, start;
   std::vector<char> uniform;
   int64_t group;  // query rows per list
+  const int64_t* keys(int64_t b) const { return key_at.data() + start[b]; }
+  const int64_t* values(int64_t b) const { return (value_at.empty() ? key_at.data() : value_at.data()) + start[b]; }
+  int64_t count(int64_t b) const { return start[b + 1] - start[b]; }
 };
 inline KeyLists allowed_keys(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
                              const std::optional<Tensor>& rows) {
   const int64_t n = mask.size(0), S = mask.size(1), mask_row = mask.stride(0), Bk = k.size(0);
   const int64_t k_b = k.stride(0), k_s = k.stride(2), v_b = v.stride(0), v_s = v.stride(2);
+  const bool same = k_b == v_b && k_s == v_s;
   const bool* allowed = static_cast<const bool*>(mask.data_ptr());
   const int32_t* row_of = rows.has_value() ? static_cast<const int32_t*>(rows->data_ptr()) : nullptr;
   const int64_t rows_row = rows.has_value() ? rows->stride(0) : 0;
-  KeyLists lists{std::vector<std::vector<int64_t>>(n), std::vector<std::vector<int64_t>>(n), std::vector<char>(n),
-                 rows.has_value() ? 1 : q.size(0) / Bk};
+  KeyLists lists{{}, {}, std::vector<int64_t>(n + 1, 0), std::vector<char>(n), rows.has_value() ? 1 : q.size(0) / Bk};
+  lists.key_at.reserve(n * S);
+  if (!same) lists.value_at.reserve(n * S);
+  auto add = [&](int64_t b, int64_t s) {
+    const int64_t row = row_of != nullptr ? row_of[b * rows_row + s] : b;
+    STD_TORCH_CHECK(0 <= row && row < Bk, "attnkit::decode_attention: a row of rows is out of range");
+    lists.key_at.push_back(row * k_b + s * k_s);
+    if (!same) lists.value_at.push_back(row * v_b + s * v_s);
+  };
   for (int64_t b = 0; b < n; ++b) {
-    auto& key_at = lists.key_at[b];
-    auto& value_at = lists.value_at[b];
-    key_at.reserve(S);
-    value_at.reserve(S);
-    auto add = [&](int64_t s) {
-      const int64_t row = row_of != nullptr ? row_of[b * rows_row + s] : b;
-      STD_TORCH_CHECK(0 <= row && row < Bk, "attnkit::decode_attention: a row of rows is out of range");
-      key_at.push_back(row * k_b + s * k_s);
-      value_at.push_back(row * v_b + s * v_s);
-    };
+    const int64_t first = static_cast<int64_t>(lists.key_at.size());
     for (int64_t s = 0; s < S; ++s)
-      if (allowed[b * mask_row + s]) add(s);
-    lists.uniform[b] = key_at.empty();
+      if (allowed[b * mask_row + s]) add(b, s);
+    lists.uniform[b] = static_cast<int64_t>(lists.key_at.size()) == first;
     if (lists.uniform[b])
-      for (int64_t s = 0; s < S; ++s) add(s);
+      for (int64_t s = 0; s < S; ++s) add(b, s);
+    lists.start[b + 1] = static_cast<int64_t>(lists.key_at.size());
   }
   return lists;
 }

@@ -336,9 +336,8 @@ Tensor linear_rows_bf16(Tensor x, Tensor weight) {
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 16), fixed at compile time
 // so that the query, one key or value row and the output all stay in registers.
 template <typename T, int Chunks>
-void attend_head(const HeadViews<T>& t, const std::vector<int64_t>& key_at,
-                 const std::vector<int64_t>& value_at, bool uniform, float scale, int64_t b,
-                 int64_t h, int64_t g, std::vector<float>& weights) {
+void attend_head(const HeadViews<T>& t, const int64_t* key_at, const int64_t* value_at, int64_t n,
+                 bool uniform, float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   const int64_t D = t.D;
   const T* qh = t.query(b, h);
   const T* kb = t.keys(g);
@@ -347,7 +346,6 @@ void attend_head(const HeadViews<T>& t, const std::vector<int64_t>& key_at,
   __mmask16 masks[Chunks];
   for (int c = 0; c < Chunks; ++c) masks[c] = lanes(D - 16 * c);
 
-  const int64_t n = static_cast<int64_t>(key_at.size());
   weights.resize(n);
 
   // scores: fp32 keys in 16-lane multiply-adds; bf16 keys in 32-lane bf16 dot products (exact products,
@@ -443,13 +441,14 @@ void attend_head(const HeadViews<T>& t, const std::vector<int64_t>& key_at,
 }
 
 template <typename T, int Chunks = 1>
-void attend_head_any(int64_t chunks, const HeadViews<T>& t, const std::vector<int64_t>& key_at,
-                 const std::vector<int64_t>& value_at, bool uniform,
-                     float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
+void attend_head_any(int64_t chunks, const HeadViews<T>& t, const int64_t* key_at, const int64_t* value_at,
+                     int64_t n, bool uniform, float scale, int64_t b, int64_t h, int64_t g,
+                     std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 16) {
-    if (chunks > Chunks) return attend_head_any<T, Chunks + 1>(chunks, t, key_at, value_at, uniform, scale, b, h, g, weights);
+    if (chunks > Chunks)
+      return attend_head_any<T, Chunks + 1>(chunks, t, key_at, value_at, n, uniform, scale, b, h, g, weights);
   }
-  attend_head<T, Chunks>(t, key_at, value_at, uniform, scale, b, h, g, weights);
+  attend_head<T, Chunks>(t, key_at, value_at, n, uniform, scale, b, h, g, weights);
 }
 
 // q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
@@ -473,11 +472,13 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale,
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / H, h = u % H, list = b / lists.group;
-      const auto &key_at = lists.key_at[list], &value_at = lists.value_at[list];
+      const int64_t* key_at = lists.keys(list);
+      const int64_t* value_at = lists.values(list);
+      const int64_t n = lists.count(list);
       if (dtype == ScalarType::Float)
-        attend_head_any<float>(chunks, fp32, key_at, value_at, lists.uniform[list], scale32, b, h, h / rep, weights);
+        attend_head_any<float>(chunks, fp32, key_at, value_at, n, lists.uniform[list], scale32, b, h, h / rep, weights);
       else
-        attend_head_any<uint16_t>(chunks, bf16, key_at, value_at, lists.uniform[list], scale32, b, h, h / rep,
+        attend_head_any<uint16_t>(chunks, bf16, key_at, value_at, n, lists.uniform[list], scale32, b, h, h / rep,
                                   weights);
     }
   });

@@ -231,9 +231,8 @@ Tensor linear_rows_fp32(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 
 // One query head h of batch row b, over kv head g. Chunks = ceil(D / 8), fixed at compile time.
 template <int Chunks>
-void attend_head(const HeadViews<float>& t, const std::vector<int64_t>& key_at,
-                 const std::vector<int64_t>& value_at, bool uniform, float scale, int64_t b,
-                 int64_t h, int64_t g, std::vector<float>& weights) {
+void attend_head(const HeadViews<float>& t, const int64_t* key_at, const int64_t* value_at, int64_t n,
+                 bool uniform, float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
   const int64_t D = t.D;
   const float* qh = t.query(b, h);
   const float* kb = t.keys(g);
@@ -243,7 +242,6 @@ void attend_head(const HeadViews<float>& t, const std::vector<int64_t>& key_at,
   const __m256i tail = lanes(D - 8 * full);
   auto load = [&](const float* p, int c) { return c < full ? _mm256_loadu_ps(p + 8 * c) : load8(p + 8 * c, tail); };
 
-  const int64_t n = static_cast<int64_t>(key_at.size());
   weights.resize(n + 8);  // room for a whole last 8 lanes
   __m256 qs[Chunks];
   for (int c = 0; c < Chunks; ++c) qs[c] = load(qh, c);
@@ -285,13 +283,14 @@ void attend_head(const HeadViews<float>& t, const std::vector<int64_t>& key_at,
 }
 
 template <int Chunks = 1>
-void attend_head_any(int64_t chunks, const HeadViews<float>& t, const std::vector<int64_t>& key_at,
-                 const std::vector<int64_t>& value_at, bool uniform,
-                     float scale, int64_t b, int64_t h, int64_t g, std::vector<float>& weights) {
+void attend_head_any(int64_t chunks, const HeadViews<float>& t, const int64_t* key_at, const int64_t* value_at,
+                     int64_t n, bool uniform, float scale, int64_t b, int64_t h, int64_t g,
+                     std::vector<float>& weights) {
   if constexpr (Chunks < kMaxHeadDim / 8) {
-    if (chunks > Chunks) return attend_head_any<Chunks + 1>(chunks, t, key_at, value_at, uniform, scale, b, h, g, weights);
+    if (chunks > Chunks)
+      return attend_head_any<Chunks + 1>(chunks, t, key_at, value_at, n, uniform, scale, b, h, g, weights);
   }
-  attend_head<Chunks>(t, key_at, value_at, uniform, scale, b, h, g, weights);
+  attend_head<Chunks>(t, key_at, value_at, n, uniform, scale, b, h, g, weights);
 }
 
 // q (B, H, 1, D); k, v (Bk, Hkv, S, D), B % Bk == 0 (query row b reads key row b / (B / Bk)),
@@ -313,8 +312,8 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale,
     std::vector<float> weights;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / H, h = u % H, list = b / lists.group;
-      attend_head_any(chunks, views, lists.key_at[list], lists.value_at[list], lists.uniform[list], scale32, b, h,
-                      h / rep, weights);
+      attend_head_any(chunks, views, lists.keys(list), lists.values(list), lists.count(list), lists.uniform[list],
+                      scale32, b, h, h / rep, weights);
     }
   });
   return out;
