@@ -242,7 +242,8 @@ class KVCache:
         out = []
         for t in (self.k, self.v):
             buffer = t.buffer.new_empty((t.buffer.shape[0], B, *t.buffer.shape[2:]))
-            buffer[:, :, :, :L] = t.buffer[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # (B, L, n, H, hd) -> (n, B, H, L, hd)
+            picked = t.buffer[:, rows, :, slots]  # (B, L, n_layers, Hkv, hd)
+            buffer[:, :, :, :L] = picked.permute(2, 0, 3, 1, 4)
             out.append(_views(buffer))
         self.k, self.v = out
         self.rows = None
