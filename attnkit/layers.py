@@ -152,13 +152,13 @@ class ModelSize:
         return 2 * matmul_params + 2 * 2 * cfg.n_layer * attn_span * cfg.d_model
 
 
-def init_gpt2_style(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+def init_gpt2_style(model: nn.Module, n_layer: int, std: float = 0.02, scaled_residuals: bool = True) -> None:
     """N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 * n_layer)
-    (GPT-2); norms start at 1, biases at 0."""
+    (GPT-2; not with ``scaled_residuals=False``); norms start at 1, biases at 0."""
     for name, p in model.named_parameters():
         if p.dim() < 2:
             nn.init.ones_(p) if "norm" in name and name.endswith("weight") else nn.init.zeros_(p)
-        elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+        elif scaled_residuals and name.endswith(("attn.out.weight", "mlp.down.weight")):
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layer))
         else:
             nn.init.normal_(p, 0.0, std)

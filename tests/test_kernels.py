@@ -398,6 +398,31 @@ def test_decode_attention_lets_neighbouring_query_rows_share_a_row_of_keys(dtype
     assert torch.equal(routed, got)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=needs_bf16)])
+def test_decode_attention_reads_each_slot_from_the_row_a_rows_table_names(dtype, tol):
+    """A cache's beams reordered by a table (KVCache.key_rows): query row b's slot s from key row
+    rows[b, s], over more key rows than query rows, with a per-query-row mask; attention() routes it to
+    the kernel for one query per head and gathers through the table for more queries or maps."""
+    from attnkit.attention import gather_key_rows
+
+    g = torch.Generator().manual_seed(5)
+    q, _, _, mask = decode_case(5, 4, 2, 13, 24, dtype)
+    _, k, v, _ = decode_case(7, 4, 2, 13, 24, dtype, seed=1)  # 7 key rows, strided like a cache
+    rows = torch.randint(0, 7, (5, 13), dtype=torch.int32, generator=g)
+    got = kernels.decode_attention(q, k, v, mask, 0.3, rows)
+    want, _ = math_attention(q.double(), gather_key_rows(k, rows).double(), gather_key_rows(v, rows).double(), mask,
+                             scale=0.3)
+    assert got.shape == q.shape and (got.double() - want).abs().max().item() <= tol
+    routed, _ = attention(q, k, v, mask, scale=0.3, key_rows=rows)
+    assert torch.equal(routed, got)
+    mapped, weights = attention(q, k, v, mask, scale=0.3, key_rows=rows, need_weights=True)  # the gather
+    gathered, _ = math_attention(q, gather_key_rows(k, rows), gather_key_rows(v, rows), mask, scale=0.3)
+    assert weights.shape == (5, 4, 1, 13) and torch.equal(mapped, gathered)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.decode_attention(q, k[:3], v[:3], mask, 0.3, rows)
+
+
 def test_attention_over_grouped_key_rows_equals_attention_over_repeated_keys():
     """Several queries per head, maps asked for, or no kernel: the rows of a group attend together."""
     g = torch.Generator().manual_seed(0)

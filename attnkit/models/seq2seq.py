@@ -97,7 +97,11 @@ class Seq2SeqModel(ModelSize, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        init_gpt2_style(self, self.cfg.n_layer + self.encoder.cfg.n_layer, std)
+        """N(0, std) for every matrix, as Marian, BART and T5 start. With GPT-2's residual projections
+        scaled by 1/sqrt(2 x layers) the de-en recipe (post-norm) learned slower per step: seed 1, test
+        BLEU / chrF 2.71 / 17.95 -> 3.26 / 17.74 at 900 s, 7.34 / 26.57 -> 7.71 / 27.26 at 2700 s (5,134
+        and 5,418 steps; val loss 0.02 lower at steps 500-2000, equal at the end)."""
+        init_gpt2_style(self, self.cfg.n_layer + self.encoder.cfg.n_layer, std, scaled_residuals=False)
 
     def tied_output_params(self) -> int:
         return self.lm_head.weight.numel() if self.cfg.tie_embeddings else 0
