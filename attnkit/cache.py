@@ -254,6 +254,8 @@ class KVCache:
             raise AttnkitError(f"cannot crop a cache of {self.length} tokens to {length}")
         if self.static:  # the compiled step reads every slot: the dropped ones must be masked
             self.key_valid[:, length: self.length] = False
+        if self.rows is not None:  # the freed slots are written next, each row into its own buffer row
+            self.rows[:, length:] = self._own_rows(self.batch_size)[:, length:]
         self.length = length
 
 

@@ -564,6 +564,30 @@ def test_a_reorder_by_the_rows_table_moves_no_keys_and_reads_like_picking_the_ro
 
 
 @needs_native
+def test_a_crop_after_a_reorder_by_the_table_lets_each_row_rewrite_its_own_slots():
+    """reorder (table), crop below the length it had then, write again: the rewritten slots are each
+    row's own, not the rows the table pointed at before the crop (rejected draft tokens after a reorder)."""
+    from attnkit.attention import gather_key_rows
+    from attnkit.cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        cache = KVCache(1, 3, 2, 8, 12, torch.float32, "cpu")
+        cache.claim(6)
+        cache.update(0, torch.randn(3, 2, 6, 8, generator=g), torch.randn(3, 2, 6, 8, generator=g))
+        cache.reorder(torch.tensor([2, 0, 0]))
+        assert cache.key_rows is not None
+        kept = gather_key_rows(cache.k[0], cache.key_rows)[:, :, :4].clone()
+        cache.crop(4)
+        cache.claim(2)
+        new_k, new_v = torch.randn(3, 2, 2, 8, generator=g), torch.randn(3, 2, 2, 8, generator=g)
+        k, v = cache.update(0, new_k, new_v)
+        got = gather_key_rows(k, cache.key_rows)
+        assert torch.equal(got[:, :, :4], kept) and torch.equal(got[:, :, 4:6], new_k)
+        assert torch.equal(gather_key_rows(v, cache.key_rows)[:, :, 4:6], new_v)
+
+
+@needs_native
 def test_beam_search_through_the_rows_table_copies_no_cache_rows_and_equals_copying(monkeypatch):
     from attnkit import cache
     from attnkit.config import ModelConfig
