@@ -1,6 +1,6 @@
 // What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
 // argument checks of the ops both define, the output shape of a linear, the bias add after a few-row
-// linear, the per-batch-row lists of the keys a mask allows, the views decode_attention reads through,
+// linear, the per-row lists of where the keys a mask allows are, the views decode_attention reads through,
 // copy_rows (a cache's rows reordered in place, plain copies) and beam_topk (a beam search step's best
 // candidates), which both libraries register.
 // Included by both; kernels.py hashes it into both libraries' names.

@@ -9,10 +9,12 @@
 //   attnkit::linear_quantized(x, q, d, m, kind)
 //                                        x @ W.T for ONE row, W in GGML's Q8_0 / Q4_0 / Q4_1 blocks
 //                                        (int8 dot products, AVX512-VNNI; see its section).
-//   attnkit::decode_attention(q, k, v, mask, scale)
+//   attnkit::decode_attention(q, k, v, mask, scale, rows=None)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
 //                                        query per head (grouped-query heads), fp32 or bf16; several
-//                                        query rows may share a row of keys (a source's beams).
+//                                        query rows may share a row of keys (a source's beams), or
+//                                        read each slot from the key row a table names (beams
+//                                        reordered without copying: KVCache.key_rows).
 //   attnkit::copy_rows, attnkit::beam_topk
 //                                        a cache's rows reordered in place; a beam search step's best
 //                                        candidates (decode_common.h: the AVX2 library has them too).

@@ -6,10 +6,12 @@
 //   attnkit::linear_rows_fp32(x, weight, bias)
 //                                        x @ weight.T (+ bias) for 1 to 8 rows (beam search, draft
 //                                        checking).
-//   attnkit::decode_attention(q, k, v, mask, scale)
+//   attnkit::decode_attention(q, k, v, mask, scale, rows=None)
 //                                        softmax(q k^T * scale, over the keys mask allows) v for ONE
 //                                        query per head (grouped-query heads), fp32 only; several
-//                                        query rows may share a row of keys (a source's beams).
+//                                        query rows may share a row of keys (a source's beams), or
+//                                        read each slot from the key row a table names (beams
+//                                        reordered without copying: KVCache.key_rows).
 //
 // The same designs and the same op schemas as there, on 8-lane registers (16 of them, not 32): every
 // weight row is read once, front to back, several rows side by side, with fp32 multiply-adds and fp32
