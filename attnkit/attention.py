@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.errors import AttnkitError
-from attnkit.kernels import decode_attention
+from attnkit.kernels import decode_attention, dropout, native_dropout
 
 BACKENDS = ("sdpa", "math")
 
@@ -109,7 +109,7 @@ def math_attention(
         scores = scores + (bool_to_additive(mask, scores.dtype) if mask.dtype == torch.bool else mask)
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ v, weights
 
 
@@ -164,7 +164,8 @@ def attention(
     # x 4 beams, 14-60 source tokens), 265 vs 321 us at 4 x 12 heads x 5 queries x 300 keys
     few_queries = (q.device.type == "cpu" and 1 < q.shape[2] <= 8 and q.shape[0] * q.shape[1] >= 32
                    and k.shape[2] <= 512 and not (torch.is_grad_enabled() and q.requires_grad))
-    if backend == "math" or need_weights or one_compiled_query or few_queries:
+    # dropout on the weights: SDPA's CPU path then is this math too, with torch's slower mask
+    if backend == "math" or need_weights or one_compiled_query or few_queries or native_dropout(q, dropout_p):
         out, weights = math_attention(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
         return out, (weights if need_weights else None)
     if backend != "sdpa":

@@ -43,7 +43,7 @@ _ABI = "0x020a000000000000"  # torch's stable C ABI as of 2.10, the oldest this 
 _loaded: bool | None = None  # None until the first attempt
 _status = "not tried yet"  # what `native_status` says
 # instruction set -> (its source, the CPU flags it uses, the ops it defines, the dtypes its decode_attention takes)
-_FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention", "copy_rows", "beam_topk")
+_FP32_OPS = ("linear_fp32", "linear_rows_fp32", "decode_attention", "copy_rows", "beam_topk", "dropout")
 _ISAS = {
     "avx512": (_CSRC / "decode_kernels.cpp",
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
@@ -100,6 +100,7 @@ _FAKES = {  # shapes for torch.compile's tracing, per op
     "copy_rows": lambda views, index: None,
     "beam_topk": lambda log_probs, running, n: (running.new_empty((running.shape[0], n)),
                                                 running.new_empty((running.shape[0], n), dtype=torch.long), 0),
+    "dropout": lambda x, p, seed: torch.empty_like(x),
 }
 
 
@@ -348,6 +349,48 @@ def beam_topk(log_probs: Tensor, running: Tensor, n: int) -> tuple[Tensor, Tenso
         return None
     values, index, ambiguous = torch.ops.attnkit.beam_topk(log_probs.contiguous(), running.contiguous(), n)
     return None if ambiguous else (values, index)
+
+
+class _HashedDropout(torch.autograd.Function):
+    """x * (keep ? 1 / (1 - p) : 0), keep a function of (seed, element): the backward applies the
+    same op to the gradient, so no mask is stored."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:
+        ctx.p, ctx.seed = p, seed
+        return torch.ops.attnkit.dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.ops.attnkit.dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+
+def native_dropout(x: Tensor, p: float) -> bool:
+    """Whether ``dropout(x, p)`` takes the native op."""
+    return (x.is_cpu and 0.0 < p < 1.0 and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling() and _has("dropout"))
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout(x, p, training)``; on the CPU, with the kernels built, fp32 or bf16, outside
+    torch.compile, the mask comes from the native op's hash of (a seed drawn from torch's default
+    generator, the element's index) instead of torch's bernoulli_ (3.5 ms against 0.1 ms on a
+    (64, 22, 256) bf16 activation, 2 threads). Each element is dropped with probability p, up to
+    p's rounding to a multiple of 2^-32; under ``torch.manual_seed`` the masks repeat, but they are
+    not torch's masks."""
+    if not training or p == 0.0:
+        return x
+    if native_dropout(x, p):
+        seed = int(torch.randint(-(2 ** 63), 2 ** 63 - 1, ()).item())
+        return _HashedDropout.apply(x.contiguous(), p, seed)
+    return F.dropout(x, p, training)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through ``dropout`` above (the native mask on the CPU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
 
 
 @functools.lru_cache(maxsize=4)

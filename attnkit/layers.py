@@ -27,7 +27,7 @@ from attnkit.attention import (
 from attnkit.cache import CrossCache, KVCache, RollingKVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.kernels import Linear
+from attnkit.kernels import Dropout, Linear
 from attnkit.positional import (
     LearnedPositions,
     RelativePositionBias,
@@ -109,7 +109,7 @@ class Embeddings(nn.Module):
                     if cfg.positional == "learned" else None)
         self.types = nn.Embedding(cfg.token_types, cfg.d_model) if cfg.token_types else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, input_ids: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
         """input_ids, positions (B, T) -> (B, T, d)."""
@@ -424,7 +424,7 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(cfg) if cross_attention else None
         self.norm_cross = make_norm(cfg) if cross_attention else None
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, fn) -> tuple[Tensor, Tensor | None]:
         h, w = fn(norm(x) if self.pre_norm else x)

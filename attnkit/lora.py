@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from attnkit.checkpoints import atomic_directory
 from attnkit.errors import AttnkitError
+from attnkit.kernels import Dropout
 from attnkit.layers import MLP, CrossAttention, SelfAttention
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -97,7 +98,7 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a[i * rank:(i + 1) * rank], a=math.sqrt(5))
         self.lora_a = nn.Parameter(a.to(w.dtype))
         self.lora_b = nn.Parameter(torch.zeros(sum(n for _, n in self.slices), rank, device=w.device, dtype=w.dtype))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         rows = torch.cat([torch.arange(s, s + n) for s, n in self.slices])  # (sum(widths),) base rows
         self.register_buffer("rows", rows.to(w.device), persistent=False)
 

@@ -699,3 +699,60 @@ def test_an_mlp_whose_up_projection_has_a_hook_as_lora_adds_applies_relu_after_t
     with torch.no_grad():
         want = mlp.down(F.relu(F.linear(x, mlp.up.weight, mlp.up.bias) + shift))
         assert torch.allclose(mlp(x), want, atol=1e-5)
+
+
+# --- dropout ------------------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_native_dropout_keeps_one_minus_p_and_scales_like_torch(dtype, p):
+    x = torch.randn(64, 22, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    torch.manual_seed(0)
+    y = kernels.dropout(x, p)
+    kept = y != 0
+    n = x.numel()
+    # the kept share is within 5 standard deviations of 1 - p (binomial over 360,448 elements)
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert torch.equal(y[kept], (x * (1 / (1 - p)))[kept])  # torch's x * mask * scale, rounded once in bf16
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.manual_seed(0)
+    assert torch.equal(kernels.dropout(x, p), y)  # the seed comes from torch's generator
+    assert not torch.equal(kernels.dropout(x, p), y)  # and moves on with it
+    # neighbouring elements and rows drop independently: kept-with-kept pairs as often as (1 - p)^2
+    pairs = (kept.flatten()[:-1] & kept.flatten()[1:]).float().mean().item()
+    assert abs(pairs - (1 - p) ** 2) < 0.01
+
+
+@needs_native
+def test_native_dropout_backward_drops_the_same_elements_and_keeps_nans():
+    x = torch.randn(8, 5, 33, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = kernels.dropout(x, 0.3)
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    mask = (y != 0).float() / 0.7
+    assert torch.allclose(grad, upstream * mask, rtol=0, atol=1e-6)
+    nan = torch.full((3, 100), float("nan"), dtype=torch.bfloat16)
+    assert kernels.dropout(nan, 0.5).isnan().all()  # as torch's: a dropped NaN times 0 is NaN
+    assert torch.equal(kernels.dropout(x, 0.3, training=False), x) and kernels.dropout(x, 0.0) is x
+
+
+@needs_native
+def test_dropout_modules_and_attention_take_the_native_mask_and_torch_runs_it_elsewhere(monkeypatch):
+    calls = []
+    op = torch.ops.attnkit.dropout
+    monkeypatch.setattr(torch.ops.attnkit, "dropout", lambda *a: calls.append(a[0].shape) or op(*a), raising=False)
+    drop = kernels.Dropout(0.2).train()
+    x = torch.randn(4, 6, 8)
+    drop(x)
+    q = k = v = torch.randn(2, 2, 5, 8)
+    out, _ = attention(q, k, v, causal=True, dropout_p=0.2)
+    assert calls == [(4, 6, 8), (2, 2, 5, 5)] and out.shape == q.shape
+    drop.eval()
+    assert drop(x) is x
+    monkeypatch.setattr(kernels, "_has", lambda op: False)
+    torch.manual_seed(3)
+    expected = F.dropout(x, 0.2)
+    torch.manual_seed(3)
+    assert torch.equal(kernels.dropout(x, 0.2), expected) and len(calls) == 2  # torch's own, bit for bit

@@ -1,8 +1,8 @@
 // What decode_kernels.cpp (AVX512) and decode_kernels_avx2.cpp share, none of it vector code: the
 // argument checks of the ops both define, the output shape of a linear, the bias add after a few-row
 // linear, the per-row lists of where the keys a mask allows are, the views decode_attention reads through,
-// copy_rows (a cache's rows reordered in place, plain copies) and beam_topk (a beam search step's best
-// candidates), which both libraries register.
+// copy_rows (a cache's rows reordered in place, plain copies), beam_topk (a beam search step's best
+// candidates) and dropout (training's, from a counter-based hash), which both libraries register.
 // Included by both; kernels.py hashes it into both libraries' names.
 #pragma once
 
@@ -324,6 +324,67 @@ std::tuple<Tensor, Tensor, int64_t> beam_topk_with(const Tensor& log_probs, cons
   });
   const bool any = std::any_of(ambiguous.begin(), ambiguous.end(), [](char a) { return a != 0; });
   return {values, indices, any ? 1 : 0};
+}
+
+// ---- dropout: x * (keep ? 1 / (1 - p) : 0) from a counter-based hash ------------------------------
+//
+// x contiguous, fp32 or bf16. Element i is dropped when the top 32 bits of splitmix64(seed + (i + 1) *
+// golden) fall below round(p * 2^32), so the mask is a function of (seed, i): the backward pass calls
+// the op again on the gradient with the same seed instead of storing a mask. Each element is
+// x * m with m = 1 / (1 - p) or 0, as torch's x * mask * scale (dropped NaNs stay NaN), bf16 rounded
+// once to nearest-even. torch's bernoulli_ draws one Mersenne-twister number per element on one
+// thread: 3.5 ms for the 360,448 values of a (64, 22, 256) bf16 activation on 2 threads of an AMD
+// EPYC, a sixth of a de-en training step; this is the plain loop below, vectorized by the compiler.
+inline uint32_t dropout_bits(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+}
+
+// one thread's share, elements [begin, end): separate functions with restrict pointers, which GCC
+// vectorizes (the same loop inside the parallel_for lambda ran 7x slower)
+inline void dropout_fp32(const float* __restrict in, float* __restrict out, int64_t begin, int64_t end,
+                         uint64_t seed, uint32_t threshold, float scale) {
+  for (int64_t i = begin; i < end; ++i) out[i] = in[i] * (dropout_bits(seed, i) >= threshold ? scale : 0.0f);
+}
+
+inline void dropout_bf16(const uint16_t* __restrict in, uint16_t* __restrict out, int64_t begin, int64_t end,
+                         uint64_t seed, uint32_t threshold, float scale) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    v *= dropout_bits(seed, i) >= threshold ? scale : 0.0f;
+    std::memcpy(&bits, &v, 4);
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    out[i] = nan ? static_cast<uint16_t>(0x7FC0u)  // torch's bf16 NaN
+                 : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+inline Tensor dropout(const Tensor& x, double p, int64_t seed) {
+  const ScalarType type = x.scalar_type();
+  STD_TORCH_CHECK(type == ScalarType::Float || type == ScalarType::BFloat16,
+                  "attnkit::dropout takes fp32 or bf16 tensors");
+  STD_TORCH_CHECK(x.is_contiguous(), "attnkit::dropout: x must be contiguous");
+  STD_TORCH_CHECK(p > 0.0 && p < 1.0, "attnkit::dropout: p must be in (0, 1)");
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d < x.dim(); ++d) shape.push_back(x.size(d));
+  Tensor y = torch::stable::empty(shape, type, std::nullopt, x.device());
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint32_t threshold = static_cast<uint32_t>(std::min(std::llround(p * 4294967296.0), 4294967295ll));
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const void* in = x.data_ptr();
+  void* out = y.data_ptr();
+  const bool fp32 = type == ScalarType::Float;
+  torch::stable::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    if (fp32)
+      dropout_fp32(static_cast<const float*>(in), static_cast<float*>(out), begin, end, key, threshold, scale);
+    else
+      dropout_bf16(static_cast<const uint16_t*>(in), static_cast<uint16_t*>(out), begin, end, key, threshold, scale);
+  });
+  return y;
 }
 
 }  // namespace attnkit_common

@@ -339,6 +339,7 @@ STABLE_TORCH_LIBRARY(attnkit, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? rows=None) -> Tensor");
   m.def("copy_rows(Tensor(a!)[] views, int[] index) -> ()");
   m.def("beam_topk(Tensor log_probs, Tensor running, int n) -> (Tensor, Tensor, int)");
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
@@ -347,4 +348,5 @@ STABLE_TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
   m.impl("copy_rows", TORCH_BOX(&attnkit_common::copy_rows));
   m.impl("beam_topk", TORCH_BOX(&beam_topk));
+  m.impl("dropout", TORCH_BOX(&attnkit_common::dropout));
 }

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.kernels import Linear
+from attnkit.kernels import Dropout, Linear
 from attnkit.layers import (
     MLP,
     Embeddings,
@@ -109,7 +109,7 @@ class EncoderModel(ModelSize, nn.Module):
         self.positions = PositionScheme(cfg, causal=False)
         self.stack = Stack(cfg)
         self.pooler = Pooler(cfg) if extra.get("pooler", False) else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.head = self._make_head(cfg)
         self.reset_parameters()
 

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from attnkit.cache import DecodeState, check_prompts, refuse_compile
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
-from attnkit.kernels import Linear
+from attnkit.kernels import Dropout, Linear
 from attnkit.layers import Embeddings, ModelSize
 
 
@@ -91,7 +91,7 @@ class GRULM(ModelSize, nn.Module):
         self.embed = Embeddings(cfg)  # token embeddings -> dropout
         self.gru = nn.GRU(cfg.d_model, cfg.d_model, num_layers=cfg.n_layer, bias=cfg.bias, batch_first=True,
                           dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tok.weight

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from attnkit.cache import DecodeState, check_prompts, refuse_compile
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
+from attnkit.kernels import Dropout
 from attnkit.layers import Embeddings, ModelSize
 from attnkit.models.decoder import left_pad
 
@@ -69,7 +70,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.history = (kernel_size - 1) * dilation  # inputs before t that the output at t reads
         self.conv = nn.Conv1d(channels, 2 * channels, kernel_size, dilation=dilation)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.res = nn.Conv1d(channels, channels, 1) if residual else None
         self.skip = nn.Conv1d(channels, skip_channels, 1)
 
