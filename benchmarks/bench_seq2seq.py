@@ -163,6 +163,7 @@ def _lr_at(step: int, elapsed: float, cfg, budget: float) -> float:
 def _transformers_train(task, cfg, budget: float) -> tuple[dict, object]:
     """A MarianMTModel of transformer-small's shape trained on the same rows for `budget` seconds."""
     import transformers
+    from transformers.models.marian.modeling_marian import shift_tokens_right
 
     from attnkit.train.config import resolve_precision
 
@@ -180,7 +181,8 @@ def _transformers_train(task, cfg, budget: float) -> tuple[dict, object]:
     no_decay = [p for n, p in named if n.endswith(".bias") or "layer_norm" in n]
     decay = [p for n, p in named if not (n.endswith(".bias") or "layer_norm" in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=True)  # the Trainer's default optimizer with torch >= 2.8 (adamw_torch_fused)
     rows, generator = task.train_rows, torch.Generator().manual_seed(cfg.seed)
     step, tokens, step_s, losses = 0, 0, 0.0, []
     start = time.perf_counter()
@@ -196,8 +198,12 @@ def _transformers_train(task, cfg, budget: float) -> tuple[dict, object]:
         input_ids = _right_pad(sources, config.pad_token_id)
         attention_mask = _right_pad([[1] * len(s) for s in sources], 0)
         labels = _right_pad(targets, IGNORE)
+        decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+            # decoder inputs, not labels: with labels the model would also compute its own (unsmoothed) loss,
+            # which this loop does not use; the smoothed loss is the Trainer's label smoother's
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           decoder_input_ids=decoder_input_ids).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                    label_smoothing=cfg.label_smoothing)
         loss.backward()

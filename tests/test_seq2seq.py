@@ -210,6 +210,28 @@ def test_shift_right_feeds_the_start_token_and_pads_ignored_labels():
     assert shift_right(torch.tensor([[5, -100, -100]]), 9, 0).tolist() == [[9, 5, 0]]
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_loss_takes_logits_at_labelled_positions_only_with_the_full_forwards_value_and_gradients(name):
+    import torch.nn.functional as F
+
+    model = small(name)
+    ids, mask = right_pad([[5, 6, 7, 8, 1], [9, 1]], 0)
+    labels, _ = right_pad([[4, 5, 1], [6, 7, 8, 9, 1]], -100)
+    decoder_ids = shift_right(labels, model.decoder_start_id, model.pad_id)
+    full = model(ids, mask, decoder_ids)  # (B, T, V)
+    at = model(ids, mask, decoder_ids, logits_at=labels != -100)
+    assert at.shape == (8, full.shape[-1])  # 3 + 5 labelled positions
+    torch.testing.assert_close(at, full[labels != -100], rtol=1e-5, atol=1e-5)  # the product's rows, blocked otherwise
+    for smoothing in (0.0, 0.1):
+        got = model.loss(ids, mask, labels, label_smoothing=smoothing)
+        grads = torch.autograd.grad(got, list(model.parameters()))
+        expected = F.cross_entropy(model(ids, mask, decoder_ids).flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                   label_smoothing=smoothing)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_cross_attention_maps_have_source_and_target_axes():
     model = small("transformer-small")
     src, mask = right_pad([[5, 6, 7, 8, 2], [9, 2]], 0)

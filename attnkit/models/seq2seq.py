@@ -125,18 +125,22 @@ class Seq2SeqModel(ModelSize, nn.Module):
         cross: CrossCache | None = None,
         need_weights: bool = False,
         cross_maps: list | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """target_ids, positions (B, T) -> logits (B, T, V). ``memory`` may be None once ``cross`` holds
-        the sources. ``valid`` (B, T) marks real target tokens (None: all real)."""
+        the sources. ``valid`` (B, T) marks real target tokens (None: all real). ``logits_at`` (B, T)
+        bool: only those positions' logits, (N, V) in row-major order."""
         if self.embed.pos is not None and int(positions.max()) >= self.cfg.context_length:
             raise AttnkitError(f"the target reached the model's position limit of {self.cfg.context_length} tokens; "
                                "ask for fewer new tokens")
         frame = self.positions.frame(positions, valid, cache, self.embed.tok.weight.dtype, explicit=need_weights)
         x = self.embed(target_ids, positions)  # (B, T, d)
         x, maps = self.decoder(x, frame, cache, memory, memory_valid, cross, need_weights, cross_maps)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, d)
         if self.output_scale != 1.0:
             x = x * self.output_scale
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V) or (N, V)
         if self.logits_bias is not None:
             logits = logits + self.logits_bias
         return (logits, maps) if need_weights else logits
@@ -148,8 +152,10 @@ class Seq2SeqModel(ModelSize, nn.Module):
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         need_weights: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
-        """Teacher forcing: sources (B, S) and target inputs (B, T), both right-padded -> logits (B, T, V).
+        """Teacher forcing: sources (B, S) and target inputs (B, T), both right-padded -> logits (B, T, V)
+        (or (N, V) at the N positions ``logits_at`` (B, T) marks).
 
         With need_weights also the maps {"encoder": [...], "decoder": [...], "cross": [(B, H, T, S)]}."""
         if decoder_input_ids is None:
@@ -165,7 +171,7 @@ class Seq2SeqModel(ModelSize, nn.Module):
             valid = None
         cross_maps: list = []
         out = self.decode(decoder_input_ids, positions, memory, source_valid, valid=valid,
-                          need_weights=need_weights, cross_maps=cross_maps)
+                          need_weights=need_weights, cross_maps=cross_maps, logits_at=logits_at)
         if not need_weights:
             return out
         logits, decoder_maps = out
@@ -173,11 +179,13 @@ class Seq2SeqModel(ModelSize, nn.Module):
 
     def loss(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, label_smoothing: float = 0.0
              ) -> Tensor:
-        """Mean cross-entropy of the labels (B, T) (-100: ignored), teacher-forced."""
+        """Mean cross-entropy of the labels (B, T) (-100: ignored), teacher-forced. The output layer and
+        the softmax run on the labelled positions only: the de-en recipe's batches are about half padding,
+        and the (B, T, 8000) logits were the largest matmul of a training step."""
         decoder_ids = shift_right(labels, self.decoder_start_id, self.pad_id)
-        logits = self(input_ids, attention_mask, decoder_ids)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                               label_smoothing=label_smoothing)
+        labelled = labels != -100  # (B, T)
+        logits = self(input_ids, attention_mask, decoder_ids, logits_at=labelled)  # (N, V)
+        return F.cross_entropy(logits.float(), labels[labelled], label_smoothing=label_smoothing)
 
     # --- decoding: the interface attnkit.generate runs ------------------------------------------
 
