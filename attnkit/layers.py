@@ -388,12 +388,18 @@ class CrossAttention(nn.Module):
         cache: CrossCache | None = None,
         layer: int = 0,
         need_weights: bool = False,
+        frame: AttentionFrame | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, d); memory (B, S, d) (unused once the cache holds this layer); memory_valid (B, S)
-        bool (with a cache, the cache's ``source_valid`` is used instead)."""
-        B, T, _ = x.shape
+        """x (B, T, d), or (N, d) real tokens with ``frame.packed``; memory (B, S, d) (unused once the
+        cache holds this layer); memory_valid (B, S) bool (with a cache, the cache's ``source_valid``
+        is used instead)."""
+        packed = frame is not None and frame.packed is not None
         hd = self.head_dim
-        q = _split_heads(self.q(x), self.n_head, hd)  # (B, nh, T, hd)
+        q = self.q(x)  # (B, T, nh * hd), or (N, nh * hd)
+        if packed:
+            q = _unpack(q, frame)  # attention runs on the padded layout
+        B, T, _ = q.shape
+        q = _split_heads(q, self.n_head, hd)  # (B, nh, T, hd)
         if cache is not None and cache.filled(layer):
             k, v = cache.get(layer)  # (S_rows, nkv, S, hd): one row per source
         else:
@@ -411,6 +417,8 @@ class CrossAttention(nn.Module):
         y, weights = attention(q, k, v, mask, backend=self.backend, scale=self.scale,
                                dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
+        if packed:
+            y = _pack(y, frame)  # (N, nh * hd)
         return self.out(y), weights
 
 
@@ -448,7 +456,7 @@ class Block(nn.Module):
         x, weights = self._residual(x, self.norm1, lambda h: self.attn(h, frame, cache, layer, need_weights))
         if self.cross_attn is not None:
             x, cross = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, memory, memory_valid, cross_cache, layer, need_weights and cross_maps is not None))
+                h, memory, memory_valid, cross_cache, layer, need_weights and cross_maps is not None, frame))
             if cross_maps is not None:
                 cross_maps.append(cross)
         x, _ = self._residual(x, self.norm2, lambda h: (self.mlp(h), None))
@@ -478,8 +486,8 @@ class Stack(nn.Module):
         ``cross_maps`` list, each layer's cross-attention map (B, H, T, S) is appended to it.
         With ``frame.packed`` the blocks work on the real tokens only (``pack_real_tokens``)."""
         if frame.packed is not None:
-            if memory is not None or cache is not None:
-                raise ValueError("packed tokens are for a stack without a cache or cross-attention")
+            if cache is not None or cross_cache is not None:
+                raise ValueError("packed tokens are for a stack without a cache")
             x = _pack(x, frame)  # (N, d)
         maps = []
         for layer, block in enumerate(self.layers):

@@ -211,16 +211,27 @@ def test_shift_right_feeds_the_start_token_and_pads_ignored_labels():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_the_loss_takes_logits_at_labelled_positions_only_with_the_full_forwards_value_and_gradients(name):
+def test_the_loss_runs_the_decoder_on_real_tokens_and_the_output_on_labels_with_the_full_forwards_values(name, monkeypatch):
     import torch.nn.functional as F
 
+    from attnkit.models import seq2seq
+
+    packed = []
+    pack = seq2seq.pack_real_tokens
+    def spy(*args, **kwargs):
+        frame = pack(*args, **kwargs)
+        packed.append(frame.packed)
+        return frame
+
+    monkeypatch.setattr(seq2seq, "pack_real_tokens", spy)
     model = small(name)
-    ids, mask = right_pad([[5, 6, 7, 8, 1], [9, 1]], 0)
-    labels, _ = right_pad([[4, 5, 1], [6, 7, 8, 9, 1]], -100)
+    ids, mask = right_pad([[5, 6, 7, 8, 1], [9, 1], [4, 4, 1]], 0)
+    labels, _ = right_pad([[4, 5, 1], [6, 7, 8, 9, 1], [5, 6, 1]], -100)
+    labels[2, 1] = -100  # an unlabelled token inside a target: still read by the tokens after it
     decoder_ids = shift_right(labels, model.decoder_start_id, model.pad_id)
     full = model(ids, mask, decoder_ids)  # (B, T, V)
     at = model(ids, mask, decoder_ids, logits_at=labels != -100)
-    assert at.shape == (8, full.shape[-1])  # 3 + 5 labelled positions
+    assert at.shape == (10, full.shape[-1])  # 3 + 5 + 2 labelled positions
     torch.testing.assert_close(at, full[labels != -100], rtol=1e-5, atol=1e-5)  # the product's rows, blocked otherwise
     for smoothing in (0.0, 0.1):
         got = model.loss(ids, mask, labels, label_smoothing=smoothing)
@@ -230,6 +241,7 @@ def test_the_loss_takes_logits_at_labelled_positions_only_with_the_full_forwards
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         for a, b in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [len(p) for p in packed if p is not None] == [11, 11]  # the decoder's 3 + 5 + 3 tokens, in each loss
 
 
 def test_cross_attention_maps_have_source_and_target_axes():

@@ -32,7 +32,7 @@ from attnkit.cache import CrossCache, DecodeState, KVCache
 from attnkit.config import ModelConfig
 from attnkit.errors import AttnkitError
 from attnkit.kernels import Linear
-from attnkit.layers import Embeddings, ModelSize, PositionScheme, Stack, init_gpt2_style
+from attnkit.layers import Embeddings, ModelSize, PositionScheme, Stack, init_gpt2_style, pack_real_tokens
 from attnkit.models.decoder import left_pad
 from attnkit.models.encoder import EncoderModel
 
@@ -128,12 +128,15 @@ class Seq2SeqModel(ModelSize, nn.Module):
         logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """target_ids, positions (B, T) -> logits (B, T, V). ``memory`` may be None once ``cross`` holds
-        the sources. ``valid`` (B, T) marks real target tokens (None: all real). ``logits_at`` (B, T)
-        bool: only those positions' logits, (N, V) in row-major order."""
+        the sources. ``valid`` (B, T) marks real target tokens (None: all real); without caches the
+        blocks then compute on the real tokens only. ``logits_at`` (B, T) bool: only those positions'
+        logits, (N, V) in row-major order."""
         if self.embed.pos is not None and int(positions.max()) >= self.cfg.context_length:
             raise AttnkitError(f"the target reached the model's position limit of {self.cfg.context_length} tokens; "
                                "ask for fewer new tokens")
         frame = self.positions.frame(positions, valid, cache, self.embed.tok.weight.dtype, explicit=need_weights)
+        if cache is None and cross is None:
+            frame = pack_real_tokens(frame, valid, need_weights=need_weights)  # no work on the padding
         x = self.embed(target_ids, positions)  # (B, T, d)
         x, maps = self.decoder(x, frame, cache, memory, memory_valid, cross, need_weights, cross_maps)
         if logits_at is not None:
@@ -180,11 +183,13 @@ class Seq2SeqModel(ModelSize, nn.Module):
     def loss(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, label_smoothing: float = 0.0
              ) -> Tensor:
         """Mean cross-entropy of the labels (B, T) (-100: ignored), teacher-forced. The output layer and
-        the softmax run on the labelled positions only: the de-en recipe's batches are about half padding,
+        the softmax run on the labelled positions only, and the decoder's blocks on its real tokens
+        (``pack_real_tokens``, as the encoder's): the de-en recipe's batches are about half padding,
         and the (B, T, 8000) logits were the largest matmul of a training step."""
         decoder_ids = shift_right(labels, self.decoder_start_id, self.pad_id)
         labelled = labels != -100  # (B, T)
-        logits = self(input_ids, attention_mask, decoder_ids, logits_at=labelled)  # (N, V)
+        real = labelled.flip(1).cummax(1).values.flip(1)  # up to each row's last label: the decoder's tokens
+        logits = self(input_ids, attention_mask, decoder_ids, real, logits_at=labelled)  # (N, V)
         return F.cross_entropy(logits.float(), labels[labelled], label_smoothing=label_smoothing)
 
     # --- decoding: the interface attnkit.generate runs ------------------------------------------
