@@ -504,9 +504,7 @@ DATA_OPTIONS = _options(
 def _fit_and_report(cfg, resume: bool) -> None:
     """Train (or fine-tune) as ``cfg`` says and print where things went; an LM also prints a sample,
     an image or audio model writes one into the run folder."""
-    from pathlib import Path
-
-    from attnkit.train import Trainer, TrainingInterrupted, sample_text
+    from attnkit.train import Trainer, TrainingInterrupted
 
     with Trainer(cfg, resume=resume) as trainer:  # the trainer sets up and tears down DDP
         if trainer.main:
@@ -528,8 +526,17 @@ def _fit_and_report(cfg, resume: bool) -> None:
         return
     why = f": {result['why']}" if result.get("why") else ""
     click.echo(f"step {result['step']} ({result['stopped_by']}{why}, {result['elapsed_s']:.0f} s): "
-               f"{trainer.task.describe(result)}, best val loss {result['best_val_loss']:.4f}")
+               f"{trainer.task.describe(result)}, {trainer.describe_best()}")
     click.echo(f"checkpoints: {cfg.out_dir}/best, {cfg.out_dir}/last; loss curve: {result['loss_curve']}")
+    with trainer.averaged():  # the samples come from the weights last/ holds
+        _print_samples(cfg, trainer)
+
+
+def _print_samples(cfg, trainer) -> None:
+    from pathlib import Path
+
+    from attnkit.train import sample_text
+
     if cfg.task == "seq2seq":
         from attnkit.generate import Beams, seq2seq_texts
 

@@ -63,7 +63,7 @@ def _train(recipe: str, budget: float, out: str, **changes) -> tuple[dict, objec
         wall = time.perf_counter() - t0
     model = trainer.raw_model.eval()
     figures = {"recipe": recipe, "params": sum(p.numel() for p in model.parameters()), "steps": result["step"],
-               "wall_s": wall, "best_val_loss": result["best_val_loss"], "val": {k: v for k, v in result.items()
+               "wall_s": wall, "best_val_loss": result["best"], "val": {k: v for k, v in result.items()
                                                                                 if k.startswith("val_")},
                "precision": trainer.cfg.precision, "tokens_per_s": result["step"] * trainer.task.tokens_per_batch / wall}
     return figures, trainer

@@ -27,7 +27,9 @@ target lengths of the batches drawn, no padding) over training seconds; attnkit'
 are fit()'s wall time less the time inside its evaluations, saves and loss-curve plot. Test: the 885
 test sources, beam 4, batches of 32 by length, max_new_tokens int(1.5 x longest source of the batch)
 + 10 (at most 127, the position limit), BLEU and chrF (sacrebleu) against the references; attnkit
-decodes its best/ checkpoint (lowest val loss), transformers its final weights.
+decodes its best/ checkpoint (the highest greedy val BLEU on the recipe's 200-pair val sample), and
+also its last/ and, if the recipe averages weights (ema), last/'s trained weights; transformers its
+final weights.
 manpage-summary: attnkit alone (its recipe, or the de-en recipe on that data with ROUGE if there is
 none) for --summary-budget s; ROUGE-1/2/L on the 110 test pairs, beam 4, beside the lead baseline.
 
@@ -148,7 +150,7 @@ def _attnkit_train(cfg) -> tuple[dict, object]:
     return {"steps": result["step"], "wall_s": wall, "train_s": train_s, "tokens": tokens[0],
             "tokens_per_s": tokens[0] / train_s, "precision": precision, "why_stopped": result["why"],
             "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
-            "best_val_loss": result["best_val_loss"]}, task
+            "best_value": result["best"], "best_by": result["best_by"]}, task
 
 
 def _lr_at(step: int, elapsed: float, cfg, budget: float) -> float:
@@ -362,18 +364,27 @@ def _de_en_pair(cfg, budget: float, test, keep_as: str, results: dict) -> tuple[
     attnkit's half is kept under keep_as as soon as it is measured (a long run: should the rest fail)."""
     from attnkit.checkpoints import load_checkpoint
     from attnkit.generate import Beams, seq2seq_texts
+    from attnkit.train import read_train_state
     from attnkit.train.seq2seq_tasks import scores
 
     sources, references = [p.source for p in test], [p.target for p in test]
     run_dir = Path(cfg.out_dir)
     print(f"=== attnkit de-en (seed {cfg.seed})", flush=True)
     ours, task = _attnkit_train(cfg)
-    for kept in ("last", "best"):  # best/ (lowest val loss) is what `attnkit translate --ckpt DIR` reads
-        model, tokenizer = load_checkpoint(run_dir / kept)
+    for kept in ("trained", "last", "best"):  # best/ is what `attnkit translate --ckpt DIR` reads
+        model, tokenizer = load_checkpoint(run_dir / ("last" if kept == "trained" else kept))
+        if kept == "trained":  # last/ without the recipe's weight average (ema): the weights trained
+            trained = read_train_state(run_dir / "last").get("trained_weights")
+            if trained is None:
+                continue
+            with torch.no_grad():
+                for p, t in zip([p for p in model.parameters() if p.requires_grad], trained, strict=True):
+                    p.copy_(t)
         t0 = time.perf_counter()
         texts = [o[0] for o in seq2seq_texts(model, tokenizer, sources, beams=Beams(4), batch_size=BATCH)]
         ours["decode_s"] = time.perf_counter() - t0
-        ours[kept] = {"step": json.loads((run_dir / kept / "config.json").read_text())["training"]["step"],
+        ours[kept] = {"step": json.loads((run_dir / ("last" if kept == "trained" else kept) / "config.json")
+                                         .read_text())["training"]["step"],
                       **scores(texts, references, "bleu")}
     ours.update(ours["best"])
     ours["examples"] = texts[:5]
@@ -425,6 +436,8 @@ def bench_quality(args) -> None:
     _keep("quality", results)
 
     speed_note = "" if not args.under_load else " (machine under load: not a speed figure)"
+    best_rule = ("highest val BLEU on the sample" if ours["best_by"] == "val_bleu" else "lowest val loss")
+    cfg_ema = load_recipe("de-en").ema
     rows = [[name, f"{args.budget:.0f}", f"{r['wall_s']:.0f}", f"{r['train_s']:.0f}", r["steps"], r["precision"],
              f"{r['tokens_per_s']:.0f}{speed_note}", f"{r['bleu']:.2f}", f"{r['chrf']:.2f}", f"{r['decode_s']:.0f}"]
             for name, r in (("attnkit", ours), ("transformers", theirs))]
@@ -447,9 +460,12 @@ def bench_quality(args) -> None:
                  "decode s"], rows)
         + "\n\nattnkit's BLEU (greedy) on its fixed sample of the val split during training, by step: "
         + ", ".join(f"{step}: {bleu:.2f}" for step, bleu in ours["val_curve"])
-        + f". attnkit's row is its best/ checkpoint (lowest val loss, step {ours['best']['step']}: what "
+        + f". attnkit's row is its best/ checkpoint ({best_rule}, step {ours['best']['step']}: what "
         f"`attnkit translate --ckpt DIR` reads); its last/ (step {ours['last']['step']}, where the budget ended, "
         f"as transformers' row): test BLEU {ours['last']['bleu']:.2f}, chrF {ours['last']['chrf']:.2f}."
+        + (f" The recipe evaluates and saves an average of the weights (ema {cfg_ema:g}); last/'s trained weights "
+           f"without it: test BLEU {ours['trained']['bleu']:.2f}, chrF {ours['trained']['chrf']:.2f}."
+           if "trained" in ours else "")
         + f"\n\nattnkit / transformers: BLEU {ours['bleu']:.2f} vs {theirs['bleu']:.2f} "
         f"({ours['bleu'] - theirs['bleu']:+.2f}); train tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
         f"{speed_note}; steps {ours['steps'] / max(1, theirs['steps']):.2f}x; test decoding seconds transformers / "

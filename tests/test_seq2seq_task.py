@@ -203,3 +203,24 @@ def test_a_resumed_seq2seq_run_equals_the_straight_run(tmp_path):
         return [m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
                 if "loss" in m]
     assert losses("b") == pytest.approx(losses("a"), abs=1e-6) and len(losses("a")) == 4
+
+
+@pytest.mark.parametrize("eval_sample", [20, 0])
+def test_best_is_picked_by_the_val_bleu_or_by_the_val_loss_without_a_sample(tmp_path, eval_sample):
+    config = tiny_config(tmp_path, pairs_file(tmp_path, n=80), max_steps=60, eval_interval=10, log_interval=10)
+    settings = yaml.safe_load(open(config))
+    open(config, "w").write(yaml.safe_dump({**settings, "eval_sample": eval_sample}))
+    result = CliRunner().invoke(main, ["train", "--config", config, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [m for m in map(json.loads, lines) if m.get("kind") == "eval"]
+    best_step = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]["step"]
+    assert len(evals) == 6
+    if eval_sample:
+        best = max(evals, key=lambda m: m["val_bleu"])  # the first of equals: a tie does not replace best/
+        assert best_step == best["step"] and f"best val bleu {best['val_bleu']:.4f}" in result.output
+        assert best_step != min(evals, key=lambda m: m["val_loss"])["step"]  # here the two rules differ
+    else:
+        assert "val_bleu" not in evals[0]
+        best = min(evals, key=lambda m: m["val_loss"])
+        assert best_step == best["step"] and f"best val loss {best['val_loss']:.4f}" in result.output

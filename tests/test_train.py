@@ -493,3 +493,55 @@ def test_a_sliding_window_model_trains_under_bf16_autocast(tmp_path):
     sliding = {**TINY, "attention": "sliding", "window": 8, "positional": "rope"}
     losses = run(tiny_config(tmp_path, precision="bf16", max_steps=2, model_overrides=sliding))
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+# --- weight averaging (ema) ------------------------------------------------------------------------
+
+def test_the_weight_average_follows_its_decay_and_swaps_in_without_copies():
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    average = loop.WeightAverage(model, decay=0.9)
+    expected = [s.clone() for s in start]
+    for step in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (step + 1))
+        average.update(step)
+        decay = min(0.9, (1 + step) / (10 + step))  # 0.1, 0.18, ... then 0.9 from step 80 on; here below it
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+    trained = [p.detach().clone() for p in model.parameters()]
+    assert not torch.allclose(expected[0], trained[0])
+    storage = model.weight.data_ptr()
+    with average.swapped():
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.detach(), e)
+        assert [t.data_ptr() for t in average.trained()][0] == storage  # the trained weights, not a copy
+        with average.swapped():  # nested: stays in
+            torch.testing.assert_close(model.weight.detach(), expected[0])
+    for p, t in zip(model.parameters(), trained):
+        assert torch.equal(p.detach(), t)
+
+
+def test_ema_checkpoints_hold_the_average_and_a_resumed_run_equals_the_straight_one(tmp_path):
+    ema = dict(ema=0.9, max_steps=12, lr_decay_steps=12, eval_interval=6)
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path / "a", **ema), train_text=train_text, val_text=val_text, quiet=True)
+    straight = trainer.fit()["losses"]
+    from attnkit.checkpoints import read_weights
+
+    saved = read_weights(tmp_path / "a" / "last")
+    state = read_train_state(tmp_path / "a" / "last")
+    params = [n for n, p in trainer.raw_model.named_parameters()]
+    for name, p, average, trained in zip(params, trainer.raw_model.parameters(), trainer.average.average,
+                                         state["trained_weights"]):
+        assert torch.equal(trained, p.detach())  # train_state.pt keeps the trained weights for resuming
+        if name in saved:
+            assert torch.equal(saved[name], average) and not torch.equal(saved[name], p.detach())
+    with trainer.averaged():  # the evaluation is of the average: last/'s val loss is that of its weights
+        again = trainer.evaluate()["val_loss"]
+    assert again == pytest.approx(json.loads((tmp_path / "a" / "last" / "config.json").read_text())["training"]
+                                  ["val_loss"], abs=1e-6)
+    first = run(tiny_config(tmp_path / "b", **ema), stop_at=6)
+    rest = run(tiny_config(tmp_path / "b", **ema), resume=True)
+    assert first + rest == straight
+    assert torch.equal(read_weights(tmp_path / "b" / "last")[params[0]], saved[params[0]])

@@ -27,7 +27,7 @@ NOT_HASHED = ("out_dir", "max_steps", "max_time", "device", "log_interval", "eva
 TASKS = ("lm", "chat", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
                 "pooling", "length_buckets", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout",
-                "lora_targets", "label_smoothing", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional",
+                "lora_targets", "label_smoothing", "ema", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional",
                 "audio_rate")
 
 
@@ -91,6 +91,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 turns clipping off
+    # evaluate and checkpoint an exponential moving average of the weights with this decay (0: off;
+    # attnkit.train.loop.WeightAverage); the trained weights go on in train_state.pt for resuming
+    ema: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16 (autocast, fp32 weights); a Trainer stores the resolved one
     seed: int = 1337
     # budgets and reporting
@@ -118,6 +121,7 @@ class TrainConfig:
         need(self.task in TASKS, f"task {self.task!r} is not one of {', '.join(TASKS)}")
         need(self.pooling in ("cls", "mean"), f"pooling {self.pooling!r} is not cls or mean")
         need(self.length_buckets >= 1, f"length_buckets must be at least 1, got {self.length_buckets}")
+        need(0.0 <= self.ema < 1.0, f"ema must be in [0, 1) (0: off; 0.999 is usual), got {self.ema}")
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.eval_sample >= 0, f"eval_sample must be >= 0, got {self.eval_sample}")
         need(self.seq2seq_metric in ("bleu", "rouge"), f"seq2seq_metric {self.seq2seq_metric!r} is not bleu or rouge")

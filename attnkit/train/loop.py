@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from attnkit.errors import AttnkitError
 from attnkit.train.config import TrainConfig, autocast, resolve_device, resolve_precision
@@ -90,6 +90,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable parameters (Polyak averaging), updated
+    after every optimizer step with decay ``min(decay, (1 + step) / (10 + step))``, so that the
+    first steps are not tied to the initialisation: the average covers about the last tenth of
+    training until that reaches ``1 / (1 - decay)`` steps. ``swapped()`` puts the average into the
+    model (evaluation and checkpoints) and the trained weights back after."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]  # tied parameters appear once
+        self.average = [p.detach().clone() for p in self.params]
+        self.inside = False
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the weights after optimizer step ``step`` (0-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    def trained(self) -> list[Tensor]:
+        """The trained (not averaged) weights, wherever they are now."""
+        return self.average if self.inside else [p.detach() for p in self.params]
+
+    def restore(self, trained: list[Tensor]) -> None:
+        """Resume: the model holds the average (read from the checkpoint); ``trained`` the weights."""
+        with torch.no_grad():
+            self.average = [p.detach().clone() for p in self.params]
+            for p, t in zip(self.params, trained, strict=True):
+                p.copy_(t)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        if self.inside:  # already in (an evaluation that saves)
+            yield
+            return
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for p, a in zip(self.params, self.average):
+            p.data, a.data = a.data, p.data  # no copies: the storages change places
+        self.inside = not self.inside
 
 
 # --- the time budget and stop requests ------------------------------------------------------------
@@ -203,11 +250,15 @@ class Trainer:
                                            betas=(cfg.beta1, cfg.beta2),
                                            fused=self.device.type in ("cpu", "cuda") or None)
         self.elapsed = 0.0  # seconds trained, over all resumes (the "time" schedule's clock)
+        self.average = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
-        self.step, self.best_val, self.batches_drawn = 0, float("inf"), 0
+        higher = self.task.best_higher
+        self.step, self.best_val, self.batches_drawn = 0, -math.inf if higher else math.inf, 0
         self.last_good = None  # (step, folder) of the newest checkpoint
         if state is not None:
             self.task.restore(self.model, last)
+            if self.average is not None:  # last/ holds the average; the trained weights are in the state
+                self.average.restore(state["trained_weights"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.elapsed = state["scheduler"]["elapsed"]
             self.data_rng.set_state(state["data_rng"])
@@ -286,16 +337,23 @@ class Trainer:
             "config_hash": self.cfg.config_hash(),
             "train_config": json.dumps(self.cfg.to_dict()),
             "best_val": self.best_val,
+            **({"trained_weights": self.average.trained()} if self.average is not None else {}),
         }
 
     def save(self, name: str, metrics: dict) -> Path:
         """Write <run>/<name> atomically (rank 0 only): checkpoint directory + train_state.pt."""
         training = {"step": self.step, **metrics, "config_hash": self.cfg.config_hash(),
                     "train_config": self.cfg.to_dict()}
-        folder = self.run.save(name, self.raw_model, self.train_state(), training, write=self.task.write_checkpoint)
+        with self.averaged():
+            folder = self.run.save(name, self.raw_model, self.train_state(), training, write=self.task.write_checkpoint)
         if name == "last":
             self.last_good, self.last_save_at = (self.step, folder), clock()
         return folder
+
+    def averaged(self):
+        """A context in which the model holds the weights checkpoints hold: the average of the
+        weights with ``ema`` set (WeightAverage), else the trained weights themselves."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -360,7 +418,7 @@ class Trainer:
             self.run.stop_reporting()
         self.run.plot_loss_curve(title=cfg.name or str(self.out))
         return {"step": self.step, "stopped_by": stopped_by, "why": why, "losses": losses,
-                "elapsed_s": clock() - start, "best_val_loss": self.best_val, **self.last_eval,
+                "elapsed_s": clock() - start, "best_by": self.task.best_by, "best": self.best_val, **self.last_eval,
                 "out": str(self.out), "loss_curve": str(self.run.loss_curve)}
 
     def _timed_save_due(self) -> bool:
@@ -405,6 +463,8 @@ class Trainer:
                 loss = float("nan")
         if math.isfinite(loss):
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -420,7 +480,7 @@ class Trainer:
 
         began = clock()
         self.raw_model.eval()
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.cfg.precision), self.averaged():
             metrics = self.task.evaluate(self.raw_model, device=self.device, next_batch_fits=next_batch_fits)
         self.raw_model.train()
         if budget is not None:
@@ -435,17 +495,26 @@ class Trainer:
             if deadline is not None:
                 metrics = {"step": self.step, **self.evaluate(budget, deadline)}
                 self.run.log({"kind": "eval", **metrics})
-                if metrics["val_loss"] < self.best_val:
-                    self.best_val = metrics["val_loss"]
+                if self._better(metrics.get(self.task.best_by)):
+                    self.best_val = metrics[self.task.best_by]
                     self.save("best", metrics)
                 self.save("last", metrics)
                 self.last_eval = metrics
                 if not self.quiet:
                     from tqdm.auto import tqdm
 
-                    tqdm.write(f"step {self.step}: {self.task.describe(metrics)}, best val loss {self.best_val:.4f}")
+                    tqdm.write(f"step {self.step}: {self.task.describe(metrics)}, {self.describe_best()}")
         if self.ddp:
             dist.barrier()
+
+    def _better(self, value: float | None) -> bool:
+        """``value`` of the task's best_by metric beats best/ (None: not measured this time)."""
+        if value is None or not math.isfinite(value):
+            return False
+        return value > self.best_val if self.task.best_higher else value < self.best_val
+
+    def describe_best(self) -> str:
+        return f"best {self.task.best_by.replace('_', ' ')} {self.best_val:.4f}"
 
     def _stop_on_signal(self, signal_number: int) -> None:
         name = signal.Signals(signal_number).name

@@ -75,6 +75,8 @@ class Task(abc.ABC):
     model_config: ModelConfig
     tokens_per_batch: int
     eval_batches: int
+    best_by = "val_loss"  # the metric of ``evaluate`` that picks best/ ...
+    best_higher = False  # ... and whether more of it is better
 
     # -- the model: built, checkpointed and restored (a fine-tuning task starts from pretrained weights)
 
@@ -112,8 +114,7 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, *, device: torch.device,
                  next_batch_fits: Callable[[], bool] = always) -> dict:
-        """Metrics on the held-out data: ``{"val_loss": ..., ...}`` (lower val_loss is better: it picks
-        best/). The loop calls it in eval mode, without grad, under its autocast; it asks
+        """Metrics on the held-out data: ``{"val_loss": ..., ...}`` (``best_by`` of them picks best/). The loop calls it in eval mode, without grad, under its autocast; it asks
         ``next_batch_fits()`` before every batch after the first and stops when told no (a time
         budget), saying how many batches it used as ``val_batches``."""
 
