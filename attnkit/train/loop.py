@@ -252,8 +252,8 @@ class Trainer:
         self.elapsed = 0.0  # seconds trained, over all resumes (the "time" schedule's clock)
         self.average = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
-        higher = self.task.best_higher
-        self.step, self.best_val, self.batches_drawn = 0, -math.inf if higher else math.inf, 0
+        self.step, self.batches_drawn = 0, 0
+        self.best_eval: dict | None = None  # the metrics of the evaluation that wrote best/
         self.last_good = None  # (step, folder) of the newest checkpoint
         if state is not None:
             self.task.restore(self.model, last)
@@ -263,7 +263,8 @@ class Trainer:
             self.elapsed = state["scheduler"]["elapsed"]
             self.data_rng.set_state(state["data_rng"])
             self.rng = {"torch_rng": state["torch_rng"], "cuda_rng": state.get("cuda_rng")}
-            self.step, self.best_val = state["step"], state["best_val"]
+            self.step = state["step"]
+            self.best_eval = state["best_eval"] if "best_eval" in state else {"val_loss": state["best_val"]}  # older runs
             self.batches_drawn = state["batches_drawn"]
             self.last_good = (self.step, last)
         self.raw_model = self.model
@@ -336,7 +337,7 @@ class Trainer:
             **self.rng,
             "config_hash": self.cfg.config_hash(),
             "train_config": json.dumps(self.cfg.to_dict()),
-            "best_val": self.best_val,
+            "best_eval": self.best_eval,
             **({"trained_weights": self.average.trained()} if self.average is not None else {}),
         }
 
@@ -418,7 +419,7 @@ class Trainer:
             self.run.stop_reporting()
         self.run.plot_loss_curve(title=cfg.name or str(self.out))
         return {"step": self.step, "stopped_by": stopped_by, "why": why, "losses": losses,
-                "elapsed_s": clock() - start, "best_by": self.task.best_by, "best": self.best_val, **self.last_eval,
+                "elapsed_s": clock() - start, **self._best(), **self.last_eval,
                 "out": str(self.out), "loss_curve": str(self.run.loss_curve)}
 
     def _timed_save_due(self) -> bool:
@@ -495,8 +496,8 @@ class Trainer:
             if deadline is not None:
                 metrics = {"step": self.step, **self.evaluate(budget, deadline)}
                 self.run.log({"kind": "eval", **metrics})
-                if self._better(metrics.get(self.task.best_by)):
-                    self.best_val = metrics[self.task.best_by]
+                if self.best_eval is None or self._rank(metrics) > self._rank(self.best_eval):
+                    self.best_eval = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                     self.save("best", metrics)
                 self.save("last", metrics)
                 self.last_eval = metrics
@@ -507,14 +508,24 @@ class Trainer:
         if self.ddp:
             dist.barrier()
 
-    def _better(self, value: float | None) -> bool:
-        """``value`` of the task's best_by metric beats best/ (None: not measured this time)."""
-        if value is None or not math.isfinite(value):
-            return False
-        return value > self.best_val if self.task.best_higher else value < self.best_val
+    def _rank(self, metrics: dict) -> tuple[int, float]:
+        """Higher is better: the task's best_by metric where it was measured, ahead of the val loss
+        where it was not (a time budget can cut the metric's sample short, so best/ still exists)."""
+        value = metrics.get(self.task.best_by)
+        if value is not None and math.isfinite(value):
+            return 1, value if self.task.best_higher else -value
+        return 0, -metrics["val_loss"]
+
+    def _best(self) -> dict:
+        """{"best_by": the metric that picked best/, "best": its value} (empty before an evaluation)."""
+        if self.best_eval is None:
+            return {}
+        by = self.task.best_by if self._rank(self.best_eval)[0] else "val_loss"
+        return {"best_by": by, "best": self.best_eval[by]}
 
     def describe_best(self) -> str:
-        return f"best {self.task.best_by.replace('_', ' ')} {self.best_val:.4f}"
+        best = self._best()
+        return f"best {best['best_by'].replace('_', ' ')} {best['best']:.4f}" if best else "no evaluation yet"
 
     def _stop_on_signal(self, signal_number: int) -> None:
         name = signal.Signals(signal_number).name
