@@ -18,6 +18,10 @@ if it and the final evaluation still fit; a cadence evaluation that would not fi
 its save); the final evaluation stops early at the budget (at least one batch, ``val_batches``
 says how many) and the final save always happens.
 
+best/ is the evaluation the task ranks best (``Task.best_by``: the val loss, or seq2seq's val BLEU
+where it was measured). With ``ema`` set, evaluations and checkpoints use an exponential moving
+average of the weights (``WeightAverage``); train_state.pt keeps the trained weights for resuming.
+
 Ctrl-C or SIGTERM ask the loop to stop: it finishes the current step, writes ``last/`` (no
 evaluation, so the save fits in a scheduler's grace period; ``best/`` is only written after
 evaluations) and raises ``TrainingInterrupted``. A second Ctrl-C quits at once without saving.

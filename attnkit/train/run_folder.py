@@ -3,7 +3,8 @@
 ::
 
     best/  last/          checkpoint directories (config.json, model.safetensors, tokenizer.json)
-                          plus train_state.pt (optimizer, schedule clock, RNG states, step)
+                          plus train_state.pt (optimizer, schedule clock, RNG states, step, the
+                          best evaluation's metrics; with ema, the trained weights)
     metrics.jsonl  tb/    one JSON object per log / eval; TensorBoard events
     loss_curve.png
 
