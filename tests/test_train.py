@@ -567,3 +567,13 @@ def test_best_follows_the_tasks_metric_and_the_val_loss_until_that_metric_is_mea
     assert result["best_by"] == "val_score" and result["best"] == 3.0
     assert trainer.describe_best() == "best val score 3.0000"
     assert read_train_state(tmp_path / "last")["best_eval"]["val_score"] == 3.0
+
+
+def test_the_final_evaluation_is_kept_half_again_its_measured_time_within_a_fifth_of_the_budget(monkeypatch):
+    monkeypatch.setattr(loop, "clock", lambda: 0.0)
+    budget = loop.TimeBudget(100.0, already_used=0.0, grad_accum=1)
+    budget.step_s, budget.eval_batch_s = 1.0, 2.0
+    assert budget.final_eval_reserve(3) == 9.0  # 1.5 x 3 batches x 2 s
+    assert budget.final_eval_reserve(10) == 20.0  # 30 s capped at 20% of 100 s
+    budget.ends_at = 9.5  # 1 s step + 9 s reserve no longer fit
+    assert "final evaluation (~9.0 s)" in budget.step_stop_reason(3)
