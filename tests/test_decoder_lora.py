@@ -246,6 +246,34 @@ def test_chat_loss_is_on_the_assistant_tokens_and_their_end_of_turn_only(world, 
     assert torch.equal(inputs[1:], torch.tensor(ids[1:-1])) and len(targets) == len(ids) - 1
 
 
+def test_the_chat_loss_runs_the_output_layer_on_assistant_tokens_only_with_the_full_forwards_values(world, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in
+                            [CONVERSATION, CONVERSATION[:2], [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": "hello there"}]]))
+    task = ChatTask.from_config(TrainConfig(task="chat", init=str(world["base"]), data=str(data),
+                                            val_data=str(data), batch_size=3))
+    batch = task._batch(task.train_rows, torch.device("cpu"))  # (3, T), right-padded
+    inputs, targets = batch
+    assert 0 < int((targets != -100).sum()) < targets.numel() // 2  # most positions are prompt or padding
+    model = load_checkpoint(world["base"])[0]
+
+    def full_loss():
+        logits = model(inputs)  # (B, T, V): the reference, every position
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    heads = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: heads.append(tuple(o.shape)))
+    loss = task.loss(model, batch)
+    hook.remove()
+    assert heads == [(int((targets != -100).sum()), model.cfg.vocab_size)]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected = full_loss()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_prompt_response_lines_equal_the_messages_form(world, tmp_path):
     data = tmp_path / "mixed.jsonl"
     data.write_text(json.dumps({"prompt": "where is the fox?", "response": "on the log."}) + "\n\n" +

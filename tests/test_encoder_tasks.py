@@ -266,6 +266,32 @@ def test_train_mlm_lowers_the_masked_token_loss_and_writes_an_mlm_encoder(tmp_pa
     assert best["val_loss"] == min(e["val_loss"] for e in evals)
 
 
+def test_the_mlm_loss_runs_the_prediction_head_on_masked_positions_only_with_the_full_forwards_values(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(MLM_LINES * 6) + "\n")
+    cfg = TrainConfig(task="mlm", data=str(corpus), model="bert-tiny", tokenizer="wordpiece", vocab_size=200,
+                      model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2, "context_length": 64, "dropout": 0.0},
+                      batch_size=8, seed=0)
+    task = make_task(cfg)
+    model, _ = task.build_model(0)
+    inputs, targets = batch = task.train_batch(torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    chosen = targets != -100
+    rows = []
+    hook = model.head.register_forward_hook(lambda m, i, o: rows.append(tuple(o.shape)))
+    loss = task.loss(model, batch)
+    hook.remove()
+    assert rows == [(int(chosen.sum()), model.cfg.vocab_size)] and 0 < int(chosen.sum()) < chosen.numel() // 4
+    logits = model(inputs)  # (B, T, V): the reference, every position
+    expected = torch.nn.functional.cross_entropy(logits[chosen], targets[chosen])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    params = list(model.parameters())  # the pooler is in neither graph
+    for got, want in zip(torch.autograd.grad(loss, params, allow_unused=True),
+                         torch.autograd.grad(expected, params, allow_unused=True)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 # --- 3. classification: fine-tune, classify, eval --------------------------------------------------------
 
 def test_finetuned_classifier_is_accurate_and_keeps_its_label_names(classifier):

@@ -214,8 +214,10 @@ class DecoderLM(ModelSize, nn.Module):
         need_weights: bool = False,
         last_only: bool = False,
         compiled: Callable | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only).
+        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only, or (N, V) at the N
+        positions the (B, T) bool ``logits_at`` marks: a loss on some positions skips the rest's output layer).
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding. positions default to
         counting real tokens from 0, continuing from the cache when there is one.
@@ -247,7 +249,7 @@ class DecoderLM(ModelSize, nn.Module):
             cache.claim(T)
             return compiled(input_ids, positions, cache, last_only)
         frame = self.positions.frame(positions, valid, cache, self.embed.tok.weight.dtype, explicit=need_weights)
-        return self.forward_frame(input_ids, positions, frame, cache, need_weights, last_only)
+        return self.forward_frame(input_ids, positions, frame, cache, need_weights, last_only, logits_at)
 
     def decode_step(self, input_ids: Tensor, positions: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
         """What a compiled step runs (``compiled_step``): the frame over the slots that
@@ -263,13 +265,16 @@ class DecoderLM(ModelSize, nn.Module):
         cache: KVCache | RollingKVCache | None = None,
         need_weights: bool = False,
         last_only: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """The forward after the bookkeeping (positions, masks, cache slots)."""
         x = self.embed(input_ids, positions)  # (B, T, d)
         x, maps = self.stack(x, frame, cache, need_weights=need_weights)
         if last_only:
             x = x[:, -1:]  # (B, 1, d): prefill only needs the next-token logits
-        logits = self.lm_head(x)  # (B, T, V)
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, d)
+        logits = self.lm_head(x)  # (B, T, V) or (N, V)
         return (logits, maps) if need_weights else logits
 
     # --- decoding: the interface attnkit.generate runs ------------------------------------------

@@ -165,12 +165,14 @@ class EncoderModel(ModelSize, nn.Module):
         return self.pooler(pooled) if self.pooler is not None else pooled
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_types: Tensor | None = None,
-                need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """The head's output (see the module docstring); with need_weights also the attention maps."""
+                need_weights: bool = False, logits_at: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """The head's output (see the module docstring); with need_weights also the attention maps.
+        ``logits_at`` (B, T) bool, masked-LM head only: (N, V) at the N positions marked (a loss on the
+        masked positions skips the rest's prediction head)."""
         hidden, maps = self.encode(input_ids, attention_mask, token_types, need_weights)
         valid = attention_mask.bool() if attention_mask is not None else None
         if self.head_kind == "mlm":
-            out = self.head(hidden)  # (B, T, V)
+            out = self.head(hidden if logits_at is None else hidden[logits_at])  # (B, T, V) or (N, V)
         elif self.head_kind == "classify":
             out = self.head["classifier"](self.drop(self.pool(hidden, valid)))  # (B, n_labels)
         elif self.head_kind == "tokens":

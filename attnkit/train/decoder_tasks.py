@@ -205,9 +205,9 @@ class ChatTask(PretrainedDecoder):
 
     def _loss(self, model, batch, reduction: str = "mean") -> Tensor:
         inputs, targets = batch
-        logits = model(inputs)  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                               reduction=reduction)
+        labelled = targets != IGNORE  # (B, T): the assistant's tokens
+        logits = model(inputs, logits_at=labelled)  # (N, V): the output layer on those positions only
+        return F.cross_entropy(logits.float(), targets[labelled], reduction=reduction)
 
     def loss(self, model, batch) -> Tensor:
         return self._loss(model, batch)

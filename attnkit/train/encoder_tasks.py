@@ -211,10 +211,10 @@ class MaskedLMTask(EncoderTask):
 
     def _losses(self, model, batch) -> tuple[Tensor, Tensor, Tensor]:
         inputs, targets = batch
-        logits = model(inputs).float()  # (B, T, V)
-        chosen = targets != -100
-        return F.cross_entropy(logits[chosen], targets[chosen], reduction="sum"), \
-            (logits[chosen].argmax(-1) == targets[chosen]).sum(), chosen.sum()
+        chosen = targets != -100  # (B, T): the masked positions
+        logits = model(inputs, logits_at=chosen).float()  # (N, V): the prediction head on those only
+        return F.cross_entropy(logits, targets[chosen], reduction="sum"), \
+            (logits.argmax(-1) == targets[chosen]).sum(), chosen.sum()
 
     def loss(self, model, batch) -> Tensor:
         total, _, count = self._losses(model, batch)
