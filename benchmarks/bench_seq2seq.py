@@ -371,7 +371,8 @@ def _de_en_pair(cfg, budget: float, test, keep_as: str, results: dict) -> tuple[
     run_dir = Path(cfg.out_dir)
     print(f"=== attnkit de-en (seed {cfg.seed})", flush=True)
     ours, task = _attnkit_train(cfg)
-    for kept in ("trained", "last", "best"):  # best/ is what `attnkit translate --ckpt DIR` reads
+    # best/ (what `attnkit translate --ckpt DIR` reads) last: decode_s and the examples are its
+    for kept in ("trained", "last", "best"):
         model, tokenizer = load_checkpoint(run_dir / ("last" if kept == "trained" else kept))
         if kept == "trained":  # last/ without the recipe's weight average (ema): the weights trained
             trained = read_train_state(run_dir / "last").get("trained_weights")

@@ -3,6 +3,7 @@ summarize (one line per input, in order; beam 4 equals transformers), eval, atte
 bad inputs (one sentence, no traceback)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,10 +208,9 @@ def test_a_resumed_seq2seq_run_equals_the_straight_run(tmp_path):
 
 @pytest.mark.parametrize("eval_sample", [20, 0])
 def test_best_is_picked_by_the_val_bleu_or_by_the_val_loss_without_a_sample(tmp_path, eval_sample):
-    config = tiny_config(tmp_path, pairs_file(tmp_path, n=80), max_steps=60, eval_interval=10, log_interval=10)
-    settings = yaml.safe_load(open(config))
-    open(config, "w").write(yaml.safe_dump({**settings, "eval_sample": eval_sample}))
-    result = CliRunner().invoke(main, ["train", "--config", config, "--out", str(tmp_path / "run")])
+    config = Path(tiny_config(tmp_path, pairs_file(tmp_path, n=80), max_steps=60, eval_interval=10, log_interval=10))
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "eval_sample": eval_sample}))
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     evals = [m for m in map(json.loads, lines) if m.get("kind") == "eval"]

@@ -114,9 +114,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, *, device: torch.device,
                  next_batch_fits: Callable[[], bool] = always) -> dict:
-        """Metrics on the held-out data: ``{"val_loss": ..., ...}`` (``best_by`` of them picks best/). The loop calls it in eval mode, without grad, under its autocast; it asks
-        ``next_batch_fits()`` before every batch after the first and stops when told no (a time
-        budget), saying how many batches it used as ``val_batches``."""
+        """Metrics on the held-out data: ``{"val_loss": ..., ...}`` (``best_by`` of them picks best/).
+        The loop calls it in eval mode, without grad, under its autocast; it asks ``next_batch_fits()``
+        before every batch after the first and stops when told no (a time budget), saying how many
+        batches it used as ``val_batches``."""
 
 
 # --- next-token language modelling ------------------------------------------------------------
