@@ -217,7 +217,7 @@ def test_best_is_picked_by_the_val_bleu_or_by_the_val_loss_without_a_sample(tmp_
     best_step = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]["step"]
     assert len(evals) == 6
     if eval_sample:
-        best = max(evals, key=lambda m: m["val_bleu"])  # the first of equals: a tie does not replace best/
+        best = max(evals, key=lambda m: (m["val_bleu"], -m["val_loss"]))  # a tie goes to the lower val loss
         assert best_step == best["step"] and f"best val bleu {best['val_bleu']:.4f}" in result.output
         assert best_step != min(evals, key=lambda m: m["val_loss"])["step"]  # here the two rules differ
     else:

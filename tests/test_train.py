@@ -547,23 +547,27 @@ def test_ema_checkpoints_hold_the_average_and_a_resumed_run_equals_the_straight_
     assert torch.equal(read_weights(tmp_path / "b" / "last")[params[0]], saved[params[0]])
 
 
-def test_best_follows_the_tasks_metric_and_the_val_loss_until_that_metric_is_measured(tmp_path):
+def test_best_follows_the_tasks_metric_and_the_val_loss_until_that_metric_is_measured_or_ties(tmp_path):
     train_text, val_text = split()
-    trainer = Trainer(tiny_config(tmp_path), train_text=train_text, val_text=val_text, quiet=True)
+    trainer = Trainer(tiny_config(tmp_path, max_steps=35, lr_decay_steps=35), train_text=train_text,
+                      val_text=val_text, quiet=True)
     trainer.task.best_by, trainer.task.best_higher = "val_score", True
-    scores = iter([None, 1.0, 3.0, 2.0])  # evaluations at steps 5, 10, 15, 20
+    # (val_score, val_loss) at steps 5, 10, ..., 35: a tie on the score goes to the lower val loss
+    # (BLEU is 0.00 on every evaluation of short targets, and best/ should still move on)
+    scripted_metrics = iter([(None, 3.0), (1.0, 2.5), (3.0, 2.4), (2.0, 2.0), (3.0, 2.6), (3.0, 2.3), (None, 1.0)])
     evaluate = trainer.task.evaluate
     saved = []
 
     def scripted(*args, **kwargs):
-        metrics, score = evaluate(*args, **kwargs), next(scores)
-        return metrics if score is None else {**metrics, "val_score": score}
+        metrics = evaluate(*args, **kwargs)
+        score, loss = next(scripted_metrics)
+        return {**metrics, "val_loss": loss, **({} if score is None else {"val_score": score})}
 
     trainer.task.evaluate = scripted
     save = trainer.save
     trainer.save = lambda name, metrics: (saved.append((name, trainer.step)), save(name, metrics))[1]
     result = trainer.fit()
-    assert [step for name, step in saved if name == "best"] == [5, 10, 15]  # the loss, then the score
+    assert [step for name, step in saved if name == "best"] == [5, 10, 15, 30]  # the loss, the score, the tie
     assert result["best_by"] == "val_score" and result["best"] == 3.0
     assert trainer.describe_best() == "best val score 3.0000"
     assert read_train_state(tmp_path / "last")["best_eval"]["val_score"] == 3.0

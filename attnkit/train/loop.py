@@ -516,13 +516,14 @@ class Trainer:
         if self.ddp:
             dist.barrier()
 
-    def _rank(self, metrics: dict) -> tuple[int, float]:
+    def _rank(self, metrics: dict) -> tuple[int, float, float]:
         """Higher is better: the task's best_by metric where it was measured, ahead of the val loss
-        where it was not (a time budget can cut the metric's sample short, so best/ still exists)."""
-        value = metrics.get(self.task.best_by)
+        where it was not (a time budget can cut the metric's sample short, so best/ still exists);
+        a tie on the metric goes to the lower val loss (BLEU is 0 on every evaluation of short targets)."""
+        value, loss = metrics.get(self.task.best_by), -metrics["val_loss"]
         if value is not None and math.isfinite(value):
-            return 1, value if self.task.best_higher else -value
-        return 0, -metrics["val_loss"]
+            return 1, value if self.task.best_higher else -value, loss
+        return 0, loss, loss
 
     def _best(self) -> dict:
         """{"best_by": the metric that picked best/, "best": its value} (empty before an evaluation)."""

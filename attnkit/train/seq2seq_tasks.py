@@ -8,8 +8,8 @@ Tokenizer: one byte-level BPE shared by sources and targets, trained on the trai
 being fine-tuned (``cfg.init``). Sources and targets end with ``</s>`` and are cut to
 ``max_length`` tokens (default: the model's context). Evaluation: the loss on every val pair,
 and BLEU and chrF (or ROUGE) of greedy outputs on a fixed sample of ``eval_sample`` val pairs; that
-BLEU (or ROUGE-L) picks best/, the val loss while it is not measured (``eval_sample`` 0, or a
-time budget that cut the sample short).
+BLEU (or ROUGE-L) picks best/ (a tie: the lower val loss), the val loss while it is not measured
+(``eval_sample`` 0, or a time budget that cut the sample short).
 """
 
 from __future__ import annotations
