@@ -9,7 +9,8 @@ attnkit vs transformers (and CTranslate2 for speed).
   python -m benchmarks.bench_seq2seq all       # quality, then speed (speed reads quality's model)
   python -m benchmarks.bench_seq2seq quality --seeds 1 2 3 --budget 2700
                                                # de-en only, both systems once per seed: the BLEU gap
-                                               # beside the spread between seeds (its own section)
+                                               # beside the spread between seeds (a section per budget, with
+                                               # every kept run at that budget: the plain run's seed too)
   (--threads 2 for all; --under-load marks the speed figures of a shared machine as not comparable)
 
 Quality (de-en, pairs split 15,933 / 885 / 885 by a fixed seed, one byte-level BPE of 8000 trained on
@@ -416,11 +417,11 @@ def bench_quality(args) -> None:
 
     set_threads(args.threads)
     limits = machine_limits()
-    results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "threads": args.threads,
-               "under_load": args.under_load, "limits": limits}
+    cfg = load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR))
+    results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "budget_s": args.budget,
+               "threads": args.threads, "under_load": args.under_load, "limits": limits, "seed": cfg.seed}
     test = load_pairs("de-en")[2]
-    ours, theirs, task = _de_en_pair(load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR)),
-                                     args.budget, test, "quality", results)
+    ours, theirs, task = _de_en_pair(cfg, args.budget, test, "quality", results)
     results.update(attnkit=ours, transformers=theirs)
 
     print("=== attnkit manpage-summary", flush=True)
@@ -494,40 +495,85 @@ def bench_quality_seeds(args) -> None:
     set_threads(args.threads)
     limits = machine_limits()
     test = load_pairs("de-en")[2]
-    runs: dict[str, dict] = {}
     for seed in args.seeds:
-        results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "threads": args.threads,
-                   "under_load": args.under_load, "limits": limits}
+        results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "budget_s": args.budget,
+                   "threads": args.threads, "under_load": args.under_load, "limits": limits, "seed": seed}
         cfg = load_recipe("de-en").replace(max_time=args.budget, seed=seed,
                                            out_dir=str(RUN_DIR.with_name(f"{RUN_DIR.name}-seed-{seed}")))
         ours, theirs, _ = _de_en_pair(cfg, args.budget, test, f"quality-seed-{seed}", results)
-        runs[str(seed)] = {**results, "attnkit": ours, "transformers": theirs}
-        _keep(f"quality-seed-{seed}", runs[str(seed)])
+        _keep(f"quality-seed-{seed}", {**results, "attnkit": ours, "transformers": theirs})
+    write_seeds_section(args.budget, args.threads, args.under_load, args.seeds)
+
+
+def kept_seed_runs(budget: float, threads: int, under_load: bool) -> dict[int, dict]:
+    """Every kept de-en run at this budget, thread count and load, by seed: the seeds mode's, and the plain
+    quality run's (its seed, the recipe's if it did not store one) unless the seeds mode ran that seed."""
+    from attnkit.train import load_recipe
+
+    kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.is_file() else {}
+    same = {key: run for key, run in kept.items()
+            if (key == "quality" or key.startswith("quality-seed-")) and "transformers" in run
+            and run.get("budget_s") == budget and run.get("threads") == threads
+            and bool(run.get("under_load")) == under_load}
+    runs = {}
+    if "quality" in same:
+        plain = same.pop("quality")
+        runs[plain.get("seed", load_recipe("de-en").seed)] = {**plain, "mode": "quality"}
+    for key, run in same.items():
+        runs[int(key.removeprefix("quality-seed-"))] = {**run, "mode": f"quality --seeds {key.removeprefix('quality-seed-')}"}
+    return dict(sorted(runs.items()))
+
+
+def write_seeds_section(budget: float, threads: int, under_load: bool, seeds_run: list[int]) -> None:
+    """The seeds section from every kept run at this budget (kept_seed_runs): the seeds just run and
+    earlier runs' other seeds, each row with when it ran and at which commit."""
+    runs = kept_seed_runs(budget, threads, under_load)
 
     def spread(system: str, key: str) -> str:
         values = [r[system][key] for r in runs.values()]
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
+    def last_bleu(r: dict) -> str:
+        return f"{r['attnkit']['last']['bleu']:.2f}" if "last" in r["attnkit"] else ""
+
     gaps = [r["attnkit"]["bleu"] - r["transformers"]["bleu"] for r in runs.values()]
-    rows = [[seed, r["attnkit"]["steps"], r["transformers"]["steps"], f"{r['attnkit']['bleu']:.2f}",
-             f"{r['transformers']['bleu']:.2f}", f"{r['attnkit']['bleu'] - r['transformers']['bleu']:+.2f}",
-             f"{r['attnkit']['chrf']:.2f}", f"{r['transformers']['chrf']:.2f}"] for seed, r in runs.items()]
-    rows.append(["mean ± sd", "", "", spread("attnkit", "bleu"), spread("transformers", "bleu"),
+    rows = [[seed, f"{r['run_at']} ({r.get('commit') or '?'}, `{r['mode']}`)", r["attnkit"]["steps"],
+             r["transformers"]["steps"], f"{r['attnkit']['bleu']:.2f}", last_bleu(r),
+             f"{r['transformers']['bleu']:.2f}", f"{gap:+.2f}", f"{r['attnkit']['chrf']:.2f}",
+             f"{r['transformers']['chrf']:.2f}"] for (seed, r), gap in zip(runs.items(), gaps)]
+    rows.append(["mean ± sd", "", "", "", spread("attnkit", "bleu"), "", spread("transformers", "bleu"),
                  f"{statistics.mean(gaps):+.2f}", spread("attnkit", "chrf"), spread("transformers", "chrf")])
+    latest = max(runs.values(), key=lambda r: r["run_at"])
     body = (
-        f"{limits_line(limits)}\n\nde-en as in the quality section (the recipe for attnkit, MarianMTModel of the same "
-        f"shape for transformers, the same rows, {args.budget:.0f} s each, test beam 4), once per seed; the seed sets "
-        "initialization, batch order and dropout, not the split or the BPE.\n\n"
-        + table(["seed", "attnkit steps", "transformers steps", "attnkit BLEU", "transformers BLEU", "gap",
-                 "attnkit chrF", "transformers chrF"], rows)
-        + f"\n\nattnkit ahead on {sum(g > 0 for g in gaps)} of {len(gaps)} seeds."
+        f"{limits_line(latest['limits'])} (the latest row's run)\n\nde-en as in the quality section (the recipe for "
+        f"attnkit, MarianMTModel of the same shape for transformers, the same rows, {budget:.0f} s each, test beam 4), "
+        "once per seed; the seed sets initialization, batch order and dropout, not the split or the BPE. Every kept "
+        f"run at {budget:.0f} s is a row (the plain quality run's too), with when it ran, at which commit and by "
+        "which mode; attnkit's BLEU is its best/ checkpoint's (what `translate` reads), and last/'s is beside it.\n\n"
+        + table(["seed", "run (commit, mode)", "attnkit steps", "transformers steps", "attnkit BLEU",
+                 "attnkit last/ BLEU", "transformers BLEU", "gap", "attnkit chrF", "transformers chrF"], rows)
+        + f"\n\nattnkit (best/) ahead on {sum(g > 0 for g in gaps)} of {len(gaps)} seeds."
     )
     print(body)
-    seeds = " ".join(str(s) for s in args.seeds)
-    write_section("seq2seq-quality-seeds",
-                  f"Seq2seq quality over seeds: attnkit vs transformers ({args.threads} threads)", body, f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {args.budget:g} "
-                  f"--threads {args.threads}" + (" --under-load" if args.under_load else ""))
+    seeds = " ".join(str(s) for s in seeds_run)
+    write_section(f"seq2seq-quality-seeds-{budget:g}",  # one section per budget
+                  f"Seq2seq quality over seeds at {budget:g} s: attnkit vs transformers ({threads} threads)", body,
+                  f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {budget:g} --threads {threads}"
+                  + (" --under-load" if under_load else ""))
+
+
+def _commit() -> str | None:
+    """The checkout's short commit hash (a + when it has changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 # --- speed ----------------------------------------------------------------------------------------
