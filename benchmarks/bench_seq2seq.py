@@ -372,7 +372,7 @@ def _de_en_pair(cfg, budget: float, test, keep_as: str, results: dict) -> tuple[
     run_dir = Path(cfg.out_dir)
     print(f"=== attnkit de-en (seed {cfg.seed})", flush=True)
     ours, task = _attnkit_train(cfg)
-    # best/ (what `attnkit translate --ckpt DIR` reads) last: decode_s and the examples are its
+    # best/ (what `attnkit translate --ckpt DIR` reads) is decoded last: decode_s and the examples are its
     for kept in ("trained", "last", "best"):
         model, tokenizer = load_checkpoint(run_dir / ("last" if kept == "trained" else kept))
         if kept == "trained":  # last/ without the recipe's weight average (ema): the weights trained
@@ -418,8 +418,7 @@ def bench_quality(args) -> None:
     set_threads(args.threads)
     limits = machine_limits()
     cfg = load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR))
-    results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "budget_s": args.budget,
-               "threads": args.threads, "under_load": args.under_load, "limits": limits, "seed": cfg.seed}
+    results = _run_header(args, limits, cfg.seed)
     test = load_pairs("de-en")[2]
     ours, theirs, task = _de_en_pair(cfg, args.budget, test, "quality", results)
     results.update(attnkit=ours, transformers=theirs)
@@ -496,8 +495,7 @@ def bench_quality_seeds(args) -> None:
     limits = machine_limits()
     test = load_pairs("de-en")[2]
     for seed in args.seeds:
-        results = {"run_at": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "budget_s": args.budget,
-                   "threads": args.threads, "under_load": args.under_load, "limits": limits, "seed": seed}
+        results = _run_header(args, limits, seed)
         cfg = load_recipe("de-en").replace(max_time=args.budget, seed=seed,
                                            out_dir=str(RUN_DIR.with_name(f"{RUN_DIR.name}-seed-{seed}")))
         ours, theirs, _ = _de_en_pair(cfg, args.budget, test, f"quality-seed-{seed}", results)
@@ -563,14 +561,22 @@ def write_seeds_section(budget: float, threads: int, under_load: bool, seeds_run
                   + (" --under-load" if under_load else ""))
 
 
+def _run_header(args, limits: dict, seed: int) -> dict:
+    """What a kept de-en run records besides its figures: when, at which commit, budget, threads, load, seed."""
+    return {"run_at": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "budget_s": args.budget,
+            "threads": args.threads, "under_load": args.under_load, "limits": limits, "seed": seed}
+
+
 def _commit() -> str | None:
-    """The checkout's short commit hash (a + when it has changes), or None outside a git checkout."""
+    """This benchmark's checkout's short commit hash (a + when it has changes), or None outside git."""
     import subprocess
 
+    here = Path(__file__).parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
+                               text=True, check=True, cwd=here)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
