@@ -498,8 +498,9 @@ def bench_quality_seeds(args) -> None:
         results = _run_header(args, limits, seed)
         cfg = load_recipe("de-en").replace(max_time=args.budget, seed=seed,
                                            out_dir=str(RUN_DIR.with_name(f"{RUN_DIR.name}-seed-{seed}")))
-        ours, theirs, _ = _de_en_pair(cfg, args.budget, test, f"quality-seed-{seed}", results)
-        _keep(f"quality-seed-{seed}", {**results, "attnkit": ours, "transformers": theirs})
+        key = f"quality-seed-{seed}-{args.budget:g}s"  # a seed's run at one budget keeps its run at another
+        ours, theirs, _ = _de_en_pair(cfg, args.budget, test, key, results)
+        _keep(key, {**results, "attnkit": ours, "transformers": theirs})
     write_seeds_section(args.budget, args.threads, args.under_load, args.seeds)
 
 
@@ -517,8 +518,9 @@ def kept_seed_runs(budget: float, threads: int, under_load: bool) -> dict[int, d
     if "quality" in same:
         plain = same.pop("quality")
         runs[plain.get("seed", load_recipe("de-en").seed)] = {**plain, "mode": "quality"}
-    for key, run in same.items():
-        runs[int(key.removeprefix("quality-seed-"))] = {**run, "mode": f"quality --seeds {key.removeprefix('quality-seed-')}"}
+    for key, run in same.items():  # keys quality-seed-<seed>-<budget>s (quality-seed-<seed> before the budget)
+        seed = run.get("seed", int(key.removeprefix("quality-seed-").split("-")[0]))
+        runs[seed] = {**run, "mode": f"quality --seeds {seed}"}
     return dict(sorted(runs.items()))
 
 

@@ -23,8 +23,9 @@ def kept(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", results)
     runs_file.write_text(json.dumps({
         "quality": run("2026-01-02 10:00", 2700, 8.0, 8.5, commit="abc1234"),  # no seed stored: the recipe's
-        "quality-seed-1": run("2026-01-03 10:00", 2700, 9.0, 8.0, seed=1),
-        "quality-seed-2": run("2026-01-01 10:00", 900, 6.0, 3.0, seed=2),  # another budget
+        "quality-seed-1-2700s": run("2026-01-03 10:00", 2700, 9.0, 8.0, seed=1),
+        "quality-seed-1-900s": run("2026-01-03 09:00", 900, 5.0, 2.0, seed=1),  # the same seed at another budget
+        "quality-seed-2": run("2026-01-01 10:00", 900, 6.0, 3.0),  # a key from before the budget was in it
         "quality-seed-3": {**run("2026-01-04 10:00", 2700, 1.0, 1.0), "under_load": True},  # a loaded machine
         "quality-seed-4": {k: v for k, v in run("2026-01-05 10:00", 2700, 1.0, 1.0).items() if k != "transformers"},
         "speed": {"run_at": "2026-01-02 11:00"},
@@ -36,7 +37,9 @@ def test_kept_seed_runs_are_the_same_budget_threads_and_load(kept):
     runs = bench_seq2seq.kept_seed_runs(2700, 2, False)
     assert list(runs) == [1, 1337]  # the plain run under the recipe's seed; 2 (900 s), 3 (load), 4 (half) left out
     assert runs[1337]["mode"] == "quality" and runs[1]["mode"] == "quality --seeds 1"
-    assert list(bench_seq2seq.kept_seed_runs(900, 2, False)) == [2]
+    assert runs[1]["attnkit"]["bleu"] == 9.0
+    at_900 = bench_seq2seq.kept_seed_runs(900, 2, False)
+    assert list(at_900) == [1, 2] and at_900[1]["attnkit"]["bleu"] == 5.0 and at_900[2]["mode"] == "quality --seeds 2"
     assert list(bench_seq2seq.kept_seed_runs(2700, 2, True)) == [3]
 
 
