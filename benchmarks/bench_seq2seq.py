@@ -78,6 +78,13 @@ def _keep(key: str, value: dict) -> None:
     keep_runs(RUNS_FILE, {key: value})
 
 
+def _isa_suffix(isa: str) -> str:
+    """What a run's key and its results.md section add for the machine's instruction set: nothing on AVX512,
+    where this benchmark's runs were first made, "-avx2" and so on elsewhere. Another ISA is another machine
+    (no bf16 matmuls on AVX2, other kernels): its figures are a series of their own, not the next run of one."""
+    return "" if isa == "AVX512" else f"-{isa.lower()}"
+
+
 def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -420,7 +427,7 @@ def bench_quality(args) -> None:
     cfg = load_recipe("de-en").replace(max_time=args.budget, out_dir=str(RUN_DIR))
     results = _run_header(args, limits, cfg.seed)
     test = load_pairs("de-en")[2]
-    ours, theirs, task = _de_en_pair(cfg, args.budget, test, "quality", results)
+    ours, theirs, task = _de_en_pair(cfg, args.budget, test, "quality" + _isa_suffix(limits["isa"]), results)
     results.update(attnkit=ours, transformers=theirs)
 
     print("=== attnkit manpage-summary", flush=True)
@@ -434,7 +441,7 @@ def bench_quality(args) -> None:
     summary.update(scores(outputs, refs, "rouge"), recipe=summary_source, examples=outputs[:5])
     lead = scores([lead_baseline(p.source) for p in summary_test], refs, "rouge")
     results.update(summary=summary, lead=lead, summary_budget_s=args.summary_budget, summary_test=len(summary_test))
-    _keep("quality", results)
+    _keep("quality" + _isa_suffix(limits["isa"]), results)
 
     speed_note = "" if not args.under_load else " (machine under load: not a speed figure)"
     best_rule = ("highest val BLEU on the sample" if ours["best_by"] == "val_bleu" else "lowest val loss")
@@ -480,8 +487,9 @@ def bench_quality(args) -> None:
     )
     print(body)
     flags = f"--budget {args.budget:g} --summary-budget {args.summary_budget:g} --threads {args.threads}"
-    write_section("seq2seq-quality", f"Seq2seq quality at equal wall time: attnkit vs transformers "
-                                     f"({args.threads} threads)", body,
+    write_section("seq2seq-quality" + _isa_suffix(limits["isa"]),
+                  f"Seq2seq quality at equal wall time: attnkit vs transformers ({args.threads} threads, "
+                  f"{limits['isa']})", body,
                   f"python -m benchmarks.bench_seq2seq quality {flags}" + (" --under-load" if args.under_load else ""))
 
 
@@ -498,36 +506,37 @@ def bench_quality_seeds(args) -> None:
         results = _run_header(args, limits, seed)
         cfg = load_recipe("de-en").replace(max_time=args.budget, seed=seed,
                                            out_dir=str(RUN_DIR.with_name(f"{RUN_DIR.name}-seed-{seed}")))
-        key = f"quality-seed-{seed}-{args.budget:g}s"  # a seed's run at one budget keeps its run at another
+        # a seed's run at one budget (or on another ISA) keeps its run at another
+        key = f"quality-seed-{seed}-{args.budget:g}s{_isa_suffix(limits['isa'])}"
         ours, theirs, _ = _de_en_pair(cfg, args.budget, test, key, results)
         _keep(key, {**results, "attnkit": ours, "transformers": theirs})
-    write_seeds_section(args.budget, args.threads, args.under_load, args.seeds)
+    write_seeds_section(args.budget, args.threads, args.under_load, args.seeds, limits["isa"])
 
 
-def kept_seed_runs(budget: float, threads: int, under_load: bool) -> dict[int, dict]:
-    """Every kept de-en run at this budget, thread count and load, by seed: the seeds mode's, and the plain
-    quality run's (its seed, the recipe's if it did not store one) unless the seeds mode ran that seed."""
+def kept_seed_runs(budget: float, threads: int, under_load: bool, isa: str) -> dict[int, dict]:
+    """Every kept de-en run at this budget, thread count, load and ISA, by seed: the seeds mode's, and the
+    plain quality run's (its seed, the recipe's if it did not store one) unless the seeds mode ran that seed."""
     from attnkit.train import load_recipe
 
     kept = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.is_file() else {}
     same = {key: run for key, run in kept.items()
-            if (key == "quality" or key.startswith("quality-seed-")) and "transformers" in run
+            if (key == "quality" + _isa_suffix(isa) or key.startswith("quality-seed-")) and "transformers" in run
             and run.get("budget_s") == budget and run.get("threads") == threads
-            and bool(run.get("under_load")) == under_load}
+            and bool(run.get("under_load")) == under_load and run["limits"].get("isa") == isa}
     runs = {}
-    if "quality" in same:
-        plain = same.pop("quality")
+    if "quality" + _isa_suffix(isa) in same:
+        plain = same.pop("quality" + _isa_suffix(isa))
         runs[plain.get("seed", load_recipe("de-en").seed)] = {**plain, "mode": "quality"}
-    for key, run in same.items():  # keys quality-seed-<seed>-<budget>s (quality-seed-<seed> before the budget)
+    for key, run in same.items():  # keys quality-seed-<seed>-<budget>s[-<isa>] (quality-seed-<seed> before the budget)
         seed = run.get("seed", int(key.removeprefix("quality-seed-").split("-")[0]))
         runs[seed] = {**run, "mode": f"quality --seeds {seed}"}
     return dict(sorted(runs.items()))
 
 
-def write_seeds_section(budget: float, threads: int, under_load: bool, seeds_run: list[int]) -> None:
+def write_seeds_section(budget: float, threads: int, under_load: bool, seeds_run: list[int], isa: str) -> None:
     """The seeds section from every kept run at this budget (kept_seed_runs): the seeds just run and
     earlier runs' other seeds, each row with when it ran and at which commit."""
-    runs = kept_seed_runs(budget, threads, under_load)
+    runs = kept_seed_runs(budget, threads, under_load, isa)
 
     def spread(system: str, key: str) -> str:
         values = [r[system][key] for r in runs.values()]
@@ -557,8 +566,9 @@ def write_seeds_section(budget: float, threads: int, under_load: bool, seeds_run
     )
     print(body)
     seeds = " ".join(str(s) for s in seeds_run)
-    write_section(f"seq2seq-quality-seeds-{budget:g}",  # one section per budget
-                  f"Seq2seq quality over seeds at {budget:g} s: attnkit vs transformers ({threads} threads)", body,
+    write_section(f"seq2seq-quality-seeds-{budget:g}{_isa_suffix(isa)}",  # one section per budget and ISA
+                  f"Seq2seq quality over seeds at {budget:g} s: attnkit vs transformers ({threads} threads, {isa})",
+                  body,
                   f"python -m benchmarks.bench_seq2seq quality --seeds {seeds} --budget {budget:g} --threads {threads}"
                   + (" --under-load" if under_load else ""))
 
@@ -677,7 +687,7 @@ def bench_speed(args) -> None:
                "identical_texts_vs_transformers": {k: v[1] for k, v in check.items()},
                "ct2_zero_start_identical_tokens": zero_identical, "transformers_tokens_generated": generated,
                "max_new_tokens": [m for _, m in plan]}
-    _keep("speed", results)
+    _keep("speed" + _isa_suffix(limits["isa"]), results)
 
     note = "" if not args.under_load else " (machine under load: not a speed figure)"
 
@@ -708,8 +718,9 @@ def bench_speed(args) -> None:
         f"{'met' if ratio >= 2 else 'missed'}."
     )
     print(body)
-    write_section("seq2seq-speed", f"Seq2seq beam-4 translation speed: attnkit vs transformers vs CTranslate2 "
-                                   f"({args.threads} threads)", body,
+    write_section("seq2seq-speed" + _isa_suffix(limits["isa"]),
+                  f"Seq2seq beam-4 translation speed: attnkit vs transformers vs CTranslate2 ({args.threads} threads, "
+                  f"{limits['isa']})", body,
                   f"python -m benchmarks.bench_seq2seq speed --sentences {args.sentences} --repeats {args.repeats} "
                   f"--threads {args.threads}" + (" --under-load" if args.under_load else ""))
 
