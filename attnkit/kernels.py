@@ -14,8 +14,9 @@ own ops run. Where there is no compiler or the build fails, torch's ops run too 
 why, once. ``ATTNKIT_NATIVE=0`` turns the kernels off; ``native_status()`` (and ``attnkit info``)
 says which applies.
 
-Not a kernel of ours but routed here too: on AVX512 CPUs, several rows without gradients multiply
-by oneDNN's packed copy of the weight (``_packed_weight``; ``ATTNKIT_PACKED_WEIGHTS=0`` turns it off).
+Not a kernel of ours but routed here too: on AVX512 and AVX2 CPUs, several rows without gradients
+multiply by oneDNN's packed copy of the weight (``_packed_weight``; ``ATTNKIT_PACKED_WEIGHTS=0`` turns it
+off).
 """
 
 from __future__ import annotations
@@ -232,16 +233,28 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
 # 21-25 (the call costs ~20 us): so from 128 Ki values. Against the fp32 rows kernel (3-6 rows) mixed below
 # 2 Mi values (576x1536 4 rows 51 / 61, 768x2304 3 rows 88 / 82), ahead above (256x8000 4 rows 118 / 107,
 # 6 rows 170 / 140). bf16, 4 or more rows: 256x256 40 / 20, 256x8000 159 / 66, 49152x576 3584 / 1486; 2-3
-# rows stay on the rows kernel (576x1536 23 / 33). Measured on AVX512 only: elsewhere F.linear runs.
+# rows stay on the rows kernel (576x1536 23 / 33). AVX2 (AMD EPYC, no AVX512), fp32, medians of interleaved
+# rounds, microseconds F.linear / packed: 256x8000 32 rows 3877 / 1777, 128 rows 10043 / 6478, 640 rows
+# 26500 / 22856; 1024x256 32-640 rows 1.06-1.11x; 256x1024 32 rows 258 / 165, 128 rows 917 / 835; 256x768
+# 0.94-1.10x; but 256x256 0.75x at 32 rows, 0.93x at 128: so from 256 Ki values, fp32 only (bf16 has no
+# fast path there). SmolLM2's and minilm's shapes (576x1536, 1536x576, 384x1536, 1536x384, 384x1152) at
+# 16 / 128 / 512 / 2048 rows: 1.39-1.57x / 1.00-1.15x / 0.98-1.27x / 0.97-1.30x. 2 to 8 rows stay on the rows kernel (256x8000 4 rows 276 vs 308 packed).
 # ATTNKIT_PACKED_WEIGHTS=0 turns it off. The cost: a second copy of each weight used this way.
-_PACKED_MIN_WEIGHTS = {torch.float32: 1 << 17, torch.bfloat16: 1 << 12}
+_PACKED_MIN_WEIGHTS = {"avx512": {torch.float32: 1 << 17, torch.bfloat16: 1 << 12},  # ISA -> dtype -> fewest values
+                       "avx2": {torch.float32: 1 << 18}}
 _packed: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # weight -> (its data_ptr, its version, packed copy)
 
 
 @functools.lru_cache(maxsize=1)
 def _packing_on() -> bool:
-    return (os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") != "0" and _isa() == "avx512"
+    return (os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") != "0" and _isa() in _PACKED_MIN_WEIGHTS
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.lru_cache(maxsize=1)
+def _packed_sizes() -> dict:
+    """This CPU's dtype -> fewest weight values for the packed product (empty where it has none)."""
+    return _PACKED_MIN_WEIGHTS.get(_isa(), {})
 
 
 def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -250,8 +263,8 @@ def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 / bf16, a weight
     made in inference mode (it keeps no version to check), inside torch.compile."""
     dtype = x.dtype
-    if not (x.is_cpu and weight.dtype is dtype and dtype in _PACKED_MIN_WEIGHTS
-            and weight.numel() >= _PACKED_MIN_WEIGHTS[dtype] and x.numel() > x.shape[-1] > 0
+    if not (x.is_cpu and weight.dtype is dtype and (fewest := _packed_sizes().get(dtype)) is not None
+            and weight.numel() >= fewest and x.numel() > x.shape[-1] > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and weight.dim() == 2 and (bias is None or (bias.dtype is dtype and bias.dim() == 1))

@@ -442,16 +442,19 @@ def test_attention_over_grouped_key_rows_equals_attention_over_repeated_keys():
 
 # --- several rows over oneDNN's packed copy of the weight ------------------------------------------------
 
-needs_packing = pytest.mark.skipif(not kernels._packing_on(), reason="packed weights are used on AVX512 CPUs only")
+needs_packing = pytest.mark.skipif(not kernels._packing_on(), reason="packed weights are used on AVX512 and AVX2 "
+                                                                    "CPUs only")
 
 
 @needs_packing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lead", [(9,), (4, 1), (2, 33)])
+@pytest.mark.parametrize("lead", [(9,), (12, 1), (2, 33)])  # more rows than the rows kernel takes
 def test_several_rows_run_on_the_packed_weight_within_rounding_of_the_exact_product(dtype, lead):
+    if dtype not in kernels._packed_sizes():
+        pytest.skip(f"no packed {dtype} product on this CPU")
     g = torch.Generator().manual_seed(len(lead))
-    layer = kernels.Linear(384, 512).to(dtype)
-    x = torch.randn(*lead, 384, generator=g).to(dtype)
+    layer = kernels.Linear(512, 512).to(dtype)  # 256 Ki values: packed on AVX512 and AVX2
+    x = torch.randn(*lead, 512, generator=g).to(dtype)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in ops_called(lambda: layer(x))
         got = layer(x).double()
@@ -465,8 +468,8 @@ def test_several_rows_run_on_the_packed_weight_within_rounding_of_the_exact_prod
 @needs_packing
 def test_the_packed_weight_is_made_again_when_the_weight_changes_and_never_under_autograd(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    layer = kernels.Linear(384, 512)
-    x = torch.randn(16, 384, generator=g)
+    layer = kernels.Linear(512, 512)
+    x = torch.randn(16, 512, generator=g)
 
     def same_as_torch():
         return torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
@@ -476,7 +479,7 @@ def test_the_packed_weight_is_made_again_when_the_weight_changes_and_never_under
         packed = kernels._packed[layer.weight][1]
         layer.weight.mul_(-2.0)  # an optimizer's in-place step: a new version
         assert same_as_torch() and kernels._packed[layer.weight][1] is not packed
-        layer.weight.data = torch.randn(512, 384, generator=g) / 20  # new storage (to(), load_state_dict(assign=True))
+        layer.weight.data = torch.randn(512, 512, generator=g) / 20  # new storage (to(), load_state_dict(assign=True))
         assert same_as_torch()
         assert "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x[:1]))  # one row: not packed
     with torch.inference_mode():
