@@ -263,12 +263,13 @@ def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 / bf16, a weight
     made in inference mode (it keeps no version to check), inside torch.compile."""
     dtype = x.dtype
-    if not (x.is_cpu and weight.dtype is dtype and (fewest := _packed_sizes().get(dtype)) is not None
-            and weight.numel() >= fewest and x.numel() > x.shape[-1] > 0
+    # inside torch.compile first: dynamo cannot trace _packed_sizes' first call (it reads /proc/cpuinfo)
+    if not (x.is_cpu and weight.dtype is dtype and not torch.compiler.is_compiling() and x.numel() > x.shape[-1] > 0
+            and (fewest := _packed_sizes().get(dtype)) is not None and weight.numel() >= fewest
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and weight.dim() == 2 and (bias is None or (bias.dtype is dtype and bias.dim() == 1))
-            and _packing_on() and not weight.is_inference() and not torch.compiler.is_compiling()):
+            and _packing_on() and not weight.is_inference()):
         return None
     key = (weight.data_ptr(), weight._version)
     found = _packed.get(weight)
