@@ -238,7 +238,8 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
 # 26500 / 22856; 1024x256 32-640 rows 1.06-1.11x; 256x1024 32 rows 258 / 165, 128 rows 917 / 835; 256x768
 # 0.94-1.10x; but 256x256 0.75x at 32 rows, 0.93x at 128: so from 256 Ki values, fp32 only (bf16 has no
 # fast path there). SmolLM2's and minilm's shapes (576x1536, 1536x576, 384x1536, 1536x384, 384x1152) at
-# 16 / 128 / 512 / 2048 rows: 1.39-1.57x / 1.00-1.15x / 0.98-1.27x / 0.97-1.30x. 2 to 8 rows stay on the rows kernel (256x8000 4 rows 276 vs 308 packed).
+# 16 / 128 / 512 / 2048 rows: 1.39-1.57x / 1.00-1.15x / 0.98-1.27x / 0.97-1.30x. 2 to 8 rows stay on the
+# rows kernel (256x8000 4 rows 276 vs 308 packed).
 # ATTNKIT_PACKED_WEIGHTS=0 turns it off. The cost: a second copy of each weight used this way.
 _PACKED_MIN_WEIGHTS = {"avx512": {torch.float32: 1 << 17, torch.bfloat16: 1 << 12},  # ISA -> dtype -> fewest values
                        "avx2": {torch.float32: 1 << 18}}
@@ -246,15 +247,17 @@ _packed: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # weight -> (its data_pt
 
 
 @functools.lru_cache(maxsize=1)
-def _packing_on() -> bool:
-    return (os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") != "0" and _isa() in _PACKED_MIN_WEIGHTS
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-@functools.lru_cache(maxsize=1)
 def _packed_sizes() -> dict:
-    """This CPU's dtype -> fewest weight values for the packed product (empty where it has none)."""
+    """This CPU's dtype -> fewest weight values for the packed product (empty where it has none, or
+    where ATTNKIT_PACKED_WEIGHTS=0 or oneDNN is missing)."""
+    if (os.environ.get("ATTNKIT_PACKED_WEIGHTS", "1") == "0" or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return {}
     return _PACKED_MIN_WEIGHTS.get(_isa(), {})
+
+
+def _packing_on() -> bool:
+    return bool(_packed_sizes())
 
 
 def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
