@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -243,7 +244,18 @@ def _native_linear(x: Tensor, weight: Tensor, bias: Tensor | None):
 # ATTNKIT_PACKED_WEIGHTS=0 turns it off. The cost: a second copy of each weight used this way.
 _PACKED_MIN_WEIGHTS = {"avx512": {torch.float32: 1 << 17, torch.bfloat16: 1 << 12},  # ISA -> dtype -> fewest values
                        "avx2": {torch.float32: 1 << 18}}
-_packed: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # weight -> (its data_ptr, its version, packed copy)
+_packed: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # weight -> ((data_ptr, version, optimizer steps), packed copy)
+# Optimizer steps taken in this process, counted by torch's hook on every optimizer: torch's fused AdamW
+# (the Trainer's) changes the weights in place without a new version, so with the version alone every
+# evaluation of an fp32 run after the first multiplied by the first one's packed copies.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @functools.lru_cache(maxsize=1)
@@ -262,7 +274,9 @@ def _packing_on() -> bool:
 
 def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """oneDNN's reordered copy of ``weight`` for ``F.linear(x, weight, bias)`` over several rows, made
-    on first use and remade when the weight changes (another tensor, storage or version), or None
+    on first use and remade when the weight may have changed (another tensor, storage or version, or
+    an optimizer step anywhere since; a change through ``.data``, which torch does not count, is not
+    seen), or None
     where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 / bf16, a weight
     made in inference mode (it keeps no version to check), inside torch.compile."""
     dtype = x.dtype
@@ -274,7 +288,7 @@ def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
             and weight.dim() == 2 and (bias is None or (bias.dtype is dtype and bias.dim() == 1))
             and _packing_on() and not weight.is_inference()):
         return None
-    key = (weight.data_ptr(), weight._version)
+    key = (weight.data_ptr(), weight._version, _optimizer_steps[0])
     found = _packed.get(weight)
     if found is None or found[0] != key:
         with torch.inference_mode(False), torch.no_grad():

@@ -481,6 +481,10 @@ def test_the_packed_weight_is_made_again_when_the_weight_changes_and_never_under
         assert same_as_torch() and kernels._packed[layer.weight][1] is not packed
         layer.weight.data = torch.randn(512, 512, generator=g) / 20  # new storage (to(), load_state_dict(assign=True))
         assert same_as_torch()
+        layer.weight.grad = torch.randn(512, 512, generator=g)
+        for fused in (True, False):  # torch's fused AdamW steps in place without a new version
+            torch.optim.AdamW([layer.weight], lr=0.01, fused=fused).step()
+            assert same_as_torch()
         assert "mkldnn::_linear_pointwise" not in ops_called(lambda: layer(x[:1]))  # one row: not packed
     with torch.inference_mode():
         assert same_as_torch()
