@@ -540,7 +540,7 @@ def _print_samples(cfg, trainer) -> None:
     if cfg.task == "seq2seq":
         from attnkit.generate import Beams, seq2seq_texts
 
-        pairs = [trainer.task.val_pairs[i] for i in trainer.task.sample[:3]]
+        pairs = [trainer.task.val_pairs[i] for i in sorted(trainer.task.sample)[:3]]  # first, not shortest
         outputs = seq2seq_texts(trainer.raw_model.eval(), trainer.tokenizer, [p.source for p in pairs], beams=Beams(4))
         click.echo("--- samples (val, beam 4) ---")
         for pair, out in zip(pairs, outputs):

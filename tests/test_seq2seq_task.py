@@ -206,6 +206,18 @@ def test_a_resumed_seq2seq_run_equals_the_straight_run(tmp_path):
     assert losses("b") == pytest.approx(losses("a"), abs=1e-6) and len(losses("a")) == 4
 
 
+def test_the_val_sample_is_decoded_by_source_length(tmp_path):
+    from attnkit.train import Trainer
+    from attnkit.train.config import load_config_file
+
+    cfg = load_config_file(tiny_config(tmp_path, pairs_file(tmp_path, n=400))).replace(
+        out_dir=str(tmp_path / "run"), eval_sample=24)
+    with Trainer(cfg) as trainer:
+        task = trainer.task
+    lengths = [len(task.val_rows[i][0]) for i in task.sample]
+    assert len(task.sample) == 24 and lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
 @pytest.mark.parametrize("eval_sample", [20, 0])
 def test_best_is_picked_by_the_val_bleu_or_by_the_val_loss_without_a_sample(tmp_path, eval_sample):
     config = Path(tiny_config(tmp_path, pairs_file(tmp_path, n=80), max_steps=60, eval_interval=10, log_interval=10))

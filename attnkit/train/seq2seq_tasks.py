@@ -71,7 +71,10 @@ class Seq2SeqTask(Task):
         self.eval_batches = len(self.val_groups)
         n = min(cfg.eval_sample, len(val))
         picked = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed + 1))[:n].tolist()
-        self.sample = sorted(picked)  # the same val pairs at every evaluation
+        # the same val pairs at every evaluation, by source length: each decoding batch runs until its
+        # longest output ends (1.5 x its longest source + 10 tokens at most). The de-en recipe's 885 val
+        # pairs, AVX2 EPYC: 15.2 s in index order, 8.8 s so at initialisation; 7.3 / 4.7 s at step 3,500
+        self.sample = sorted(picked, key=lambda i: (len(self.val_rows[i][0]), i))
         if self.sample:  # the task's metric picks best/ (as fairseq's --best-checkpoint-metric bleu): on de-en
             # the val loss was lowest at step 4,500 of 7,585 while the val BLEU still climbed
             self.best_by, self.best_higher = ("val_bleu" if cfg.seq2seq_metric == "bleu" else "val_rougeL"), True
