@@ -580,15 +580,17 @@ def _run_header(args, limits: dict, seed: int) -> dict:
 
 
 def _commit() -> str | None:
-    """This benchmark's checkout's short commit hash (a + when it has changes), or None outside git."""
+    """This benchmark's checkout's short commit hash (a + when it has changes other than the benchmarks'
+    results, which an earlier run in the same checkout wrote), or None outside git."""
     import subprocess
 
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/results.md", ":(top,exclude)benchmarks/*_runs.json"],
+                               capture_output=True, text=True, check=True, cwd=here)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
