@@ -276,9 +276,8 @@ def _packed_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | N
     """oneDNN's reordered copy of ``weight`` for ``F.linear(x, weight, bias)`` over several rows, made
     on first use and remade when the weight may have changed (another tensor, storage or version, or
     an optimizer step anywhere since; a change through ``.data``, which torch does not count, is not
-    seen), or None
-    where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 / bf16, a weight
-    made in inference mode (it keeps no version to check), inside torch.compile."""
+    seen), or None where F.linear runs: gradients, one row, small matrices, not the CPU, not fp32 /
+    bf16, a weight made in inference mode (it keeps no version to check), inside torch.compile."""
     dtype = x.dtype
     # inside torch.compile first: dynamo cannot trace _packed_sizes' first call (it reads /proc/cpuinfo)
     if not (x.is_cpu and weight.dtype is dtype and not torch.compiler.is_compiling() and x.numel() > x.shape[-1] > 0
