@@ -496,7 +496,7 @@ DATA_OPTIONS = _options(
     click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]),
                  help="classify: the pooled [CLS] (BERT) or the mean of the tokens."),
     click.option("--length-buckets", default=None, type=int,
-                 help="classify: draw each batch from one of N buckets of similar length (faster: less padding; "
+                 help="classify, seq2seq: draw each batch from one of N buckets of similar length (less padding; "
                       "batches of one length can cost some accuracy)  [default: 1, from all examples]."),
 )
 

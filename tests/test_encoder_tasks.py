@@ -28,7 +28,8 @@ from attnkit.encoding import qa_windows
 from attnkit.tokenizers import CharTokenizer, train_wordpiece
 from attnkit.train import TrainConfig, Trainer
 from attnkit.train.tasks import make_task
-from attnkit.train.encoder_tasks import EncoderTask, length_buckets, mask_tokens
+from attnkit.train.encoder_tasks import EncoderTask, mask_tokens
+from attnkit.train.tasks import drawn_indices, length_buckets
 
 TINY = dict(n_layer=2, d_model=32, n_head=2, context_length=64)
 LABELS = ["neg", "pos"]
@@ -229,11 +230,10 @@ def test_length_buckets_split_by_length_and_keep_every_example_equally_likely():
                for a, b in zip(buckets, buckets[1:]))
     assert len(length_buckets(lengths[:5], 16)) == 5 and len(length_buckets(lengths, 1)) == 1
 
-    task = SimpleNamespace(cfg=TrainConfig(batch_size=8))  # what the task's draw reads
     generator, counts = torch.Generator().manual_seed(0), torch.zeros(1000)
     bucket_of = {i: k for k, b in enumerate(buckets) for i in b.tolist()}
     for _ in range(4000):
-        index = EncoderTask._draw(task, 1000, generator, 0, 1, buckets)
+        index = drawn_indices(1000, 8, generator, 0, 1, buckets)
         assert len({bucket_of[i] for i in index}) == 1  # one bucket per batch: little padding
         counts[index] += 1
     # every example drawn about 32 times (4000 x 8 / 1000): no bucket is favoured

@@ -218,6 +218,29 @@ def test_the_val_sample_is_decoded_by_source_length(tmp_path):
     assert len(task.sample) == 24 and lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
 
+def test_length_buckets_draw_each_batch_from_pairs_of_about_one_length(tmp_path):
+    from attnkit.train import Trainer
+    from attnkit.train.config import load_config_file
+
+    cfg = load_config_file(tiny_config(tmp_path, pairs_file(tmp_path, n=400)))
+    padding = {}
+    for buckets in (1, 8):
+        with Trainer(cfg.replace(length_buckets=buckets, out_dir=str(tmp_path / f"run{buckets}"))) as trainer:
+            task, generator = trainer.task, torch.Generator().manual_seed(0)
+            ranges = [(min(sum(map(len, task.train_rows[i])) for i in b.tolist()),
+                       max(sum(map(len, task.train_rows[i])) for i in b.tolist())) for b in task.train_buckets]
+            assert len(ranges) == buckets
+            real = total = 0
+            for _ in range(20):
+                batch = task.train_batch(generator, device=torch.device("cpu"))
+                lengths = batch["attention_mask"].sum(1) + (batch["labels"] != -100).sum(1)  # source + target
+                assert any(low <= lengths.min() and lengths.max() <= high for low, high in ranges)  # one bucket's
+                real += int(batch["attention_mask"].sum())
+                total += batch["attention_mask"].numel()
+            padding[buckets] = 1 - real / total
+    assert padding[8] < padding[1] / 2, padding  # the sources' padding
+
+
 @pytest.mark.parametrize("eval_sample", [20, 0])
 def test_best_is_picked_by_the_val_bleu_or_by_the_val_loss_without_a_sample(tmp_path, eval_sample):
     config = Path(tiny_config(tmp_path, pairs_file(tmp_path, n=80), max_steps=60, eval_interval=10, log_interval=10))

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from attnkit.errors import AttnkitError
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import LanguageModelingTask, Task, always, load_base, perplexity, summed_val_loss
+from attnkit.train.tasks import (LanguageModelingTask, Task, always, drawn_indices, load_base, perplexity,
+                                 summed_val_loss)
 
 TEXT_WINDOW = 512  # task lm: tokens per training window unless --max-length (the full context is slow on a CPU)
 IGNORE = -100
@@ -199,9 +200,8 @@ class ChatTask(PretrainedDecoder):
         return inputs.to(device), targets.to(device)
 
     def train_batch(self, generator, *, device, rank=0, world=1):
-        index = torch.randint(len(self.train_rows), (self.cfg.batch_size,), generator=generator).tolist()
-        per = self.cfg.batch_size // world
-        return self._batch([self.train_rows[i] for i in index[rank * per:(rank + 1) * per]], device)
+        index = drawn_indices(len(self.train_rows), self.cfg.batch_size, generator, rank, world)
+        return self._batch([self.train_rows[i] for i in index], device)
 
     def _loss(self, model, batch, reduction: str = "mean") -> Tensor:
         inputs, targets = batch

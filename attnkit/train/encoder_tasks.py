@@ -24,7 +24,7 @@ from attnkit.data.encoder_inputs import EncoderInputs, length_sorted_batches, pa
 from attnkit.errors import AttnkitError
 from attnkit.models.encoder import head_fields
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always, build_seeded_model, load_base
+from attnkit.train.tasks import Task, always, build_seeded_model, drawn_indices, length_buckets, load_base
 
 ADAPTER_DIR = "adapter"
 
@@ -133,27 +133,8 @@ class EncoderTask(Task):
 
     # -- batches of rows
 
-    def _draw(self, n: int, generator: torch.Generator, rank: int, world: int,
-              buckets: Sequence[Tensor] | None = None) -> list[int]:
-        """This rank's slice of a global batch of example indices drawn with replacement: from all n,
-        or from one of ``buckets`` (index tensors), picked in proportion to its size."""
-        if buckets is None or len(buckets) == 1:
-            index = torch.randint(n, (self.cfg.batch_size,), generator=generator).tolist()
-        else:
-            sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
-            bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
-            index = bucket[torch.randint(len(bucket), (self.cfg.batch_size,), generator=generator)].tolist()
-        per = self.cfg.batch_size // world
-        return index[rank * per:(rank + 1) * per]
-
     def _eval_groups(self, lengths: Sequence[int]) -> list[list[int]]:
         return length_sorted_batches(lengths, self.cfg.batch_size)
-
-
-def length_buckets(lengths: Sequence[int], count: int) -> list[Tensor]:
-    """The example indices in ``count`` buckets of (nearly) equal size, by length."""
-    order = torch.tensor(sorted(range(len(lengths)), key=lambda i: (lengths[i], i)), dtype=torch.long)
-    return [b for b in torch.tensor_split(order, min(count, max(1, len(lengths)))) if len(b)]
 
 
 def _padded(rows: Sequence[tuple[list[int], list[int]]], pad: int, device):
@@ -286,7 +267,7 @@ class ClassificationTask(EncoderTask):
         return [self.inputs.ids(e.text, e.text_pair) for e in examples], torch.tensor([index[e.label] for e in examples])
 
     def train_batch(self, generator, *, device, rank=0, world=1):
-        index = self._draw(len(self.train_rows), generator, rank, world, self.train_buckets)
+        index = drawn_indices(len(self.train_rows), self.cfg.batch_size, generator, rank, world, self.train_buckets)
         return _padded([self.train_rows[i] for i in index], self.special.pad, device), self.train_targets[index].to(device)
 
     def loss(self, model, batch) -> Tensor:
@@ -368,7 +349,7 @@ class SpanQATask(EncoderTask):
                 + F.cross_entropy(logits[..., 1], targets[:, 1], reduction=reduction)) / 2
 
     def train_batch(self, generator, *, device, rank=0, world=1):
-        return [self.train_windows[i] for i in self._draw(len(self.train_windows), generator, rank, world)]
+        return [self.train_windows[i] for i in drawn_indices(len(self.train_windows), self.cfg.batch_size, generator, rank, world)]
 
     def loss(self, model, batch) -> Tensor:
         device = next(model.parameters()).device

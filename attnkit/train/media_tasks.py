@@ -22,7 +22,8 @@ from attnkit.errors import AttnkitError
 from attnkit.media import AudioLayout, ImageLayout, audio_codes, with_layout
 from attnkit.metrics import bits
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import LanguageModelingTask, Task, always, mean_next_token_loss, next_token_losses
+from attnkit.train.tasks import (LanguageModelingTask, Task, always, drawn_indices, mean_next_token_loss,
+                                 next_token_losses)
 
 
 class PixelTask(Task):
@@ -50,9 +51,8 @@ class PixelTask(Task):
                    batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
 
     def train_batch(self, generator, *, device, rank=0, world=1) -> Tensor:
-        picked = torch.randint(len(self.train_rows), (self.batch_size,), generator=generator)
-        per = self.batch_size // world
-        return self.train_rows[picked[rank * per:(rank + 1) * per]].to(device, non_blocking=True)
+        picked = drawn_indices(len(self.train_rows), self.batch_size, generator, rank, world)
+        return self.train_rows[picked].to(device, non_blocking=True)
 
     def loss(self, model, batch: Tensor) -> Tensor:
         return next_token_losses(model, batch).mean()

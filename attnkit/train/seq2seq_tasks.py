@@ -26,7 +26,7 @@ from attnkit.data.pairs import Pair
 from attnkit.errors import AttnkitError
 from attnkit.models.seq2seq import right_pad
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always, load_base, summed_val_loss
+from attnkit.train.tasks import Task, always, drawn_indices, length_buckets, load_base, summed_val_loss
 
 IGNORE = -100
 
@@ -67,6 +67,7 @@ class Seq2SeqTask(Task):
                   file=sys.stderr)
         mean = sum(len(s) + len(t) for s, t in self.train_rows) / len(self.train_rows)
         self.tokens_per_batch = round(cfg.batch_size * mean)
+        self.train_buckets = length_buckets([len(s) + len(t) for s, t in self.train_rows], cfg.length_buckets)
         self.val_groups = length_sorted_batches([len(s) + len(t) for s, t in self.val_rows], cfg.batch_size)
         self.eval_batches = len(self.val_groups)
         n = min(cfg.eval_sample, len(val))
@@ -136,9 +137,8 @@ class Seq2SeqTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def train_batch(self, generator, *, device, rank=0, world=1) -> dict:
-        index = torch.randint(len(self.train_rows), (self.cfg.batch_size,), generator=generator).tolist()
-        per = self.cfg.batch_size // world
-        return self._batch([self.train_rows[i] for i in index[rank * per:(rank + 1) * per]], device)
+        index = drawn_indices(len(self.train_rows), self.cfg.batch_size, generator, rank, world, self.train_buckets)
+        return self._batch([self.train_rows[i] for i in index], device)
 
     def loss(self, model, batch: dict) -> Tensor:
         return model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"],

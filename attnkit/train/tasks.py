@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,26 @@ def random_windows(tokens: Tensor, context: int, n: int, generator: torch.Genera
     """(n, context + 1) windows at uniformly random starts."""
     starts = torch.randint(len(tokens) - context, (n,), generator=generator)
     return tokens[starts[:, None] + torch.arange(context + 1)]
+
+
+def drawn_indices(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+                  buckets: Sequence[Tensor] | None = None) -> list[int]:
+    """This rank's slice of a global batch of example indices drawn with replacement: from all n,
+    or from one of ``buckets`` (index tensors), picked in proportion to its size."""
+    if buckets is None or len(buckets) == 1:
+        index = torch.randint(n, (batch_size,), generator=generator).tolist()
+    else:
+        sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+        bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+        index = bucket[torch.randint(len(bucket), (batch_size,), generator=generator)].tolist()
+    per = batch_size // world
+    return index[rank * per:(rank + 1) * per]
+
+
+def length_buckets(lengths: Sequence[int], count: int) -> list[Tensor]:
+    """The example indices in ``count`` buckets of (nearly) equal size, by length."""
+    order = torch.tensor(sorted(range(len(lengths)), key=lambda i: (lengths[i], i)), dtype=torch.long)
+    return [b for b in torch.tensor_split(order, min(count, max(1, len(lengths)))) if len(b)]
 
 
 def perplexity(loss: float) -> float:
