@@ -74,13 +74,35 @@ def atomic_directory(path: str | os.PathLike):
         yield tmp
         for made in [tmp, *tmp.rglob("*")]:  # safetensors, too, writes private files
             umask_permissions(made)
+        if path.exists() and _exchange(tmp, path):  # one step: path is at every moment the old or the new
+            return  # (tmp, now holding the old folder, is removed below)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:  # (a Ctrl-C between the renames): put the old folder back
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not
+    available (another OS, an old kernel or libc, a file system without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
 def build_model(cfg: ModelConfig):

@@ -1,6 +1,7 @@
 """Checkpoint directories: run folders stand for their best/, both layouts through one writer."""
 
 import ast
+import contextlib
 import json
 from pathlib import Path
 
@@ -133,3 +134,27 @@ def test_a_checkpoint_folder_gets_the_umask_permissions(tmp_path):
         os.umask(old)
     assert ((tmp_path / "ck").stat().st_mode & 0o777) == 0o755
     assert ((tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacing_a_folder_leaves_the_old_or_the_new_one_even_if_interrupted(tmp_path, monkeypatch, exchange):
+    import attnkit.checkpoints as checkpoints
+
+    target = tmp_path / "last"
+    with checkpoints.atomic_directory(target) as tmp:
+        (tmp / "step").write_text("1")
+    if not exchange:  # the two renames' path (another OS): a Ctrl-C between them puts the old folder back
+        monkeypatch.setattr(checkpoints, "_exchange", lambda a, b: False)
+    replace, calls = checkpoints.os.replace, []
+
+    def interrupted_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+    monkeypatch.setattr(checkpoints.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt) if not exchange else contextlib.nullcontext():
+        with checkpoints.atomic_directory(target) as tmp:
+            (tmp / "step").write_text("2")
+    assert (target / "step").read_text() == ("2" if exchange else "1") and len(calls) == (0 if exchange else 3)  # 3: put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary or old folder left
