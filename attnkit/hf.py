@@ -262,7 +262,7 @@ def _bart_marian_config(hf: dict) -> ModelConfig:
     ).validate()
 
 
-def _t5_config(hf: dict) -> ModelConfig:
+def _t5_config(hf: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
     ff = hf.get("feed_forward_proj", "relu")
     if ff not in ("relu", "gated-gelu"):
         raise AttnkitError(f"T5 feed_forward_proj {ff!r} is not supported; attnkit reads relu and gated-gelu")
@@ -270,13 +270,18 @@ def _t5_config(hf: dict) -> ModelConfig:
     if hf.get("d_kv", 64) * heads != d:
         raise AttnkitError("T5 checkpoints whose d_kv x num_heads differs from d_model are not supported")
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    # T5 v1.1 / flan-T5 / mT5 have an output layer of their own: older configs say tie_word_embeddings
+    # false, transformers >= 5 writes true (it forces that) and keeps an lm_head.weight unlike shared.weight
+    head, table = state.get("lm_head.weight"), state.get("shared.weight")
+    tied = hf.get("tie_word_embeddings", True) is not False and (
+        head is None or table is None or (head.shape == table.shape and torch.equal(head, table)))
     return ModelConfig(
         family="seq2seq", norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre",
         mlp="geglu" if ff == "gated-gelu" else "relu", positional="relative", bias=False, scale_scores=False,
         relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128), vocab_size=hf["vocab_size"],
         context_length=hf.get("n_positions", 512), n_layer=hf.get("num_decoder_layers") or hf.get("num_layers", 6),
-        n_head=heads, d_model=d, d_ff=hf.get("d_ff", 2048), tie_embeddings=True, dropout=hf.get("dropout_rate", 0.1),
+        n_head=heads, d_model=d, d_ff=hf.get("d_ff", 2048), tie_embeddings=tied, dropout=hf.get("dropout_rate", 0.1),
         eos_id=hf.get("eos_token_id", 1),
         extra={"encoder_layers": hf.get("num_layers", 6), "decoder_start_id": hf.get("decoder_start_token_id", 0),
                "pad_id": hf.get("pad_token_id", 0), "shared_embeddings": True,
@@ -291,7 +296,7 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
     if kind in ("bart", "marian"):
         return _bart_marian_config(hf)
     if kind == "t5":
-        return _t5_config(hf)
+        return _t5_config(hf, state or {})
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
@@ -418,21 +423,22 @@ def _seq2seq_config_to_hf(cfg: ModelConfig) -> dict:
     marian = dict(norm="layernorm", norm_position="post", positional="sinusoidal", sinusoid_layout="split",
                   embedding_norm=False, bias=True, scale_scores=True, **common)
     t5 = dict(norm="rmsnorm", norm_position="pre", positional="relative", bias=False, scale_scores=False,
-              scale_embeddings=False, embedding_norm=False, tie_embeddings=True, **common)
+              scale_embeddings=False, embedding_norm=False, **common)
     act = {v: k for k, v in SEQ2SEQ_ACTIVATIONS.items() if k != "swish"}.get(cfg.mlp)
     ids = dict(pad_token_id=extra.get("pad_id", 0), eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
                decoder_start_token_id=extra.get("decoder_start_id", extra.get("pad_id", 0)), forced_eos_token_id=None)
     fits = lambda shape: all(fields[k] == v for k, v in shape.items())  # noqa: E731
     output_scale = float(extra.get("output_scale", 1.0))
     scaled = abs(output_scale - cfg.d_model ** -0.5) < 1e-9
-    if fits(t5) and cfg.mlp in ("relu", "geglu") and cfg.eos_id is not None and (scaled or output_scale == 1.0):
+    t5_head = (scaled and cfg.tie_embeddings) or output_scale == 1.0  # an untied head is never scaled in HF
+    if fits(t5) and cfg.mlp in ("relu", "geglu") and cfg.eos_id is not None and t5_head:
         return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
                 "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.ff_dim, "num_heads": cfg.n_head,
                 "num_layers": extra.get("encoder_layers", cfg.n_layer), "num_decoder_layers": cfg.n_layer,
                 "relative_attention_num_buckets": cfg.relative_buckets,
                 "relative_attention_max_distance": cfg.relative_max_distance, "layer_norm_epsilon": cfg.norm_eps,
                 "feed_forward_proj": "gated-gelu" if cfg.mlp == "geglu" else "relu", "dropout_rate": cfg.dropout,
-                "tie_word_embeddings": scaled, "n_positions": cfg.context_length, "is_encoder_decoder": True, **ids}
+                "tie_word_embeddings": scaled and cfg.tie_embeddings, "n_positions": cfg.context_length, "is_encoder_decoder": True, **ids}
     for kind, shape in (("bart", bart), ("marian", marian)):
         if fits(shape) and act is not None and cfg.tie_embeddings and abs(cfg.norm_eps - 1e-5) < 1e-12 \
                 and float(extra.get("output_scale", 1.0)) == 1.0:

@@ -32,14 +32,18 @@ def hf_model(kind: str, decoder_layers: int = 3):
         cfg = transformers.MarianConfig(**common, pad_token_id=V - 1, decoder_start_token_id=V - 1, eos_token_id=0,
                                         activation_function="swish")
         cls = transformers.MarianMTModel
-    else:
+    else:  # t5; t5-v1.1: a gated FF and an output layer of its own, never scaled (flan-T5, mT5)
+        v11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False) if kind == "t5-v1.1" else {}
         cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                     num_decoder_layers=decoder_layers, num_heads=4, dropout_rate=0.0,
                                     relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                    decoder_start_token_id=0, initializer_factor=3.0)
+                                    decoder_start_token_id=0, initializer_factor=3.0, **v11)
         cls = transformers.T5ForConditionalGeneration
     torch.manual_seed(1)
-    return cls(cfg).eval()
+    model = cls(cfg).eval()
+    if kind == "t5-v1.1":  # (transformers >= 5 ties by default: a head unlike the table stays untied on load)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32))
+    return model
 
 
 def loaded(kind: str, tmp_path, decoder_layers: int = 3):
@@ -56,9 +60,10 @@ def sources(hf) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask.long()
 
 
-@pytest.mark.parametrize("kind", ["bart", "marian", "t5"])
+@pytest.mark.parametrize("kind", ["bart", "marian", "t5", "t5-v1.1"])
 def test_hugging_face_seq2seq_models_load_with_the_same_logits_on_padded_batches(kind, tmp_path):
     hf, ours = loaded(kind, tmp_path)
+    assert (ours.lm_head.weight is ours.embed.tok.weight) == (kind != "t5-v1.1")
     assert ours.cfg.n_layer == 3 and ours.encoder.cfg.n_layer == 2  # the encoder's own depth
     src, mask = sources(hf)
     start, pad = ours.decoder_start_id, hf.config.pad_token_id
@@ -89,13 +94,14 @@ def test_beam_search_gives_transformers_beams_token_for_token(kind, tmp_path):
     assert len({tuple(r) for r in ours_rows}) > 2  # the sources and the beams differ
 
 
-@pytest.mark.parametrize("name", ["transformer-small", "bart-base", "t5-small"])
+@pytest.mark.parametrize("name", ["transformer-small", "bart-base", "t5-small", "t5-small-untied"])
 def test_export_round_trip_loads_in_transformers_with_the_same_logits(name, tmp_path):
     torch.manual_seed(0)
-    cfg = preset(name, **SMALL)
+    untied = name.endswith("-untied")  # T5 v1.1's output layer of its own (unscaled)
+    cfg = preset(name.removesuffix("-untied"), **SMALL, **({"tie_embeddings": False} if untied else {}))
     cfg.extra["encoder_layers"] = 2
-    if name == "t5-small":
-        cfg.extra["output_scale"] = 32 ** -0.5  # T5's d^-0.5 at this width
+    if name.startswith("t5-small"):
+        cfg.extra["output_scale"] = 1.0 if untied else 32 ** -0.5  # T5's d^-0.5 at this width
     model = Seq2SeqModel(cfg).eval()
     if model.logits_bias is not None:
         model.logits_bias.normal_()
