@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from attnkit.errors import AttnkitError
 
@@ -70,11 +71,12 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         raise AttnkitError(f"the model's chat template failed on this conversation: {e}") from None
 
 
-def end_of_turn_ids(tokenizer, eos_id: int | None = None) -> list[int]:
-    """The ids that end an assistant turn: the end-of-turn tokens the template writes, and eos."""
+def end_of_turn_ids(tokenizer, eos_ids: Sequence[int] = ()) -> list[int]:
+    """The ids that end an assistant turn: the end-of-turn tokens the template writes, the model's
+    end tokens (``cfg.end_ids``) and the tokenizer's eos."""
     hf, template = getattr(tokenizer, "hf", None), getattr(tokenizer, "chat_template", None) or ""
     ids = [hf.token_to_id(t) for t in END_OF_TURN if hf is not None and t in template and hf.token_to_id(t) is not None]
-    for extra in (eos_id, tokenizer.eos_id):
+    for extra in (*eos_ids, tokenizer.eos_id):
         if extra is not None and extra not in ids:
             ids.append(extra)
     return ids

@@ -96,6 +96,9 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
                                f"--top-p, or sample {to_sample}")
         if speculative:
             raise AttnkitError("beam search does not combine with --draft or --prompt-lookup; choose one")
+        if repetition_penalty not in (None, 1.0):
+            raise AttnkitError(f"beam search (--beams {beams}) takes no --repetition-penalty; use --no-repeat-ngram, "
+                               f"or sample {to_sample}")
         beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
     elif num_return != 1:
         raise AttnkitError("--num-return needs beam search; add --beams N (N >= --num-return)")
@@ -225,7 +228,7 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
         if beams is not None:
             raise AttnkitError("--chat samples or decodes greedily; drop --beams")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt, shown, stop_ids = render_chat(tokenizer, messages), "", end_of_turn_ids(tokenizer, model.cfg.eos_id)
+        prompt, shown, stop_ids = render_chat(tokenizer, messages), "", end_of_turn_ids(tokenizer, model.cfg.end_ids)
     pieces = stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                          stop=stop, seed=seed, compile=compile_step, speculation=speculation, stop_ids=stop_ids)
     first = next(pieces, "")  # the prompt's checks run here, so an error is printed alone
@@ -312,7 +315,7 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
     render_chat(tokenizer, [{"role": "user", "content": "hi"}])  # no template: one clear error, before the prompt
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty).validate()
     conversation = Conversation(tokenizer, model.cfg.context_length, system)
-    stop_ids = end_of_turn_ids(tokenizer, model.cfg.eos_id)
+    stop_ids = end_of_turn_ids(tokenizer, model.cfg.end_ids)
     click.echo("chat: /reset starts over, /exit (or Ctrl-D) leaves", err=True)
     turn = 0
     while True:

@@ -65,6 +65,12 @@ class ModelConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
+    def end_ids(self) -> list[int]:
+        """Every token that ends a sequence: eos_id, or all of a Hugging Face config's list (Llama 3's
+        end of text and end of turn), kept in extra["eos_ids"]."""
+        return list(self.extra.get("eos_ids") or ([] if self.eos_id is None else [self.eos_id]))
+
+    @property
     def ff_dim(self) -> int:
         return 4 * self.d_model if self.d_ff is None else self.d_ff
 

@@ -661,8 +661,8 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> lis
 
 
 def _stop_ids(tokenizer: Tokenizer, model) -> list[int]:
-    """The tokenizer's end token and the model's (a Hugging Face config names its own)."""
-    return sorted({t for t in (tokenizer.eos_id, model.cfg.eos_id) if t is not None and t < tokenizer.vocab_size})
+    """The tokenizer's end token and the model's (a Hugging Face config names its own, or several)."""
+    return sorted({t for t in (tokenizer.eos_id, *model.cfg.end_ids) if t is not None and t < tokenizer.vocab_size})
 
 
 def generate_text(

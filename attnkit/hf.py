@@ -313,6 +313,8 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
             raise AttnkitError(f"Llama rope scaling {rope.get('rope_type')!r} is not supported yet; only default RoPE is")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise AttnkitError("Llama checkpoints with attention or MLP biases are not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise AttnkitError(f"Llama activation {hf['hidden_act']!r} is not supported; only silu (SwiGLU) is")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise AttnkitError("Llama checkpoints whose head_dim x heads differs from hidden_size are not supported")
@@ -325,6 +327,7 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
             eos_id=eos[0] if isinstance(eos, list) else eos,
+            extra={"eos_ids": eos} if isinstance(eos, list) and len(eos) > 1 else {},
         ).validate()
     raise AttnkitError(
         f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2, llama, bert, bart, marian and t5 checkpoints"
@@ -382,7 +385,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
             "intermediate_size": cfg.ff_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+            "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
         }
     raise AttnkitError(
         "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders and BERT-shaped "

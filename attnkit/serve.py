@@ -749,7 +749,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param="messages") from None
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt_tokens, limit = prepare(prompt, limit, None, "messages")
-        jobs = admit(requests_for(body, [prompt], [limit], end_of_turn_ids(tokenizer, model.cfg.eos_id)))
+        jobs = admit(requests_for(body, [prompt], [limit], end_of_turn_ids(tokenizer, model.cfg.end_ids)))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream else
                 "chat.completion", "created": int(time.time()), "model": model_name}
         if body.stream:

@@ -17,7 +17,7 @@ def tokenizer():
 
 
 def test_end_of_turn_is_im_end(tokenizer):
-    assert end_of_turn_ids(tokenizer, 2) == [2] and tokenizer.hf.id_to_token(2) == "<|im_end|>"
+    assert end_of_turn_ids(tokenizer, [2]) == [2] and tokenizer.hf.id_to_token(2) == "<|im_end|>"
 
 
 def test_history_drops_the_oldest_exchanges_and_keeps_the_system_message(tokenizer):

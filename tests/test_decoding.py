@@ -465,6 +465,7 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, flags)
 @pytest.mark.parametrize("args, words", [
     (["--beams", "0"], "at least 1"),
     (["--beams", "2", "--temperature", "0.7"], "deterministic"),
+    (["--beams", "2", "--repetition-penalty", "1.3"], "takes no --repetition-penalty"),
     (["--beams", "2", "--num-return", "3"], "between 1 and the number of beams"),
     (["--num-return", "2"], "needs beam search"),
     (["--draft", "{root}/foreign"], "same tokenizer"),

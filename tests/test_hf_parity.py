@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from attnkit.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from attnkit.cli import main  # noqa: E402
+from attnkit.errors import AttnkitError  # noqa: E402
 from attnkit.generate import Sampling, generate_tokens  # noqa: E402
 from attnkit.tokenizers import CharTokenizer  # noqa: E402
 
@@ -104,3 +105,34 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(kind, tm
     with torch.no_grad():
         assert (back(ids).logits - ours(ids)).abs().max() <= 1e-5
         assert (back(ids).logits - hf(ids).logits).abs().max() <= 1e-5
+
+
+def test_every_end_token_of_a_list_stops_generation_as_in_transformers_and_survives_export(tmp_path):
+    """Llama 3 configs name several end tokens (end of text, end of turn): any of them ends a row."""
+    hf = hf_model("llama")
+    prompt = "To be, or not"
+    tok = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB - 1)])
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        free = hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    second = free[6]  # a token the model writes: the second end token of the list
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = [VOCAB - 1, second]
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert theirs == free[:free.index(second) + 1] and len(theirs) < 24
+    directory = saved(hf, tmp_path)
+    ours, _ = load_checkpoint(directory)
+    assert ours.cfg.end_ids == [VOCAB - 1, second]
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(directory), "-p", prompt, "--temperature", "0",
+                                       "--max-new-tokens", "24", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip("\n") == prompt + tok.decode(theirs[:-1])  # the end token is not printed
+    save_checkpoint(tmp_path / "exported", ours, tok, layout="hf")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "exported").eos_token_id == [VOCAB - 1, second]
+
+
+def test_a_llama_activation_other_than_silu_is_refused(tmp_path):
+    hf = hf_model("llama")
+    hf.config.hidden_act = "gelu_pytorch_tanh"
+    with pytest.raises(AttnkitError, match="activation 'gelu_pytorch_tanh' is not supported"):
+        load_checkpoint(saved(hf, tmp_path))

@@ -355,7 +355,7 @@ def test_smollm2_answers_over_the_api_as_in_the_terminal():
         assert out.choices[0].message.content == "The capital of France is Paris."
         assert out.choices[0].finish_reason == "stop"
         expected = "".join(stream_text(model, tok, render_chat(tok, question), max_new_tokens=30,
-                                       sampling=Sampling(temperature=0), stop_ids=end_of_turn_ids(tok, model.cfg.eos_id)))
+                                       sampling=Sampling(temperature=0), stop_ids=end_of_turn_ids(tok, model.cfg.end_ids)))
         assert out.choices[0].message.content == expected
 
 
