@@ -258,6 +258,7 @@ class Trainer:
                                            betas=(cfg.beta1, cfg.beta2),
                                            fused=self.device.type in ("cpu", "cuda") or None)
         self.elapsed = 0.0  # seconds trained, over all resumes (the "time" schedule's clock)
+        self._fit_clock: tuple[float, float] | None = None  # in fit(): (elapsed when it began, its clock() then)
         self.average = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
         self.step, self.batches_drawn = 0, 0
@@ -336,6 +337,9 @@ class Trainer:
 
     def train_state(self) -> dict:
         self._capture_rng()
+        if self._fit_clock is not None:  # a save after a step or an evaluation: count them too
+            base, start = self._fit_clock
+            self.elapsed = base + clock() - start
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -382,6 +386,7 @@ class Trainer:
         base, first_step = self.elapsed, self.step
         budget = TimeBudget(cfg.max_time, base if cfg.schedule == "time" else 0.0, cfg.grad_accum)
         start = last_log = self.last_save_at = clock()
+        self._fit_clock = (base, start)  # the schedule's clock, self.elapsed, is base + clock() - start
         steps_since_log, stopped_by, why = 0, "max_steps", ""
         self.last_eval: dict = {}
         losses: list[float] = []
@@ -425,6 +430,7 @@ class Trainer:
         finally:
             bar.close()
             self.run.stop_reporting()
+            self._fit_clock = None
         self.run.plot_loss_curve(title=cfg.name or str(self.out))
         return {"step": self.step, "stopped_by": stopped_by, "why": why, "losses": losses,
                 "elapsed_s": clock() - start, **self._best(), **self.last_eval,
