@@ -343,6 +343,23 @@ def test_sigterm_or_ctrl_c_finishes_the_step_saves_last_and_resume_gives_identic
     assert len(rest) == 13 and train_losses(tmp_path / "b") == straight  # bit-identical
 
 
+def test_a_signal_during_the_final_evaluation_still_ends_as_an_interruption(tmp_path):
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3, eval_interval=100), train_text=train_text,
+                      val_text=val_text, quiet=True)
+    sent = []
+
+    def signal_during_evaluation(module, args, output):
+        if not module.training and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return output
+
+    trainer.raw_model.register_forward_hook(signal_during_evaluation)
+    with pytest.raises(TrainingInterrupted) as stop:  # exit 143, not a finished run that prints samples
+        trainer.fit()
+    assert stop.value.exit_code == 143 and sent and read_train_state(tmp_path / "last")["step"] == 3
+
+
 def test_training_leaves_the_callers_global_rng_alone(tmp_path):
     cfg = tiny_config(tmp_path / "a", max_steps=3, model_overrides={**TINY, "dropout": 0.1})
     torch.manual_seed(123)

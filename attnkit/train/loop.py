@@ -427,6 +427,9 @@ class Trainer:
                 else:
                     stopped_by = "max_steps" if self.step >= cfg.max_steps else "stop_at"
                 self._eval_and_save(budget, final=True)
+                _, signalled = self._agree(None, stops.signal_number)  # one during the final evaluation
+                if signalled:
+                    self._stop_on_signal(signalled)
         finally:
             bar.close()
             self.run.stop_reporting()
