@@ -258,3 +258,19 @@ def test_a_class_conditional_model_draws_the_class_asked_for(tmp_path):
     assert result.exit_code == 0 and grid.exists(), result.output
     result = CliRunner().invoke(main, ["generate", "--ckpt", str(out), "--class", "seven", "--out", str(grid)])
     assert result.exit_code == 2 and "unknown class 'seven'" in result.output
+
+
+def test_the_pixel_val_loss_weighs_a_short_last_batch_by_its_images():
+    from attnkit.train.media_tasks import PixelTask
+    from attnkit.train.tasks import next_token_losses
+
+    layout = ImageLayout(4, 4, 16)
+    val = layout.sequences(np.random.default_rng(0).integers(0, 256, (5, 4, 4), dtype=np.uint8))
+    cfg = with_layout(preset("gpt2-char-tiny", n_layer=1, n_head=2, d_model=16), layout)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    task = PixelTask(layout, val, val, cfg, batch_size=4, eval_batches=10)  # batches of 4 and 1 images
+    with torch.no_grad():
+        metrics = task.evaluate(model, device=torch.device("cpu"))
+        every_image = next_token_losses(model, val).mean().item()
+    assert metrics["val_batches"] == 2 and metrics["val_loss"] == pytest.approx(every_image, abs=1e-6)

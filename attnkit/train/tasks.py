@@ -131,15 +131,16 @@ def next_token_losses(model: nn.Module, windows: Tensor) -> Tensor:
 
 def mean_next_token_loss(model: nn.Module, batches: Iterable[Tensor],
                          next_batch_fits: Callable[[], bool] = always) -> tuple[float, int]:
-    """The mean of the batches' mean next-token losses, asking ``next_batch_fits()`` before every
-    batch after the first (an evaluation's time budget) -> (loss, batches used)."""
-    total, used = 0.0, 0
+    """The mean next-token loss over the batches' tokens (a short last batch counts for its size),
+    asking ``next_batch_fits()`` before every batch after the first (an evaluation's time budget) ->
+    (loss, batches used)."""
+    total, count, used = 0.0, 0, 0
     for batch in batches:  # a lazy iterable: a batch that does not fit is never built
-        total += next_token_losses(model, batch).mean().item()
-        used += 1
+        losses = next_token_losses(model, batch)
+        total, count, used = total + losses.double().sum().item(), count + losses.numel(), used + 1
         if not next_batch_fits():
             break
-    return total / used, used
+    return total / count, used
 
 
 def random_windows(tokens: Tensor, context: int, n: int, generator: torch.Generator) -> Tensor:
