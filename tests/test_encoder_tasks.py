@@ -27,9 +27,8 @@ from attnkit.data.labelled import Example, write_labelled
 from attnkit.encoding import qa_windows
 from attnkit.tokenizers import CharTokenizer, train_wordpiece
 from attnkit.train import TrainConfig, Trainer
-from attnkit.train.tasks import make_task
+from attnkit.train.tasks import drawn_indices, length_buckets, make_task
 from attnkit.train.encoder_tasks import EncoderTask, mask_tokens
-from attnkit.train.tasks import drawn_indices, length_buckets
 
 TINY = dict(n_layer=2, d_model=32, n_head=2, context_length=64)
 LABELS = ["neg", "pos"]
@@ -290,6 +289,23 @@ def test_the_mlm_loss_runs_the_prediction_head_on_masked_positions_only_with_the
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("task, pooling", [("mlm", "cls"), ("classify", "cls"), ("classify", "mean"), ("qa", "cls")])
+def test_every_weight_of_a_tasks_model_gets_a_gradient_so_ddp_can_train_it(world, tmp_path, task, pooling):
+    """A weight no loss reaches stops DDP ("parameters that were not used in producing loss"): only
+    a [CLS] classifier has a pooler, whether trained from scratch or from a body that has one."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(MLM_LINES * 6) + "\n")
+    data = {"mlm": corpus, "classify": world["train"], "qa": world["squad"]}[task]
+    cfg = classify_config(world, tmp_path / "run", task=task, data=str(data), pooling=pooling,
+                          **({"init": None, "vocab_size": 200, "model_overrides": TINY} if task == "mlm" else {}))
+    assert preset("bert-tiny").extra["pooler"] and build_model(load_checkpoint(world["tiny"])[0].cfg).pooler is not None
+    made = make_task(cfg)
+    model, _ = made.build_model(0)
+    made.loss(model, made.train_batch(torch.Generator().manual_seed(0), device=torch.device("cpu"))).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert (model.pooler is not None) == (task == "classify" and pooling == "cls")
 
 
 # --- 3. classification: fine-tune, classify, eval --------------------------------------------------------

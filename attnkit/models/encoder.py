@@ -46,11 +46,10 @@ POOLINGS = ("cls", "mean")
 
 def head_fields(head: str, labels: list[str] | None, pooling: str) -> dict:
     """The ``cfg.extra`` fields of a head; BERT classifies the pooled [CLS], so a "cls" classifier
-    has a pooler (a new one starts random)."""
-    fields = {"head": head, "labels": list(labels or []), "pooling": pooling}
-    if head == "classify" and pooling == "cls":
-        fields["pooler"] = True
-    return fields
+    has a pooler (a new one starts random), and no other head has one (as in transformers' BERT heads:
+    weights that get no gradient would also stop DDP)."""
+    return {"head": head, "labels": list(labels or []), "pooling": pooling,
+            "pooler": head == "classify" and pooling == "cls"}
 
 
 def mean_pool(hidden: Tensor, valid: Tensor | None) -> Tensor:

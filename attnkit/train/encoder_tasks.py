@@ -63,9 +63,9 @@ class EncoderTask(Task):
             self.model_config = base.cfg.replace(extra={**base.cfg.extra, **extra})
             same_head = base.head_kind == self.head and list(base.labels) == list(labels or [])
             self.base_state = {k: v for k, v in base.state_dict().items() if same_head or not k.startswith("head.")}
-            if self.head == "classify" and not base.cfg.extra.get("pooler") and extra.get("pooler"):
+            if bool(base.cfg.extra.get("pooler")) != extra["pooler"]:  # a new pooler, or none for this head
                 self.base_state = {k: v for k, v in self.base_state.items() if not k.startswith("pooler.")}
-                new_pooler = True
+                new_pooler = extra["pooler"]
         else:
             if checkpoint is not None:
                 tokenizer = load_tokenizer(checkpoint)
