@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -306,6 +309,73 @@ def test_every_weight_of_a_tasks_model_gets_a_gradient_so_ddp_can_train_it(world
     made.loss(model, made.train_batch(torch.Generator().manual_seed(0), device=torch.device("cpu"))).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert (model.pooler is not None) == (task == "classify" and pooling == "cls")
+
+
+def test_with_micro_batches_the_mlm_step_is_the_mean_over_all_their_masked_tokens(tmp_path):
+    """grad_accum 2: the loss and gradient of one batch holding both micro-batches' masked tokens,
+    not the mean of their two means (the micro-batches mask different numbers of tokens)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(MLM_LINES * 6) + "\n")
+    cfg = TrainConfig(task="mlm", data=str(corpus), model="bert-tiny", tokenizer="wordpiece", vocab_size=200,
+                      model_overrides={**TINY, "dropout": 0.0}, batch_size=8, grad_accum=2, max_steps=1, grad_clip=0.0,
+                      eval_interval=100, eval_batches=1, precision="fp32", device="cpu", seed=3,
+                      out_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg, quiet=True)
+    model, generator = trainer.raw_model, torch.Generator().manual_seed(0)
+    generator.set_state(trainer.data_rng.get_state())
+    batches = [trainer.task.train_batch(generator, device=torch.device("cpu")) for _ in range(2)]
+    sums, counts = zip(*[(s, int(n)) for s, _, n in (trainer.task._losses(model, b) for b in batches)])
+    assert counts[0] != counts[1]
+    expected = sum(sums) / sum(counts)  # every masked token of the step weighs the same
+    want = torch.autograd.grad(expected, [p for p in model.parameters() if p.requires_grad])
+    step, got = trainer.optimizer.step, []
+
+    def record_then_step(*args, **kwargs):
+        got.extend(p.grad.clone() for p in model.parameters() if p.requires_grad)
+        return step(*args, **kwargs)
+    trainer.optimizer.step = record_then_step
+    result = trainer.fit()
+    assert result["losses"][0] == pytest.approx(expected.item(), abs=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+DDP_MLM = """
+import sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from attnkit.train import Trainer, TrainConfig
+cfg = TrainConfig(task="mlm", data={corpus!r}, model="bert-tiny", tokenizer="wordpiece", vocab_size=200,
+                  model_overrides={overrides!r}, batch_size=8, grad_accum=2, max_steps=1, grad_clip=0.0,
+                  eval_interval=100, eval_batches=1, precision="fp32", device="cpu", seed=3, out_dir={out!r})
+trainer = Trainer(cfg, quiet=True)
+generator = torch.Generator()
+generator.set_state(trainer.data_rng.get_state())
+whole = [trainer.task.train_batch(generator, device=torch.device("cpu")) for _ in range(2)]  # both ranks' rows
+params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+sums = [trainer.task._losses(trainer.raw_model, b) for b in whole]
+expected = sum(s for s, _, _ in sums) / sum(int(n) for _, _, n in sums)
+want, got, step = torch.autograd.grad(expected, params), [], trainer.optimizer.step
+trainer.optimizer.step = lambda *a, **k: (got.extend(p.grad.clone() for p in params), step(*a, **k))[1]
+loss = trainer.fit()["losses"][0]
+if dist.get_rank() == 0:
+    error = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+    print("RESULT", loss, expected.item(), error)
+dist.destroy_process_group()
+"""
+
+
+def test_two_ddp_processes_train_mlm_with_the_gradient_of_all_their_masked_tokens(tmp_path):
+    """Every weight gets a gradient (no unused pooler), and the step's gradient over 2 ranks x 2
+    micro-batches is that of the mean over all their masked tokens."""
+    corpus, script = tmp_path / "corpus.txt", tmp_path / "ddp_mlm.py"
+    corpus.write_text("\n".join(MLM_LINES * 6) + "\n")
+    script.write_text(DDP_MLM.format(corpus=str(corpus), overrides={**TINY, "dropout": 0.0}, out=str(tmp_path / "run")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loss, expected, error = map(float, next(l for l in proc.stdout.splitlines() if l.startswith("RESULT")).split()[1:])
+    assert loss == pytest.approx(expected, abs=1e-5) and error < 1e-4
 
 
 # --- 3. classification: fine-tune, classify, eval --------------------------------------------------------

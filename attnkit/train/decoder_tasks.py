@@ -209,6 +209,9 @@ class ChatTask(PretrainedDecoder):
         logits = model(inputs, logits_at=labelled)  # (N, V): the output layer on those positions only
         return F.cross_entropy(logits.float(), targets[labelled], reduction=reduction)
 
+    def loss_terms(self, batch) -> Tensor:
+        return (batch[1] != IGNORE).sum()
+
     def loss(self, model, batch) -> Tensor:
         return self._loss(model, batch)
 

@@ -197,6 +197,9 @@ class MaskedLMTask(EncoderTask):
         return F.cross_entropy(logits, targets[chosen], reduction="sum"), \
             (logits.argmax(-1) == targets[chosen]).sum(), chosen.sum()
 
+    def loss_terms(self, batch) -> Tensor:
+        return (batch[1] != -100).sum()
+
     def loss(self, model, batch) -> Tensor:
         total, _, count = self._losses(model, batch)
         return total / count.clamp(min=1)

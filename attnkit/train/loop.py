@@ -459,21 +459,21 @@ class Trainer:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg, self.elapsed)
+        batches = [self.task.train_batch(self.data_rng, device=self.device, rank=self.rank, world=self.world)
+                   for _ in range(cfg.grad_accum)]
+        self.batches_drawn += cfg.grad_accum
+        weights = self._micro_batch_weights(batches)
         total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            batch = self.task.train_batch(self.data_rng, device=self.device, rank=self.rank, world=self.world)
-            self.batches_drawn += 1
+        for micro, (batch, weight) in enumerate(zip(batches, weights)):
             sync = not self.ddp or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else self.model.no_sync()):
                 with autocast(self.device, cfg.precision):
                     loss = self.task.loss(self.model, batch)
-                (loss / cfg.grad_accum).backward()
-            total += loss.detach()
-        total /= cfg.grad_accum
-        if self.ddp:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.device.type != "cuda":
-                total /= self.world  # gloo has no AVG
+                (loss * weight).backward()
+            total += loss.detach() * weight
+        if self.ddp:  # DDP averages the gradients over the ranks: the weights are each rank's share x world
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            total /= self.world
         loss = total.item()
         if cfg.grad_clip > 0 and math.isfinite(loss):
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -485,6 +485,19 @@ class Trainer:
                 self.average.update(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _micro_batch_weights(self, batches: list) -> list:
+        """What each micro-batch's mean loss is multiplied by before backward, so that the step's
+        gradient is that of the mean over all its loss terms on all ranks (task.loss_terms), or of the
+        mean of the micro-batches' means where the task's batches are alike (None): equal weights."""
+        terms = [self.task.loss_terms(b) for b in batches]
+        if any(t is None for t in terms):
+            return [1.0 / len(batches)] * len(batches)
+        terms = torch.stack([torch.as_tensor(t, device=self.device) for t in terms]).double()  # (grad_accum,)
+        everywhere = terms.sum()
+        if self.ddp:
+            dist.all_reduce(everywhere, op=dist.ReduceOp.SUM)
+        return list((terms * self.world / everywhere.clamp(min=1)).float().unbind())
 
     @torch.no_grad()
     def evaluate(self, budget: TimeBudget | None = None, deadline: float = math.inf) -> dict:

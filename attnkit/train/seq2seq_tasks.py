@@ -140,6 +140,9 @@ class Seq2SeqTask(Task):
         index = drawn_indices(len(self.train_rows), self.cfg.batch_size, generator, rank, world, self.train_buckets)
         return self._batch([self.train_rows[i] for i in index], device)
 
+    def loss_terms(self, batch: dict) -> Tensor:
+        return (batch["labels"] != IGNORE).sum()
+
     def loss(self, model, batch: dict) -> Tensor:
         return model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
                           label_smoothing=self.cfg.label_smoothing)

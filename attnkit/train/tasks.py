@@ -111,6 +111,13 @@ class Task(abc.ABC):
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         """The scalar loss of a batch (the loop runs this under its autocast and backpropagates it)."""
 
+    def loss_terms(self, batch: Any) -> Tensor | None:
+        """How many terms ``loss`` averages over in this batch (its labelled tokens), where batches
+        differ in that; None (the default) where every batch has as many (windows, one label per
+        example). With several micro-batches or ranks a step's loss is then the mean over all their
+        terms, as one batch holding them all would give."""
+        return None
+
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, *, device: torch.device,
                  next_batch_fits: Callable[[], bool] = always) -> dict:
