@@ -160,7 +160,20 @@ def train_wordpiece(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTok
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(  # what `transformers` adds for BERT inputs
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return HFTokenizer(tok, kind="wordpiece")
+    return _rank_0s(HFTokenizer(tok, kind="wordpiece"))
+
+
+def _rank_0s(tokenizer: "HFTokenizer") -> "HFTokenizer":
+    """Under torch.distributed, rank 0's tokenizer on every rank. The WordPiece trainer picks among
+    equally frequent merges in a hash order that changes from process to process (so two runs, or two
+    ranks, of one config can get different vocabularies); the ranks of one run must share one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tokenizer
+    shared = [tokenizer.hf.to_str() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return HFTokenizer(tokenizers.Tokenizer.from_str(shared[0]), kind=tokenizer.kind)
 
 
 @functools.lru_cache(maxsize=1)
