@@ -6,6 +6,7 @@ sentence and exit with status 2; they never show a traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -74,7 +75,7 @@ DECODE_OPTIONS = _options(
     click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
     click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
                  help="Never repeat an n-gram of this size (0 is off)."),
-    click.option("--seed", default=None, type=int, help="Seed for reproducible sampling."),
+    click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1), help="Seed for reproducible sampling."),
     click.option("--num-return", default=1, show_default=True, type=int, help="Beam search: how many hypotheses to print."),
     click.option("--length-penalty", default=1.0, show_default=True, type=float,
                  help="Beam search: scores are log-probabilities / length ** this (> 0 favours longer text)."),
@@ -126,7 +127,7 @@ QUANTIZE_OPTION = click.option(
               help="Speculative decoding: a smaller checkpoint with the same tokenizer proposes tokens.")
 @click.option("--draft-tokens", default=4, show_default=True, type=int,
               help="Speculative decoding: tokens proposed per round.")
-@click.option("--prompt-lookup", default=0, show_default=True, type=int,
+@click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0),
               help="Speculative decoding without a draft: propose what followed the latest earlier match of the "
                    "last N tokens (good when the output copies the input).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -207,6 +208,9 @@ def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, rep
     if model.cfg.family == "seq2seq":
         raise AttnkitError(f"{ckpt} is an encoder-decoder; give it sources with `attnkit translate` or "
                            "`attnkit summarize`")
+    if model.cfg.family == "encoder":
+        raise AttnkitError(f"{ckpt} is an encoder, which does not generate text; use `attnkit embed`, "
+                           "`attnkit classify` or `attnkit answer` with it")
     if draft is not None:
         speculation.draft, draft_tokenizer = load_checkpoint(draft, device=_device(device), dtype=_dtype(dtype_name))
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
@@ -288,7 +292,7 @@ def _generate_media(model, layout, out, num_samples, class_name, prompt_image, p
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=0.9, show_default=True, type=float)
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int, help="Seed for reproducible replies.")
+@click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1), help="Seed for reproducible replies.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--compile", "compile_step", is_flag=True, help="Compile the one-token step (see generate --help).")
@@ -351,7 +355,7 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
                    "(smollm2-135m, minilm-l6), a .gguf file or a LoRA run.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="The address to listen on (0.0.0.0: every interface; set --api-key then).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", default=None, help="Require this key as 'Authorization: Bearer KEY'.")
 @click.option("--model-name", default=None, help="The model's name in the API  [default: the --ckpt string].")
 @click.option("--max-tokens-cap", default=2048, show_default=True, type=int,
@@ -442,13 +446,14 @@ def info(ckpt, preset_name, as_json):
 @click.option("--merge", is_flag=True,
               help="A LoRA run of a decoder (adapters alone): merge the adapters into their base and export that.")
 def export(ckpt, out, merge):
-    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama decoders, BERT encoders),
-    with its tokenizer (and chat template) for AutoTokenizer.
+    """Write a checkpoint in the Hugging Face layout (GPT-2 or Llama decoders, BERT encoders, BART /
+    Marian / T5 encoder-decoders), with its tokenizer (and chat template) for AutoTokenizer. A model
+    with no such shape (e.g. the shakespeare-char recipe's GPT-2 with RoPE) is refused.
 
     \b
     Example:
-      attnkit export --ckpt runs/shakespeare-char/best --out hf-shakespeare
-      python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf-shakespeare')"
+      attnkit export --ckpt runs/de-en/best --out hf-de-en
+      python -c "import transformers; transformers.AutoModelForSeq2SeqLM.from_pretrained('hf-de-en')"
       attnkit export --ckpt runs/sentiment-minilm --out hf-sentiment   # BertForSequenceClassification
       attnkit export --ckpt smollm2-135m --out hf-smollm2                # the GGUF's weights, dequantized
       attnkit export --ckpt runs/my-lora --merge --out hf-my-lora        # base + adapters: LlamaForCausalLM
@@ -484,7 +489,7 @@ RUN_OPTIONS = _options(
     click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
                  help="auto: bf16 autocast where the device runs it fast, else fp32."),
-    click.option("--seed", default=None, type=int),
+    click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1)),
     click.option("--threads", default=None, type=int, help="CPU threads (torch.set_num_threads)."),
 )
 DATA_OPTIONS = _options(
@@ -706,8 +711,8 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 @click.option("--data", required=True, help="Your text file/folder, or a text recipe name (scores its val split).")
 @click.option("--split", default=None, type=click.Choice(["all", "train", "val", "test"]),
               help="Which part to score (default: all of a file; a text recipe's val, a pairs recipe's test).")
-@click.option("--max-tokens", default=None, type=int, help="Score only the first N tokens.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Score only the first N tokens.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -905,7 +910,7 @@ def _warn_truncated(count: int, limit: int) -> None:
 @click.option("--ckpt", required=True, help="A classifier (a run of `attnkit finetune --task classify`).")
 @click.argument("texts", nargs=-1)
 @click.option("--input", "input_file", default=None, help="A file with one text per line (- for stdin).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-truncate", is_flag=True, help="Refuse texts longer than the position limit.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: text, label, probability, probabilities.")
@@ -941,7 +946,7 @@ def classify(ckpt, texts, input_file, batch_size, no_truncate, device, as_json):
 @click.option("--ckpt", required=True, help="An encoder: minilm-l6 or a folder.")
 @click.argument("texts", nargs=-1)
 @click.option("--input", "input_file", default=None, help="A file with one text per line (- for stdin).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: text, embedding.")
 def embed(ckpt, texts, input_file, batch_size, device, as_json):
@@ -971,7 +976,7 @@ def embed(ckpt, texts, input_file, batch_size, device, as_json):
 @click.option("--corpus", required=True, type=click.Path(), help="A text file; every non-empty line is a document.")
 @click.argument("query")
 @click.option("--top-k", default=5, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: query, results [{line, score, text}].")
 def search(ckpt, corpus, query, top_k, batch_size, device, as_json):
@@ -1011,7 +1016,7 @@ def search(ckpt, corpus, query, top_k, batch_size, device, as_json):
 @click.option("--ckpt", required=True, help="A span-QA model (a run of `attnkit finetune --task qa`).")
 @click.option("--context", required=True, help="The passage: text, or a path to a text file.")
 @click.argument("question")
-@click.option("--stride", default=128, show_default=True, type=int, help="Context tokens shared by neighbouring windows.")
+@click.option("--stride", default=128, show_default=True, type=click.IntRange(min=0), help="Context tokens shared by neighbouring windows.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: answer, score, start, end.")
 def answer(ckpt, context, question, stride, device, as_json):
@@ -1034,6 +1039,8 @@ def answer(ckpt, context, question, stride, device, as_json):
         is_file = False
     if is_file:
         context = Path(context).read_text(encoding="utf-8-sig")
+    elif re.fullmatch(r"\S+\.(txt|md|text)", context):
+        raise AttnkitError(f"--context {context}: no such file; give the passage's text or an existing file")
     result = answer_question(model, tokenizer, question, context, stride=stride)
     if as_json:
         click.echo(json.dumps(result))
@@ -1054,7 +1061,7 @@ SEQ2SEQ_OPTIONS = _options(
     click.option("--max-new-tokens", default=None, type=int,
                  help="Tokens per output  [default: 1.5 x the longest source of a batch + 10]."),
     DECODE_OPTIONS,
-    click.option("--batch-size", default=32, show_default=True, type=int, help="Sources decoded together."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Sources decoded together."),
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES))),
 )

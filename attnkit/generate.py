@@ -22,7 +22,7 @@ from typing import Generator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from attnkit.errors import AttnkitError
+from attnkit.errors import AttnkitError, a_family
 from attnkit.kernels import beam_topk, keep_freed_memory, weights_on_huge_pages
 from attnkit.tokenizers import StreamDecoder, Tokenizer
 
@@ -812,7 +812,7 @@ def source_ids(model, tokenizer: Tokenizer, text: str) -> tuple[list[int], bool]
 
 def require_seq2seq(model, command: str = "this") -> None:
     if getattr(model.cfg, "family", None) != "seq2seq":
-        raise AttnkitError(f"{command} needs an encoder-decoder checkpoint, and this one is a {model.cfg.family} "
+        raise AttnkitError(f"{command} needs an encoder-decoder checkpoint, and this one is {a_family(model.cfg.family)} "
                            "model; train one with `attnkit train --task seq2seq` (or --recipe de-en)")
 
 
@@ -875,6 +875,6 @@ def seq2seq_texts(
             texts = []
             for tokens in hyps:
                 end = tokens.index(eos) if eos in tokens else len(tokens)
-                texts.append(tokenizer.decode([t for t in tokens[:end] if t != pad]).strip())
+                texts.append(tokenizer.decode([t for t in tokens[:end] if t not in (pad, start)]).strip())
             outputs[i] = texts
     return outputs

@@ -27,6 +27,7 @@ import logging
 import queue
 import socket
 import threading
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from attnkit.errors import AttnkitError
+from attnkit.errors import AttnkitError, a_family
 from attnkit.generate import (ContinuousBatch, Request as BatchedRequest, Sampling, StreamEnd, TextStream, _encode_prompt, _stop_ids,
                               stream_text)
 
@@ -398,7 +399,7 @@ class Sampled(Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: Any = []  # -> a list of strings
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1 - MAX_CHOICES)  # choice i samples with seed + i
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -611,7 +612,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
     def require(wanted: str, endpoint: str) -> None:
         if kind != wanted:
-            raise APIError(400, f"{model_name} is a {model.cfg.family} model; it serves "
+            raise APIError(400, f"{model_name} is {a_family(model.cfg.family)} model; it serves "
                                 f"{'/v1/embeddings' if kind == 'embed' else '/v1/completions and /v1/chat/completions'}"
                                 f", not {endpoint}")
 
@@ -806,7 +807,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
         require("generate", "/attnkit/attention")
         if model.cfg.family != "decoder":
-            raise APIError(400, f"{model_name} is a {model.cfg.family} model, which has no attention to show")
+            raise APIError(400, f"{model_name} is {a_family(model.cfg.family)} model, which has no attention to show")
         body = await _parse(request, AttentionBody)
         if (body.text is None) == (body.messages is None):
             raise APIError(400, "give exactly one of text or messages", param="text")
@@ -890,6 +891,10 @@ def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: s
     try:
         model, tokenizer = load_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
         app = create_app(model, tokenizer, model_name=model_name or str(ckpt), **limits)
+        bound_host, bound_port = sock.getsockname()[:2]  # (--port 0: the port the system chose)
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(f"attnkit: serving {model_name or ckpt} on http://{shown}:{bound_port} (Ctrl-C stops)", file=sys.stderr,
+              flush=True)  # uvicorn does not say where, given a socket
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()

@@ -615,6 +615,8 @@ def test_answer_takes_a_long_context_given_as_text(world, tmp_path):
     result = cli("answer", "--ckpt", out, "--context", context, "where does anna live?", "--device", "cpu")
     assert result.exit_code == 0, result.exception
     assert result.stdout.strip().rsplit("\t", 1)[0] in context
+    mistyped = cli("answer", "--ckpt", out, "--context", "pasage.txt", "where does anna live?", "--device", "cpu")
+    assert mistyped.exit_code == 2 and "pasage.txt: no such file" in mistyped.output  # not the passage "pasage.txt"
 
 
 # --- 7. embed and search with minilm-l6 --------------------------------------------------------------
@@ -682,6 +684,7 @@ BAD_CASES = {  # argv, and what the error must say
                                              w["train"], *FINETUNE], "decoder model"),
     "classifier-to-answer": (lambda w, c, b: ["answer", "--ckpt", c, "--context", "anna lives in rome.", "where?"],
                              "not a span-QA model"),
+    "encoder-to-generate": (lambda w, c, b: ["generate", "--ckpt", w["tiny"], "-p", "hello"], "is an encoder"),
     "truncated-safetensors": (lambda w, c, b: ["classify", "--ckpt", b / "broken", "good"],
                               "not a readable safetensors file"),
     "missing-columns-finetune": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "columns.csv",

@@ -262,3 +262,18 @@ def test_token_limit_removes_the_ids_past_it_without_touching_the_callers_logits
     assert draws == {0, 1}
     with pytest.raises(AttnkitError, match="token_limit"):
         Sampling(token_limit=0).validate()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["translate", "--ckpt", "x", "--batch-size", "0", "hi"], "--batch-size"),
+    (["classify", "--ckpt", "x", "--batch-size", "-1", "hi"], "--batch-size"),
+    (["eval", "--ckpt", "x", "--data", "y", "--max-tokens", "-5"], "--max-tokens"),
+    (["generate", "--ckpt", "x", "-p", "hi", "--seed", str(2**70)], "--seed"),
+    (["generate", "--ckpt", "x", "-p", "hi", "--prompt-lookup", "-1"], "--prompt-lookup"),
+    (["answer", "--ckpt", "x", "--context", "c", "--stride", "-5", "q"], "--stride"),
+    (["serve", "--ckpt", "x", "--port", "99999"], "--port"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(argv, option):
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert "Traceback" not in result.output

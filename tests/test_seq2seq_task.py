@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from attnkit.checkpoints import load_checkpoint
 from attnkit.cli import main
-from attnkit.generate import Beams, seq2seq_texts
+from attnkit.generate import Beams, Sampling, seq2seq_texts
 from attnkit.tokenizers import SEQ2SEQ_SPECIALS, train_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -91,6 +91,20 @@ def test_translate_prints_one_line_per_input_in_order_with_empty_lines_kept(trai
     implied = CliRunner().invoke(main, top_k)  # a sampling flag without --temperature samples at generate's 0.8
     assert implied.stdout == CliRunner().invoke(main, [*top_k, "--temperature", "0.8"]).stdout
     assert implied.stdout != CliRunner().invoke(main, [*top_k[:-4], "--beams", "1"]).stdout  # not greedy
+
+
+def test_decoded_text_leaves_out_the_decoder_start_token(trained):
+    """An early checkpoint may write its start token (<s>): sampled or greedy text, as beam search's,
+    prints none of it."""
+    tmp_path, _ = trained
+    model, tokenizer = load_checkpoint(tmp_path / "run" / "best")
+    start = model.decoder_start_id
+    favour = torch.nn.functional.one_hot(torch.tensor(start), model.cfg.vocab_size) * 50.0  # (V,)
+    writes_start = model.lm_head.register_forward_hook(lambda module, args, out: out + favour)
+    for settings in (dict(sampling=Sampling(temperature=0.0)), dict(beams=Beams(2))):
+        assert seq2seq_texts(model.eval(), tokenizer, ["eins zwei"], max_new_tokens=5, **settings) == [[""]]
+    writes_start.remove()
+    assert tokenizer.decode([start] * 3) == "<s><s><s>"  # what was printed before
 
 
 def test_eval_and_attend_on_a_seq2seq_checkpoint(trained, tmp_path):

@@ -4,6 +4,7 @@ and not; every error has its status and OpenAI's body; a client that leaves free
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -179,6 +180,7 @@ GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
     ([1, 2], 400, None, "must be a JSON object"),
     ({**GOOD, "max_tokens": "5"}, 400, "max_tokens", "'max_tokens' must be a valid integer"),
     ({**GOOD, "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    ({**GOOD, "seed": 2**70}, 400, "seed", "'seed' must be less than or equal to"),
     ({**GOOD, "stop": [1]}, 400, "stop", "a string or a list"),
     ({**GOOD, "logit_bias": {}}, 400, "logit_bias", "unknown field 'logit_bias'"),
     ({"model": "tiny"}, 400, "prompt", "'prompt' is required"),
@@ -459,3 +461,12 @@ def test_playground_in_a_browser_streams_the_text_and_shows_the_models_attention
             assert (tmp_path / "playground.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_serve_says_where_it_listens(chat_ckpt, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # start, then stop at once
+    result = CliRunner().invoke(main, ["serve", "--ckpt", str(chat_ckpt), "--port", "0", "--model-name", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"attnkit: serving tiny on http://127\.0\.0\.1:[1-9][0-9]* \(Ctrl-C stops\)", result.output)
