@@ -482,6 +482,19 @@ def test_cli_bad_decoding_input_is_one_sentence_and_exit_2(checkpoints, args, wo
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("shape", [dict(positional="rope"), dict(positional="learned"),
+                                   dict(attention="sliding", window=16, positional="learned")])
+def test_a_short_prompt_batched_with_one_that_passes_the_context_decodes_as_it_would_alone(shape):
+    """Only the row that reaches the context re-encodes its latest half: the short row (10 + 36 tokens
+    of a 48-token context) never does, alone or batched (before, it lost its history too)."""
+    model = small_lm(0, context_length=48, **shape)
+    long, short = list(range(5, 35)), list(range(7, 17))
+    alone = [tokens_of(model, [p], 36, sampling=Sampling(temperature=0))[0] for p in (long, short)]
+    assert tokens_of(model, [long, short], 36, sampling=Sampling(temperature=0)) == alone
+    beams = [beam_search(model, [p], beams=Beams(2), max_new_tokens=36)[0][0][0] for p in (long, short)]
+    assert [hyps[0][0] for hyps in beam_search(model, [long, short], beams=Beams(2), max_new_tokens=36)] == beams
+
+
 @pytest.mark.parametrize("positional", ["rope", "learned"])
 def test_a_sliding_window_model_generates_past_its_context(positional):
     """RoPE: the rolling cache never fills. Learned positions end at the context: the model then

@@ -305,18 +305,24 @@ class DecoderLM(ModelSize, nn.Module):
         return state, logits[:, -1]
 
     def advance(self, state: DecoderState, tokens: Tensor) -> Tensor:
-        """Feed tokens (B, T) -> their logits (B, T, V); re-encodes the latest half context when
-        the context would overflow (dense attention, or learned positions)."""
+        """Feed tokens (B, T) -> their logits (B, T, V). When the cache would overflow (dense attention,
+        or learned positions) it is made again: each row that would pass the context keeps its latest
+        half context, the others all their tokens (as each row alone would)."""
         T, cache, cfg = tokens.shape[1], state.cache, self.cfg
         rolling = isinstance(cache, RollingKVCache)
         full = (not rolling and cache.length + T > cache.capacity) or (
             rolling and self.embed.pos is not None and int(state.next_pos.max()) + T > cfg.context_length)
-        if full:
-            keep = _history_kept(cfg.context_length, T)
-            L = state.length
-            ids = torch.cat([state.tokens[:, L - keep:L], tokens], dim=1)
-            valid = torch.cat([state.valid[:, L - keep:L], torch.ones_like(tokens, dtype=torch.bool)], dim=1)
-            return self._encode(state, ids, valid, (valid.long().cumsum(-1) - 1).clamp(min=0), new=T)[:, -T:]
+        if full:  # the rows that reach the context keep their latest half; the others all they have, so a
+            # short prompt batched with a long one decodes as it would alone
+            kept, L = _history_kept(cfg.context_length, T), state.length
+            rows = []
+            for row, (history, real, next_pos) in enumerate(zip(state.tokens[:, :L], state.valid[:, :L],
+                                                                  state.next_pos[:, 0].tolist())):
+                history = history[real]  # this row's tokens; its last next_pos ones are in its context
+                keep = next_pos if next_pos + T <= cfg.context_length else kept
+                rows.append(torch.cat([history[len(history) - min(keep, len(history)):], tokens[row]]).tolist())
+            ids, valid, positions = left_pad(rows, 0, tokens.device)
+            return self._encode(state, ids, valid, positions, new=T)[:, -T:]
         L = state.length
         state.tokens[:, L:L + T], state.valid[:, L:L + T] = tokens, True
         positions = state.next_pos if T == 1 else state.next_pos + torch.arange(T, device=tokens.device)
