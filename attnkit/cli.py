@@ -103,6 +103,8 @@ def _decoding(beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ng
         beam_settings = Beams(beams, length_penalty, early_stopping, num_return, no_repeat_ngram).validate()
     elif num_return != 1:
         raise AttnkitError("--num-return needs beam search; add --beams N (N >= --num-return)")
+    elif length_penalty not in (None, 1.0):
+        raise AttnkitError("--length-penalty scores beam search's hypotheses; add --beams N, or drop it")
     sampling = Sampling(0.8 if temperature is None else temperature, top_k, top_p, repetition_penalty,
                         no_repeat_ngram).validate()
     return beam_settings, sampling
@@ -880,12 +882,17 @@ def _texts(texts, input_file, allow_empty: bool = False) -> list[str]:
         except UnicodeDecodeError:
             raise AttnkitError(f"{input_file} is not UTF-8 text; convert it to UTF-8") from None
         texts = raw.splitlines()
+        while texts and not allow_empty and not texts[-1].strip():  # blank lines at the end of a file
+            texts.pop()
+        if not texts:
+            raise AttnkitError(f"{input_file} has no texts; put one text per line")
     texts = list(texts)
     if not texts:
         raise AttnkitError("no texts given; pass TEXT arguments or --input FILE")
     empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
     if empty and not allow_empty:
-        raise AttnkitError(f"text {empty[0]} is empty; remove empty lines or give it some text")
+        where = f"line {empty[0]} of {input_file}" if input_file else f"text {empty[0]}"
+        raise AttnkitError(f"{where} is empty; remove empty lines or give it some text")
     return texts
 
 

@@ -468,6 +468,7 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(checkpoints, flags)
     (["--beams", "2", "--repetition-penalty", "1.3"], "takes no --repetition-penalty"),
     (["--beams", "2", "--num-return", "3"], "between 1 and the number of beams"),
     (["--num-return", "2"], "needs beam search"),
+    (["--length-penalty", "1.5"], "add --beams N"),
     (["--draft", "{root}/foreign"], "same tokenizer"),
     (["--draft", "{root}/draft", "--draft-tokens", "0"], "at least 1"),
     (["--beams", "2", "--prompt-lookup", "2"], "does not combine"),

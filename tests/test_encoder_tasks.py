@@ -644,6 +644,14 @@ def test_minilm_embeds_unit_vectors_and_search_ranks_the_related_line_first(tmp_
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
 
 
+def test_classify_input_file_ending_in_blank_lines_classifies_its_texts(classifier, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a good film\na bad film\n\n\n")  # an editor's trailing blank lines
+    result = cli("classify", "--ckpt", classifier, "--input", texts, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 2
+
+
 # --- 8. bad input: one error line, exit 2, nothing overwritten ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -656,6 +664,8 @@ def bad(world, classifier):
     write_labelled(root / "one_class.csv", [Example(e.text, "pos") for e in sentiment(30, 5)])
     (root / "columns.csv").write_text("review,sentiment\ngood film,pos\nbad film,neg\n")
     (root / "empty_text.csv").write_text("text,label\ngood film,pos\n  ,neg\nbad film,neg\n")
+    (root / "blank.txt").write_text("\n\n")
+    (root / "gap.txt").write_text("good film\n\nbad film\n")
     squad = json.loads(world["squad"].read_text())
     squad["data"][0]["paragraphs"][1]["qas"][2]["answers"][0]["answer_start"] += 3
     (root / "offsets.json").write_text(json.dumps(squad))
@@ -696,6 +706,8 @@ BAD_CASES = {  # argv, and what the error must say
     "empty-text-row": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "empty_text.csv", *FINETUNE],
                        "line 3 has an empty text"),
     "empty-text-classify": (lambda w, c, b: ["classify", "--ckpt", c, "good", "   "], "text 2 is empty"),
+    "empty-input-file": (lambda w, c, b: ["classify", "--ckpt", c, "--input", b / "blank.txt"], "has no texts"),
+    "blank-input-line": (lambda w, c, b: ["classify", "--ckpt", c, "--input", b / "gap.txt"], "line 2 of"),
     "squad-offsets": (lambda w, c, b: ["finetune", "--task", "qa", "--ckpt", w["tiny"], "--data", b / "offsets.json",
                                        *FINETUNE], "fix answer_start"),
 }
