@@ -751,7 +751,13 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
     from attnkit.train import evaluate_tokens
 
     model, tokenizer = load_checkpoint(ckpt, device=_device(device), quantize=quantize)
-    if media_layout(model.cfg) is not None:
+    kind = "media" if media_layout(model.cfg) is not None else {"decoder": "lm", "gru": "lm"}.get(
+        model.cfg.family, model.cfg.family)
+    _refuse_flags_that_do_not_apply(kind, {
+        "--max-tokens": ("lm",), "--split": ("lm", "seq2seq", "media"), "--beams": ("seq2seq",),
+        "--plot": ("encoder",), "--text-column": ("encoder",), "--label-column": ("encoder",),
+        "--pair-column": ("encoder",), "--no-truncate": ("encoder",)})
+    if kind == "media":
         result = {"ckpt": str(ckpt), "data": str(data), **_eval_media(model, data, split, batch_size, precision)}
         if as_json:
             click.echo(json.dumps(result))
@@ -867,6 +873,23 @@ def _labelled_examples(data: str, text_column: str, label_column: str, pair_colu
 
 
 # --- encoders: classify, embed, search, answer --------------------------------------------------
+
+def _refuse_flags_that_do_not_apply(kind: str, applies_to: dict[str, tuple[str, ...]]) -> None:
+    """An option given on the command line that does nothing for this kind of model is an error, not
+    silently ignored (``applies_to``: option -> the kinds it applies to)."""
+    from click.core import ParameterSource
+
+    from attnkit.errors import a_family
+
+    ctx = click.get_current_context()
+    names = {opt: p.name for p in ctx.command.params for opt in p.opts}
+    for option, kinds in applies_to.items():
+        if kind not in kinds and ctx.get_parameter_source(names[option]) == ParameterSource.COMMANDLINE:
+            what = {"lm": "language model", "seq2seq": "encoder-decoder", "encoder": "classifier",
+                    "media": "image or audio model"}
+            raise AttnkitError(f"{option} applies to {', '.join(what[k] + 's' for k in kinds)}; this checkpoint is "
+                               f"{a_family(what[kind])}, so drop it")
+
 
 def _texts(texts, input_file, allow_empty: bool = False) -> list[str]:
     """TEXT arguments, or the lines of --input (``-``: stdin); empty lines are refused unless allowed."""

@@ -695,6 +695,8 @@ BAD_CASES = {  # argv, and what the error must say
     "classifier-to-answer": (lambda w, c, b: ["answer", "--ckpt", c, "--context", "anna lives in rome.", "where?"],
                              "not a span-QA model"),
     "encoder-to-generate": (lambda w, c, b: ["generate", "--ckpt", w["tiny"], "-p", "hello"], "is an encoder"),
+    "eval-flag-for-another-kind": (lambda w, c, b: ["eval", "--ckpt", c, "--data", w["test"], "--max-tokens", "5"],
+                                   "--max-tokens applies to language models; this checkpoint is a classifier"),
     "truncated-safetensors": (lambda w, c, b: ["classify", "--ckpt", b / "broken", "good"],
                               "not a readable safetensors file"),
     "missing-columns-finetune": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "columns.csv",
