@@ -460,6 +460,22 @@ def test_max_time_stops_before_a_step_or_a_cadence_eval_that_would_pass_it(tmp_p
     assert state["step"] == 4 and state["scheduler"]["elapsed"] == 28
 
 
+def test_an_evaluation_cut_short_does_not_compete_for_best(tmp_path, monkeypatch):
+    # eval batches take 2 s until step 2's evaluation, then 12 s: the later ones fit 1 batch of 4, whose
+    # lower loss (other windows) must not replace best/ (step 2, all 4 batches); last/ still has step 5
+    trainer, fake = slow_trainer(tmp_path, monkeypatch, step_s=5, eval_batch_s=2, max_time=60, max_steps=100,
+                                 eval_interval=2, eval_batches=4)
+    trainer.raw_model.register_forward_hook(
+        lambda module, args, output: setattr(fake, "now", fake.now + 10) if not module.training and trainer.step > 2
+        else None)
+    result = trainer.fit()
+    evals = [(r["step"], r["val_batches"]) for r in trainer.run.history if r["kind"] == "eval"]
+    assert evals == [(2, 4), (4, 1), (5, 1)] and result["step"] == 5
+    later = [r["val_loss"] for r in trainer.run.history if r["kind"] == "eval" and r["step"] > 2]
+    assert min(later) < trainer.best_eval["val_loss"]  # the cut-short losses look better, and are not taken
+    assert read_train_state(tmp_path / "best")["step"] == 2 and read_train_state(tmp_path / "last")["step"] == 5
+
+
 def test_an_evaluation_slower_than_the_budget_allows_is_cut_short_and_the_final_save_still_happens(
         tmp_path, monkeypatch):
     # eval batches take 10 s: the final eval (4 batches) is cut to the one batch that fits in 30 s

@@ -526,7 +526,7 @@ class Trainer:
             if deadline is not None:
                 metrics = {"step": self.step, **self.evaluate(budget, deadline)}
                 self.run.log({"kind": "eval", **metrics})
-                if self.best_eval is None or self._rank(metrics) > self._rank(self.best_eval):
+                if self._better(metrics):
                     self.best_eval = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                     self.save("best", metrics)
                 self.save("last", metrics)
@@ -537,6 +537,16 @@ class Trainer:
                     tqdm.write(f"step {self.step}: {self.task.describe(metrics)}, {self.describe_best()}")
         if self.ddp:
             dist.barrier()
+
+    def _better(self, metrics: dict) -> bool:
+        """Whether an evaluation replaces best/. One over fewer val batches than best/'s (the time
+        budget cut it short: other examples, for length-sorted val sets the shortest) is not compared
+        with it."""
+        if self.best_eval is None:
+            return True
+        if metrics.get("val_batches", 0) < self.best_eval.get("val_batches", 0):
+            return False
+        return self._rank(metrics) > self._rank(self.best_eval)
 
     def _rank(self, metrics: dict) -> tuple[int, float, float]:
         """Higher is better: the task's best_by metric where it was measured, ahead of the val loss
