@@ -304,6 +304,11 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None, q
             model_config, state = _from_version_1(model_config, state)
         cfg = ModelConfig.from_dict(model_config)
     else:
+        generation = directory / "generation_config.json"  # transformers >= 4.4x keeps decoding's ids there
+        if generation.is_file():
+            decoding = json.loads(generation.read_text(encoding="utf-8"))
+            config = {**config, **{k: decoding[k] for k in ("forced_bos_token_id", "forced_eos_token_id")
+                                   if k in decoding}}
         cfg, state = hf.from_hf(config, read_weights(directory), directory)
     model = build_model(cfg)
     load_state(model, state, directory)

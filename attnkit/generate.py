@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Sequence
+from typing import Generator, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -166,6 +166,7 @@ def generate_tokens(
     pad_id: int = 0,
     compile: bool = False,
     speculation: Speculation | None = None,
+    forced: Mapping[int, int] | None = None,
     **inputs,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yields (next_ids (B,), finished (B,) bool) once per new token, for prompts of any lengths.
@@ -174,7 +175,8 @@ def generate_tokens(
     early when every row is finished. ``compile``: the model's (and a draft's) compiled one-token
     step (decoder LMs, dense attention). ``speculation``: draft-and-verify rounds that give the same tokens as
     greedy decoding of the model alone (greedy), or samples of the same distribution (sampling).
-    ``inputs`` go to ``model.start`` (a source sentence, for instance).
+    ``inputs`` go to ``model.start`` (a source sentence, for instance). ``forced``: {step: token} that
+    step writes whatever the model says (``forced_steps``: BART's forced first and last tokens).
     """
     sampling = (sampling or Sampling()).validate()
     _check_request(max_new_tokens, prompts)
@@ -184,11 +186,14 @@ def generate_tokens(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    if speculation is not None and forced:
+        raise AttnkitError("this model forces tokens at some steps (its Hugging Face config's forced_bos / "
+                           "forced_eos), which speculative decoding does not do; decode without it")
     if speculation is not None:
         steps = _speculative_steps(model, prompts, speculation.validate(model), max_new_tokens, sampling, pad_id,
                                    generator, compile, inputs)
     else:
-        steps = _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs)
+        steps = _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs, forced)
     for step, token in enumerate(steps):
         if len(stop):  # without stop ids no row ever finishes: two small ops (and a sync) less per step
             token = token.masked_fill(finished, pad_id)
@@ -198,7 +203,8 @@ def generate_tokens(
             return
 
 
-def _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs) -> Iterator[Tensor]:
+def _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, compile, inputs,
+                 forced=None) -> Iterator[Tensor]:
     """One token per step: sample from the logits, feed the token back."""
     state, logits = model.start(prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, compile=compile, **inputs)
     device, V = logits.device, logits.shape[-1]
@@ -213,6 +219,8 @@ def _plain_steps(model, prompts, max_new_tokens, sampling, pad_id, generator, co
             logits = logits.masked_fill(repeated_ngram_mask(rows, sampling.no_repeat_ngram_size, V, device),
                                         float("-inf"))
         token = sample_next(logits, sampling, seen, generator)  # (B,)
+        if forced and step in forced:
+            token = torch.full_like(token, forced[step])
         yield token
         if step == max_new_tokens - 1:
             return
@@ -548,13 +556,15 @@ def beam_search(
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
     compile: bool = False,
+    forced: Mapping[int, int] | None = None,
     **inputs,
 ) -> list[list[tuple[list[int], float]]]:
     """For each prompt, the best ``num_return_sequences`` continuations as (tokens, score), best first.
 
     Tokens end with the end token when the hypothesis finished with one. The prompts are run once;
     the model's state then holds num_beams rows per prompt and is reordered after every step
-    (``state.reorder``), never re-run. The search is Hugging Face's, step for step.
+    (``state.reorder``), never re-run. The search is Hugging Face's, step for step. ``forced``:
+    {step: token} that step writes with log-probability 0 (Hugging Face's forced BOS / EOS).
     """
     beams = (beams or Beams()).validate()
     _check_request(max_new_tokens, prompts)
@@ -589,6 +599,9 @@ def beam_search(
         if history is not None:
             log_probs = log_probs.masked_fill(
                 repeated_ngram_mask(history, beams.no_repeat_ngram_size, V, device), float("-inf"))
+        if forced and step in forced:
+            log_probs = torch.full_like(log_probs, float("-inf")).index_fill_(1, log_probs.new_tensor(
+                [forced[step]], dtype=torch.long), 0.0)
         # the n_keep best of the (B, K * V) sums log_probs + running score: natively where that applies
         # (without the sums), else in place (one (B * K, V) temporary fewer a step); the same answer
         top = beam_topk(log_probs, running_scores, n_keep)
@@ -810,6 +823,18 @@ def source_ids(model, tokenizer: Tokenizer, text: str) -> tuple[list[int], bool]
     return ids[:limit] + ([eos] if eos is not None else []), len(ids) > limit
 
 
+def forced_steps(model, max_new_tokens: int) -> dict[int, int]:
+    """{step: token} an encoder-decoder writes whatever it predicts, from its Hugging Face config:
+    forced_bos_id as the first new token (bart-large-cnn: <s>), forced_eos_id as the last one when
+    the output reaches max_new_tokens."""
+    extra, forced = model.cfg.extra, {}
+    if extra.get("forced_bos_id") is not None:
+        forced[0] = int(extra["forced_bos_id"])
+    if extra.get("forced_eos_id") is not None:  # (after: with one new token, eos wins, as in transformers)
+        forced[max_new_tokens - 1] = int(extra["forced_eos_id"])
+    return forced
+
+
 def require_seq2seq(model, command: str = "this") -> None:
     if getattr(model.cfg, "family", None) != "seq2seq":
         raise AttnkitError(f"{command} needs an encoder-decoder checkpoint, and this one is {a_family(model.cfg.family)} "
@@ -858,23 +883,25 @@ def seq2seq_texts(
         limit = cfg.context_length - 1 if model.embed.pos is not None else None
         n_new = max_new_tokens if max_new_tokens is not None else int(1.5 * longest) + 10
         n_new = min(n_new, limit) if limit is not None else n_new
+        forced = forced_steps(model, n_new)
         if beams is not None:
             found = beam_search(model, [[start]] * len(rows), beams=beams, max_new_tokens=n_new, eos_ids=[eos],
-                                pad_id=pad, source_ids=ids, source_mask=mask)
+                                pad_id=pad, source_ids=ids, source_mask=mask, forced=forced)
             token_rows = [[tokens for tokens, _ in hyps] for hyps in found]
         else:
             repeat = torch.arange(len(rows), device=device).repeat_interleave(num_return)
             got: list[list[int]] = [[] for _ in repeat]
             for token, _ in generate_tokens(model, [[start]] * len(repeat), max_new_tokens=n_new,
                                                    sampling=sampling, stop_ids=[eos], seed=seed, pad_id=pad,
-                                                   source_ids=ids[repeat], source_mask=mask[repeat]):
+                                                   source_ids=ids[repeat], source_mask=mask[repeat], forced=forced):
                 for r, t in enumerate(token.tolist()):
                     got[r].append(t)
             token_rows = [got[r * num_return:(r + 1) * num_return] for r in range(len(rows))]
+        dropped = {pad, start, *([forced[0]] if 0 in forced else [])}  # not text: the forced first token too
         for i, hyps in zip(rows, token_rows):
             texts = []
             for tokens in hyps:
                 end = tokens.index(eos) if eos in tokens else len(tokens)
-                texts.append(tokenizer.decode([t for t in tokens[:end] if t not in (pad, start)]).strip())
+                texts.append(tokenizer.decode([t for t in tokens[:end] if t not in dropped]).strip())
             outputs[i] = texts
     return outputs

@@ -258,7 +258,9 @@ def _bart_marian_config(hf: dict) -> ModelConfig:
         d_ff=hf.get("decoder_ffn_dim", 4096), tie_embeddings=hf.get("tie_word_embeddings", True),
         dropout=hf.get("dropout", 0.1), bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
         extra={"encoder_layers": hf.get("encoder_layers", 12), "decoder_start_id": hf.get("decoder_start_token_id", pad),
-               "pad_id": pad, "shared_embeddings": hf.get("share_encoder_decoder_embeddings", True), "logits_bias": True},
+               "pad_id": pad, "shared_embeddings": hf.get("share_encoder_decoder_embeddings", True), "logits_bias": True,
+               # generate's forced first / last tokens (bart-large-cnn: <s> first; BART and Marian: </s> last)
+               "forced_bos_id": hf.get("forced_bos_token_id"), "forced_eos_id": hf.get("forced_eos_token_id")},
     ).validate()
 
 
@@ -429,7 +431,8 @@ def _seq2seq_config_to_hf(cfg: ModelConfig) -> dict:
               scale_embeddings=False, embedding_norm=False, **common)
     act = {v: k for k, v in SEQ2SEQ_ACTIVATIONS.items() if k != "swish"}.get(cfg.mlp)
     ids = dict(pad_token_id=extra.get("pad_id", 0), eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
-               decoder_start_token_id=extra.get("decoder_start_id", extra.get("pad_id", 0)), forced_eos_token_id=None)
+               decoder_start_token_id=extra.get("decoder_start_id", extra.get("pad_id", 0)),
+               forced_bos_token_id=extra.get("forced_bos_id"), forced_eos_token_id=extra.get("forced_eos_id"))
     fits = lambda shape: all(fields[k] == v for k, v in shape.items())  # noqa: E731
     output_scale = float(extra.get("output_scale", 1.0))
     scaled = abs(output_scale - cfg.d_model ** -0.5) < 1e-9

@@ -302,3 +302,31 @@ def test_cross_cache_reorders_without_copies_and_keeps_only_the_sources_still_de
     assert cache.source_valid.sum(1).tolist() == [3, 5] and cache.rows.tolist() == [0] * 4 + [1] * 4
     cache.reorder(torch.tensor([0, 4, 1, 5, 2, 6, 3, 7]))  # interleaved: gathered by attention
     assert cache.group is None and cache.rows.tolist() == [0, 1] * 4
+
+
+def test_a_bart_configs_forced_first_and_last_tokens_decode_as_in_transformers(tmp_path):
+    """bart-large-cnn's generation config forces <s> first and </s> at the length limit; they are
+    read from generation_config.json and written at those steps, greedy and in beam search."""
+    from attnkit.generate import Sampling, forced_steps, generate_tokens
+
+    hf = hf_model("bart", decoder_layers=2)
+    hf.generation_config.forced_bos_token_id, hf.generation_config.forced_eos_token_id = 0, 2
+    hf.save_pretrained(tmp_path / "bart")
+    ours, _ = load_checkpoint(tmp_path / "bart")
+    assert forced_steps(ours, 6) == {0: 0, 5: 2}
+    src, mask = sources(hf)
+    pad, start = hf.config.pad_token_id, ours.decoder_start_id
+    settings = dict(num_beams=4, length_penalty=1.2, early_stopping=True, num_return_sequences=2)
+    with torch.no_grad():
+        ref_beams = hf.generate(input_ids=src, attention_mask=mask, do_sample=False, max_new_tokens=6, **settings)
+        ref_greedy = hf.generate(input_ids=src, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    got = beam_search(ours, [[start]] * 2, beams=Beams(**settings), max_new_tokens=6, eos_ids=[2], pad_id=pad,
+                      source_ids=src, source_mask=mask, forced=forced_steps(ours, 6))
+    for mine, theirs in zip([tokens for row in got for tokens, _ in row], ref_beams[:, 1:].tolist()):
+        assert mine == theirs[:len(mine)] and all(t == pad for t in theirs[len(mine):])
+        assert mine[0] == 0 and mine[-1] == 2  # forced first; the last one ended by </s>
+    greedy = torch.stack([t for t, _ in generate_tokens(ours, [[start]] * 2, max_new_tokens=6, stop_ids=[2],
+                                                        sampling=Sampling(temperature=0.0), pad_id=pad,
+                                                        source_ids=src, source_mask=mask,
+                                                        forced=forced_steps(ours, 6))], 1)
+    assert greedy.tolist() == ref_greedy[:, 1:].tolist() and greedy[:, 0].tolist() == [0, 0]
