@@ -476,6 +476,16 @@ def test_an_evaluation_cut_short_does_not_compete_for_best(tmp_path, monkeypatch
     assert read_train_state(tmp_path / "best")["step"] == 2 and read_train_state(tmp_path / "last")["step"] == 5
 
 
+def test_an_evaluation_replaces_a_best_whose_val_loss_was_nan(tmp_path):
+    train_text, val_text = split()
+    trainer = Trainer(tiny_config(tmp_path, max_steps=1), train_text=train_text, val_text=val_text, quiet=True)
+    trainer.best_eval = {"step": 1, "val_loss": float("nan"), "val_batches": 2}
+    assert trainer._better({"step": 2, "val_loss": 3.0, "val_batches": 2})
+    trainer.best_eval = {"step": 1, "val_loss": 2.0, "val_batches": 2}
+    assert not trainer._better({"step": 2, "val_loss": 3.0, "val_batches": 2})
+    assert trainer._better({"step": 2, "val_loss": 1.5, "val_batches": 2})
+
+
 def test_an_evaluation_slower_than_the_budget_allows_is_cut_short_and_the_final_save_still_happens(
         tmp_path, monkeypatch):
     # eval batches take 10 s: the final eval (4 batches) is cut to the one batch that fits in 30 s

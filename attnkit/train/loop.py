@@ -542,7 +542,7 @@ class Trainer:
         """Whether an evaluation replaces best/. One over fewer val batches than best/'s (the time
         budget cut it short: other examples, for length-sorted val sets the shortest) is not compared
         with it."""
-        if self.best_eval is None:
+        if self.best_eval is None or not math.isfinite(self.best_eval["val_loss"]):  # (NaN compares with nothing)
             return True
         if metrics.get("val_batches", 0) < self.best_eval.get("val_batches", 0):
             return False
