@@ -779,8 +779,9 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
                        f"({result['n']:,} pairs, {result['split']}, {result['decoding']})")
         return
     if model.cfg.family == "encoder":
-        from attnkit.encoding import evaluate_classifier
+        from attnkit.encoding import evaluate_classifier, require_encoder
 
+        require_encoder(model, "classify", source=str(ckpt))  # before the data: a headless encoder scores nothing
         examples = _labelled_examples(data, text_column, label_column, pair_column)
         with torch.autocast(model.embed.tok.weight.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             report = evaluate_classifier(model, tokenizer, examples, batch_size=batch_size, truncate=not no_truncate)

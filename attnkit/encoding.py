@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 
 from attnkit.data.encoder_inputs import EncoderInputs, length_sorted_batches, pad_rows, special_ids
-from attnkit.errors import AttnkitError
+from attnkit.errors import AttnkitError, a_family
 
 
 def require_encoder(model, head: str | None = None, source="the checkpoint") -> None:
     """A clear error when ``model`` is not an encoder (with ``head``)."""
     if getattr(model, "cfg", None) is None or model.cfg.family != "encoder":
         family = getattr(getattr(model, "cfg", None), "family", type(model).__name__)
-        raise AttnkitError(f"{source} is a {family} model, not an encoder; pass an encoder checkpoint "
+        raise AttnkitError(f"{source} is {a_family(family)} model, not an encoder; pass an encoder checkpoint "
                            "(e.g. minilm-l6, or a run of `attnkit finetune`)")
     if head is not None and model.head_kind != head:
         what = {"classify": "a classifier (attnkit finetune --task classify)",

@@ -695,6 +695,8 @@ BAD_CASES = {  # argv, and what the error must say
     "classifier-to-answer": (lambda w, c, b: ["answer", "--ckpt", c, "--context", "anna lives in rome.", "where?"],
                              "not a span-QA model"),
     "encoder-to-generate": (lambda w, c, b: ["generate", "--ckpt", w["tiny"], "-p", "hello"], "is an encoder"),
+    "eval-headless-encoder": (lambda w, c, b: ["eval", "--ckpt", w["tiny"], "--data", b / "gap.txt"],
+                              "has a 'none' head, not a classifier"),
     "eval-flag-for-another-kind": (lambda w, c, b: ["eval", "--ckpt", c, "--data", w["test"], "--max-tokens", "5"],
                                    "--max-tokens applies to language models; this checkpoint is a classifier"),
     "truncated-safetensors": (lambda w, c, b: ["classify", "--ckpt", b / "broken", "good"],
