@@ -56,9 +56,9 @@ class TrainConfig:
     # length (bucket chosen in proportion to its size, so every example is as likely as before): less
     # padding computed, but batches of one length; 1 (default): from all examples. On the sentiment
     # recipe 16 buckets gave 3686 train tokens/s against 2349 and 1 point less test accuracy
-    # (benchmarks/results.md). On de-en (by source + target length) 32 buckets made 76% of the padded
-    # positions real, not 41%, yet train tokens/s went only 2,780 -> 3,024 (150 steps each, AVX2 EPYC):
-    # the encoder-decoder's blocks already compute on the real tokens only (pack_real_tokens)
+    # (benchmarks/results.md). On de-en (by source + target length) 32 buckets made 80% of the padded
+    # positions real, not 43%, yet real tokens/s rose only 1.14x (bench_seq2seq buckets, AVX2 EPYC): the
+    # encoder-decoder's blocks already compute on the real tokens only (pack_real_tokens)
     length_buckets: int = 1
     mask_prob: float = 0.15  # mlm
     doc_stride: int = 128  # qa: context tokens shared by consecutive windows of a long context
