@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from attnkit.errors import AttnkitError
+from attnkit.errors import AttnkitError, a_family
 
 
 class Group(click.Group):
@@ -873,14 +873,10 @@ def _labelled_examples(data: str, text_column: str, label_column: str, pair_colu
     return labelled.read_labelled(data, text_column=text_column, label_column=label_column, pair_column=pair_column)
 
 
-# --- encoders: classify, embed, search, answer --------------------------------------------------
-
 def _refuse_flags_that_do_not_apply(kind: str, applies_to: dict[str, tuple[str, ...]]) -> None:
     """An option given on the command line that does nothing for this kind of model is an error, not
     silently ignored (``applies_to``: option -> the kinds it applies to)."""
     from click.core import ParameterSource
-
-    from attnkit.errors import a_family
 
     ctx = click.get_current_context()
     names = {opt: p.name for p in ctx.command.params for opt in p.opts}
@@ -891,6 +887,8 @@ def _refuse_flags_that_do_not_apply(kind: str, applies_to: dict[str, tuple[str, 
             raise AttnkitError(f"{option} applies to {', '.join(what[k] + 's' for k in kinds)}; this checkpoint is "
                                f"{a_family(what[kind])}, so drop it")
 
+
+# --- encoders: classify, embed, search, answer --------------------------------------------------
 
 def _texts(texts, input_file, allow_empty: bool = False) -> list[str]:
     """TEXT arguments, or the lines of --input (``-``: stdin); empty lines are refused unless allowed."""

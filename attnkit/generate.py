@@ -599,9 +599,9 @@ def beam_search(
         if history is not None:
             log_probs = log_probs.masked_fill(
                 repeated_ngram_mask(history, beams.no_repeat_ngram_size, V, device), float("-inf"))
-        if forced and step in forced:
-            log_probs = torch.full_like(log_probs, float("-inf")).index_fill_(1, log_probs.new_tensor(
-                [forced[step]], dtype=torch.long), 0.0)
+        if forced and step in forced:  # only the forced token, at log-probability 0
+            log_probs = torch.full_like(log_probs, float("-inf"))
+            log_probs[:, forced[step]] = 0.0
         # the n_keep best of the (B, K * V) sums log_probs + running score: natively where that applies
         # (without the sums), else in place (one (B * K, V) temporary fewer a step); the same answer
         top = beam_topk(log_probs, running_scores, n_keep)

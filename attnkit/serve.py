@@ -26,8 +26,8 @@ import json
 import logging
 import queue
 import socket
-import threading
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
