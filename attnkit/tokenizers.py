@@ -139,41 +139,47 @@ WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def train_wordpiece(text_or_iter: str | Iterable[str], vocab_size: int) -> HFTokenizer:
-    """BERT's WordPiece (BertNormalizer lower-casing, BertPreTokenizer, "##" continuations)."""
+    """BERT's WordPiece (BertNormalizer lower-casing, BertPreTokenizer, "##" continuations); the same
+    text gives the same vocabulary and ids in every process."""
     if vocab_size < 100:
         raise AttnkitError(f"a WordPiece vocabulary needs at least 100 tokens, got {vocab_size}.")
-    texts = text_or_iter.splitlines() if isinstance(text_or_iter, str) else text_or_iter
-    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    # the trainer numbers pieces in hash order, which changes from run to run: renumber them (the
-    # specials first, then sorted), so the same text gives the same ids (WordPiece matching only
-    # asks whether a piece is in the vocabulary, so encodings are otherwise unchanged)
-    pieces = sorted(set(tok.get_vocab()) - set(WORDPIECE_SPECIALS))
+    texts = text_or_iter.splitlines() if isinstance(text_or_iter, str) else list(text_or_iter)
+    # The trainer numbers each "##c" continuation when it first meets it in a word, walking the words
+    # in a hash order that changes from process to process, and breaks ties between equally frequent
+    # merges by those numbers: 4 vocabularies in 6 runs of one small corpus. So a first pass finds the
+    # characters and continuations, and the second gives them as leading tokens, numbered as the
+    # trainer numbers the characters (sorted), with the continuations after them in sorted order.
+    first = set(_trained_wordpiece(texts, vocab_size, ()).get_vocab()) - set(WORDPIECE_SPECIALS)
+    characters = sorted(piece for piece in first if len(piece) == 1)
+    continuations = sorted(piece for piece in first if len(piece) == 3 and piece.startswith("##"))
+    trained = _trained_wordpiece(texts, vocab_size, [*characters, *continuations])
+    # a fresh tokenizer without the continuations as added tokens, the pieces renumbered (the
+    # specials first, then sorted: WordPiece matching only asks whether a piece is in the vocabulary)
+    pieces = sorted(set(trained.get_vocab()) - set(WORDPIECE_SPECIALS))
     vocab = {piece: i for i, piece in enumerate([*WORDPIECE_SPECIALS, *pieces])}
-    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
-                                 max_input_chars_per_word=100)
+    tok = _wordpiece(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                      max_input_chars_per_word=100))
+    tok.add_special_tokens(list(WORDPIECE_SPECIALS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(  # what `transformers` adds for BERT inputs
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return _rank_0s(HFTokenizer(tok, kind="wordpiece"))
+    return HFTokenizer(tok, kind="wordpiece")
 
 
-def _rank_0s(tokenizer: "HFTokenizer") -> "HFTokenizer":
-    """Under torch.distributed, rank 0's tokenizer on every rank. The WordPiece trainer picks among
-    equally frequent merges in a hash order that changes from process to process (so two runs, or two
-    ranks, of one config can get different vocabularies); the ranks of one run must share one."""
-    import torch.distributed as dist
+def _wordpiece(model: models.Model) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tokenizer
-    shared = [tokenizer.hf.to_str() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(shared, src=0)
-    return HFTokenizer(tokenizers.Tokenizer.from_str(shared[0]), kind=tokenizer.kind)
+
+def _trained_wordpiece(texts: list[str], vocab_size: int, leading: Sequence[str]) -> tokenizers.Tokenizer:
+    tok = _wordpiece(models.WordPiece(unk_token="[UNK]"))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*WORDPIECE_SPECIALS, *leading],
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 @functools.lru_cache(maxsize=1)
