@@ -65,6 +65,9 @@ def test_write_then_read_round_trip(tmp_path):
     ("d.csv", "text,label,h\nhi,1,\n", {"pair_column": "h"}, r"line 2 has an empty pair text"),
     ("d.tsv", "text\tlabel\nhi\t1\nho\t\n", {}, r"d\.tsv line 3 has an empty label"),
     ("d.csv", "text,label\nhi\n", {}, r"line 2 has an empty label"),
+    # an unclosed quote swallows the rows after it: name where it opened (was "line 4 has an empty label")
+    ("d.tsv", 'text\tlabel\n"great\tpos\nbad\tneg\nok\tpos\n', {},
+     r"d\.tsv row of lines 2-4 \(a quoted field opened on line 2 runs on; .*close it.*\) has an empty label"),
     ("d.jsonl", '{"text": "a", "label": null}\n', {}, r"line 1 has an empty label"),
     ("d.jsonl", '{"text": "a", "label": 1}\n{"text": 3, "label": 1}\n', {}, r"line 2 has an empty text"),
     ("d.jsonl", '{"text": "a", "label": 1.5}\n', {}, r"line 1 has the label 1.5; labels must be strings or int"),

@@ -66,14 +66,15 @@ def _decode(path: Path) -> str:
         raise AttnkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.") from None
 
 
-def _example(path: Path, line: int, text, label, pair, pair_wanted: bool) -> Example:
+def _example(path: Path, where: str, text, label, pair, pair_wanted: bool) -> Example:
+    """An example of a row; ``where`` names it in errors ("line 4")."""
     if not isinstance(text, str) or not text.strip():
-        raise AttnkitError(f"{path} line {line} has an empty text; fill it in or remove that row.")
+        raise AttnkitError(f"{path} {where} has an empty text; fill it in or remove that row.")
     if pair_wanted and (not isinstance(pair, str) or not pair.strip()):
-        raise AttnkitError(f"{path} line {line} has an empty pair text; fill it in or remove that row.")
+        raise AttnkitError(f"{path} {where} has an empty pair text; fill it in or remove that row.")
     label = label.strip() if isinstance(label, str) else ""
     if not label:
-        raise AttnkitError(f"{path} line {line} has an empty label; fill it in or remove that row.")
+        raise AttnkitError(f"{path} {where} has an empty label; fill it in or remove that row.")
     return Example(text=text, label=label, text_pair=pair if pair_wanted else None)
 
 
@@ -100,6 +101,7 @@ def _read_table(path: Path, delimiter: str, columns: dict[str, str]) -> list[Exa
         index[role] = header.index(column)
     examples = []
     while True:
+        first_line = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
@@ -110,8 +112,11 @@ def _read_table(path: Path, delimiter: str, columns: dict[str, str]) -> list[Exa
         if not any(cell.strip() for cell in row):
             continue  # a blank line
         value = {role: row[i] if i < len(row) else "" for role, i in index.items()}
-        examples.append(_example(path, reader.line_num, value["text"], value["label"], value.get("pair"),
-                                 "pair" in columns))
+        where = f"line {reader.line_num}"
+        if reader.line_num > first_line:  # a quoted field with newlines, or a quote never closed
+            where = (f"row of lines {first_line}-{reader.line_num} (a quoted field opened on line {first_line} "
+                     f"runs on; if that quote is not closed, close it or double it as \"\")")
+        examples.append(_example(path, where, value["text"], value["label"], value.get("pair"), "pair" in columns))
     return examples
 
 
@@ -131,7 +136,7 @@ def _read_jsonl(path: Path, columns: dict[str, str]) -> list[Example]:
         if isinstance(label, int):
             label = str(label)
         pair = record.get(columns["pair"]) if "pair" in columns else None
-        examples.append(_example(path, number, record[columns["text"]], label, pair, "pair" in columns))
+        examples.append(_example(path, f"line {number}", record[columns["text"]], label, pair, "pair" in columns))
     return examples
 
 
