@@ -54,6 +54,8 @@ def test_read_jsonl_blank_lines_bom_extra_keys(tmp_path):
     ("pairs.tsv", "a\tb\tc\n", r"line 1 has 3 columns; a pair needs exactly source<TAB>target, so remove the extra"),
     ("pairs.csv", "src,tgt\nx\n", r"line 2 has one column; a pair needs source,target"),
     ("pairs.csv", "a,b,c\n", r"line 1 has 3 columns.*quote the fields that hold commas"),
+    ("pairs.csv", 'source,target\n"Hallo,hello\nWelt,world\n',  # an unclosed quote (was "line 3 has one column")
+     r"pairs\.csv row of lines 2-3 \(a quoted field opened on line 2 runs on; .*\) has one column"),
     ("pairs.jsonl", '{"source": "a", "target": "b"}\n{"source": "a"}\n', r'line 2 has no key "target"'),
     ("pairs.jsonl", '{"source": "a", "target": 3}\n', r"line 1 has the target 3; sources and targets must be strings"),
     ("pairs.jsonl", '{"source": "a"\n', r"line 1 is not valid JSON"),

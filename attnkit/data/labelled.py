@@ -28,7 +28,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from attnkit.data.fetch import fetch_package, read_member
 from attnkit.errors import AttnkitError
@@ -84,38 +84,44 @@ def _missing_column(path: Path, where: str, role: str, column: str, have: Iterab
                         f"with {_FLAGS[role]}.")
 
 
+def table_rows(path: Path, text: str, delimiter: str = ",") -> Iterator[tuple[str, list[str]]]:
+    """(where, cells) of every non-blank row of a CSV-quoted table (``delimiter`` "," or a tab).
+    ``where`` names the row in errors: "line 4", or for a row read across lines (a quoted field
+    holding newlines, or a quote never closed, which swallows the rows after it) the lines it spans
+    and where its quote opened."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise AttnkitError(f"{path} line {reader.line_num} is not valid {path.suffix[1:].upper()} ({e}); "
+                               f"fix that line.") from None
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        where = f"line {reader.line_num}"
+        if reader.line_num > first_line:
+            where = (f"row of lines {first_line}-{reader.line_num} (a quoted field opened on line {first_line} "
+                     f"runs on; if that quote is not closed, close it or double it as \"\")")
+        yield where, row
+
+
 def _read_table(path: Path, delimiter: str, columns: dict[str, str]) -> list[Example]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise AttnkitError(f"{path} is empty; give it a header row and one row per example.") from None
-    except csv.Error as e:
-        raise AttnkitError(f"{path} line {reader.line_num} is not valid {path.suffix[1:].upper()} ({e}); "
-                           f"fix that line.") from None
-    header = [h.strip() for h in header]
+    rows = table_rows(path, _decode(path), delimiter)
+    header = next(rows, None)
+    if header is None:
+        raise AttnkitError(f"{path} is empty; give it a header row and one row per example.")
+    header = [h.strip() for h in header[1]]
     index = {}
     for role, column in columns.items():
         if column not in header:
             raise _missing_column(path, "", role, column, header)
         index[role] = header.index(column)
     examples = []
-    while True:
-        first_line = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise AttnkitError(f"{path} line {reader.line_num} is not valid {path.suffix[1:].upper()} ({e}); "
-                               f"fix that line.") from None
-        if not any(cell.strip() for cell in row):
-            continue  # a blank line
+    for where, row in rows:
         value = {role: row[i] if i < len(row) else "" for role, i in index.items()}
-        where = f"line {reader.line_num}"
-        if reader.line_num > first_line:  # a quoted field with newlines, or a quote never closed
-            where = (f"row of lines {first_line}-{reader.line_num} (a quoted field opened on line {first_line} "
-                     f"runs on; if that quote is not closed, close it or double it as \"\")")
         examples.append(_example(path, where, value["text"], value["label"], value.get("pair"), "pair" in columns))
     return examples
 

@@ -43,10 +43,8 @@ split by `split_pairs` with a fixed seed (default 0):
 
 from __future__ import annotations
 
-import csv
 import functools
 import gzip
-import io
 import json
 import os
 import re
@@ -57,7 +55,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from attnkit.data.fetch import fetch_package, read_member
-from attnkit.data.labelled import _decode, data_file, split  # UTF-8 (BOM dropped) or one clear error
+from attnkit.data.labelled import _decode, data_file, split, table_rows  # UTF-8 (BOM dropped) or one clear error
 from attnkit.errors import AttnkitError
 
 DE_EN_SPEC = "trans-de-en=1.9-6"
@@ -90,36 +88,27 @@ def _is_header(cells: Sequence[str]) -> bool:
     return len(cells) == 2 and all(c.strip().lower() in HEADER_NAMES for c in cells)
 
 
-def _rows(path: Path, text: str) -> Iterable[tuple[int, list[str]]]:
-    """(line number, cells) of every non-blank row of a .tsv or .csv file."""
-    if path.suffix.lower() == ".tsv":
-        for number, line in enumerate(text.split("\n"), start=1):
-            line = line.removesuffix("\r")
-            if line.strip():
-                yield number, line.split("\t")
+def _rows(path: Path, text: str) -> Iterable[tuple[str, list[str]]]:
+    """(where, cells) of every non-blank row of a .tsv or .csv file; ``where`` names it in errors."""
+    if path.suffix.lower() != ".tsv":
+        yield from table_rows(path, text)
         return
-    reader = csv.reader(io.StringIO(text, newline=""))
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise AttnkitError(f"{path} line {reader.line_num} is not valid CSV ({e}); fix that line.") from None
-        if any(cell.strip() for cell in row):
-            yield reader.line_num, row
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield f"line {number}", line.split("\t")
 
 
 def _read_table(path: Path) -> list[Pair]:
     sep = "<TAB>" if path.suffix.lower() == ".tsv" else ","
     pairs = []
-    for i, (number, cells) in enumerate(_rows(path, _decode(path))):
+    for i, (where, cells) in enumerate(_rows(path, _decode(path))):
         if len(cells) == 1:
-            raise AttnkitError(f"{path} line {number} has one column; a pair needs source{sep}target, so add the "
+            raise AttnkitError(f"{path} {where} has one column; a pair needs source{sep}target, so add the "
                                f"target or remove that line.")
         if len(cells) > 2:
             fix = "remove the extra tabs" if sep == "<TAB>" else "quote the fields that hold commas"
-            raise AttnkitError(f"{path} line {number} has {len(cells)} columns; a pair needs exactly "
+            raise AttnkitError(f"{path} {where} has {len(cells)} columns; a pair needs exactly "
                                f"source{sep}target, so {fix}.")
         if i == 0 and _is_header(cells):
             continue
