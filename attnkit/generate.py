@@ -41,7 +41,7 @@ class Sampling:
     token_limit: int | None = None
 
     def validate(self) -> "Sampling":
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise AttnkitError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise AttnkitError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -93,7 +93,9 @@ def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = Non
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if sampling.temperature == 0:
         return logits
-    logits = logits / sampling.temperature
+    # shifted so the largest is 0 first: a tiny temperature (1e-40) sends the rest to -inf, where
+    # dividing the raw logits overflowed to inf and the softmax gave NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -277,3 +277,12 @@ def test_out_of_range_numbers_are_refused_before_any_work(argv, option):
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_a_tiny_temperature_samples_the_largest_logit_and_nan_is_refused():
+    # 1e-40 overflowed logits / temperature to inf: the softmax was NaN and torch.multinomial raised
+    logits = torch.tensor([[0.5, 3.0, -2.0, 2.9], [7.0, -1.0, 6.5, 0.0]])
+    for sampling in (Sampling(temperature=1e-40), Sampling(temperature=1e-40, top_k=2, top_p=0.9)):
+        assert sample_next(logits, sampling, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    with pytest.raises(AttnkitError, match="temperature must be >= 0"):
+        Sampling(temperature=float("nan")).validate()
