@@ -592,11 +592,11 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
     async def check_key(request: Request):
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer "):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":  # the scheme's name is case-insensitive (RFC 7235)
             raise APIError(401, "no API key was given; send it as the header 'Authorization: Bearer KEY' (the "
                                 "server's --api-key)", code="invalid_api_key")
-        if not hmac.compare_digest(header[len("Bearer "):].encode(), api_key.encode()):
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "the API key is wrong; send the server's --api-key as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 

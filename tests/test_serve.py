@@ -218,6 +218,10 @@ def test_a_wrong_or_missing_key_is_401(url):
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    for scheme in ("bearer", "BEARER"):  # the scheme's name is case-insensitive (was 401 "no API key was given")
+        response = httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert response.status_code == 200 and response.json()["data"][0]["id"] == "tiny"
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
 
 
 def test_a_body_over_the_limit_is_413_declared_or_streamed(url):
