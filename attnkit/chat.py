@@ -94,20 +94,23 @@ class Conversation:
     def reset(self) -> None:
         self.messages = []
 
-    def _all(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
     def prompt_ids(self, reply_room: int) -> list[int]:
         """The token ids of the history + an assistant header, dropping the oldest exchanges (never the
-        system prompt or the newest message) until ``reply_room`` tokens are left for the reply."""
+        system prompt or the newest message) until ``reply_room`` tokens are left for the reply. When
+        even the newest message does not fit, an error, and the history is left as it was."""
+        kept = self.messages
         while True:
-            ids = self.tokenizer.encode(render_chat(self.tokenizer, self._all(), add_generation_prompt=True))
-            if len(ids) + reply_room <= self.context_length or len(self.messages) <= 1:
+            ids = self.tokenizer.encode(render_chat(self.tokenizer, self._with_system(kept), add_generation_prompt=True))
+            if len(ids) + reply_room <= self.context_length or len(kept) <= 1:
                 break
-            self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[1:]
+            kept = kept[2:] if len(kept) > 2 else kept[1:]
         if len(ids) + reply_room > self.context_length:
             raise AttnkitError(f"the message is {len(ids)} tokens; with {reply_room} for the reply it exceeds the "
                                f"model's context of {self.context_length}: shorten it or lower --max-new-tokens")
+        self.messages = kept
         return ids
 
     def add(self, role: str, content: str) -> None:

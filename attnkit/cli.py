@@ -289,7 +289,8 @@ def _generate_media(model, layout, out, num_samples, class_name, prompt_image, p
 @click.option("--ckpt", required=True, type=click.Path(),
               help="A chat model: a named checkpoint (smollm2-135m), a .gguf file, or a folder with a chat template.")
 @click.option("--system", default=None, help="The system message (default: the template's own, if it has one).")
-@click.option("--max-new-tokens", default=512, show_default=True, type=int, help="The longest reply, in tokens.")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(1),
+              help="The longest reply, in tokens (default: 512, or half the model's context if that is less).")
 @click.option("--temperature", default=0.7, show_default=True, type=float, help="0 is greedy.")
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=0.9, show_default=True, type=float)
@@ -302,8 +303,8 @@ def _generate_media(model, layout, out, num_samples, class_name, prompt_image, p
 def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, device, dtype_name,
          compile_step, quantize):
     """Talk to a chat model in the terminal: replies stream as they are written, the history is kept
-    (the oldest turns are dropped when it outgrows the context). Type /reset to start over, /exit
-    (or Ctrl-D) to leave.
+    (the oldest turns are dropped when it outgrows the context; a message too long for the context
+    is refused and the conversation goes on). Type /reset to start over, /exit (or Ctrl-D) to leave.
 
     \b
     Examples:
@@ -321,6 +322,8 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
     render_chat(tokenizer, [{"role": "user", "content": "hi"}])  # no template: one clear error, before the prompt
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty).validate()
     conversation = Conversation(tokenizer, model.cfg.context_length, system)
+    if max_new_tokens is None:
+        max_new_tokens = min(512, model.cfg.context_length // 2)
     stop_ids = end_of_turn_ids(tokenizer, model.cfg.end_ids)
     click.echo("chat: /reset starts over, /exit (or Ctrl-D) leaves", err=True)
     turn = 0
@@ -339,7 +342,12 @@ def chat(ckpt, system, max_new_tokens, temperature, top_k, top_p, repetition_pen
             click.echo("(history cleared)", err=True)
             continue
         conversation.add("user", message)
-        ids = conversation.prompt_ids(max_new_tokens)
+        try:
+            ids = conversation.prompt_ids(max_new_tokens)
+        except AttnkitError as e:  # that message is dropped; the conversation goes on
+            conversation.messages.pop()
+            click.echo(f"error: {e}", err=True)
+            continue
         reply = []
         for piece in stream_text(model, tokenizer, tokenizer.decode(ids), max_new_tokens=max_new_tokens,
                                  sampling=sampling, seed=None if seed is None else seed + turn,

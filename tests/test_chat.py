@@ -32,10 +32,12 @@ def test_history_drops_the_oldest_exchanges_and_keeps_the_system_message(tokeniz
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
     assert "And the last one?" in text and "Question number 0" not in text
     assert conversation.messages[0]["role"] == "user"  # whole exchanges are dropped
-    conversation.reset()
+    conversation.add("assistant", "None.")
     conversation.add("user", "word " * 200)
+    before = list(conversation.messages)
     with pytest.raises(AttnkitError, match="exceeds the model's context"):
         conversation.prompt_ids(reply_room=40)
+    assert conversation.messages == before  # a refused message drops no history
 
 
 def test_malformed_messages_and_missing_template_are_clear(tokenizer):

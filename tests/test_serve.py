@@ -474,3 +474,14 @@ def test_serve_says_where_it_listens(chat_ckpt, monkeypatch):
     result = CliRunner().invoke(main, ["serve", "--ckpt", str(chat_ckpt), "--port", "0", "--model-name", "tiny"])
     assert result.exit_code == 0, result.output
     assert re.search(r"attnkit: serving tiny on http://127\.0\.0\.1:[1-9][0-9]* \(Ctrl-C stops\)", result.output)
+
+
+def test_chat_command_on_a_small_context_refuses_a_long_message_and_goes_on(chat_ckpt):
+    # context 96: the old default reply room of 512 refused every message; one message too long for
+    # the context ended the session (exit 2) and lost the history
+    lines = "hi\n" + "word " * 200 + "\nname a fruit\n"
+    result = CliRunner().invoke(main, ["chat", "--ckpt", str(chat_ckpt), "--temperature", "0"], input=lines)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["hello there", "an apple"]
+    assert re.search(r"error: the message is \d+ tokens; with 48 for the reply it exceeds the model's context of 96",
+                     result.stderr)
