@@ -107,24 +107,30 @@ def _squad_normalize(text: str) -> list[str]:
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
-def squad_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict:
-    """Mean exact match and token F1 (SQuAD v1.1's evaluation script) over pairs: {"exact", "f1"}."""
-    from collections import Counter
-
+def squad_scores(predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> dict:
+    """Mean exact match and token F1 (SQuAD's evaluation script) over pairs: {"exact", "f1"}. A gold
+    is one answer or the list of a question's answers, scored by the best of them; an empty list
+    (unanswerable) is the answer "", matched only by the prediction ""."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} answers")
     exact = f1 = 0.0
     for pred, gold in zip(predictions, golds):
-        p, g = _squad_normalize(pred), _squad_normalize(gold)
-        exact += float(p == g)
-        common = sum((Counter(p) & Counter(g)).values())
-        if common:
-            precision, recall = common / len(p), common / len(g)
-            f1 += 2 * precision * recall / (precision + recall)
-        else:
-            f1 += float(p == g)  # both empty
+        p = _squad_normalize(pred)
+        answers = [g for g in map(_squad_normalize, [gold] if isinstance(gold, str) else gold) if g] or [[]]
+        exact += max(float(p == g) for g in answers)
+        f1 += max(_token_f1(p, g) for g in answers)
     n = max(len(golds), 1)
     return {"exact": exact / n, "f1": f1 / n}
+
+
+def _token_f1(p: list[str], g: list[str]) -> float:
+    from collections import Counter
+
+    common = sum((Counter(p) & Counter(g)).values())
+    if not common:
+        return float(p == g)  # both empty
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
 
 
 # --- sequence to sequence: BLEU and chrF (sacrebleu), ROUGE (rouge-score) ------------------------

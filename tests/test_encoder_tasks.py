@@ -7,6 +7,7 @@ tokenizer of at most 200 tokens) so the file stays fast on a CPU."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -617,6 +618,46 @@ def test_answer_takes_a_long_context_given_as_text(world, tmp_path):
     assert result.stdout.strip().rsplit("\t", 1)[0] in context
     mistyped = cli("answer", "--ckpt", out, "--context", "pasage.txt", "where does anna live?", "--device", "cpu")
     assert mistyped.exit_code == 2 and "pasage.txt: no such file" in mistyped.output  # not the passage "pasage.txt"
+
+
+
+class OracleQA(torch.nn.Module):
+    """A span-QA "model" that knows the answers: start and end logits 10 at each window's marked
+    answer ([CLS] when the window has none), 0 elsewhere."""
+
+    def __init__(self, windows):
+        super().__init__()
+        self.answers = {tuple(w.ids): w.answer for w in windows}
+
+    def forward(self, input_ids, attention_mask, token_types):
+        logits = torch.zeros(*input_ids.shape, 2)  # (B, T, 2)
+        for row, (ids, real) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+            start, end = self.answers[tuple(i for i, r in zip(ids, real) if r)]
+            logits[row, start, 0] = logits[row, end, 1] = 10.0
+        return logits
+
+
+def qa_task(world, tmp_path, squad: dict, name: str):
+    """The qa task of the world's SQuAD file, validated on ``squad`` (written to ``name``)."""
+    (tmp_path / name).write_text(json.dumps(squad))
+    return make_task(classify_config(world, tmp_path / "run", task="qa", data=str(world["squad"]),
+                                     val_data=str(tmp_path / name), max_length=32))
+
+
+def test_qa_evaluation_scores_a_prediction_against_every_gold_answer(world, tmp_path):
+    """SQuAD's evaluation takes the best of a question's gold answers: the oracle answers "paris"
+    where the first gold answer is "anna lives in paris" and the second is "paris"."""
+    oracle = OracleQA([w for _, w in qa_task(world, tmp_path, world["squad_data"], "val.json").val_windows])
+    squad = copy.deepcopy(world["squad_data"])
+    for paragraph in squad["data"][0]["paragraphs"]:
+        for qa in paragraph["qas"]:
+            city = qa["answers"][0]
+            name = qa["question"].split()[2]
+            sentence = f"{name} lives in {city['text']}"
+            sentence = {"text": sentence, "answer_start": city["answer_start"] + len(city["text"]) - len(sentence)}
+            qa["answers"] = [sentence, city]
+    metrics = qa_task(world, tmp_path, squad, "two_answers.json").evaluate(oracle, device=torch.device("cpu"))
+    assert (metrics["val_exact"], metrics["val_f1"]) == (1.0, 1.0)  # was 0.0 and 0.4: scored against the first only
 
 
 # --- 7. embed and search with minilm-l6 --------------------------------------------------------------

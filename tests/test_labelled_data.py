@@ -14,7 +14,7 @@ from attnkit.data.labelled import (
 )
 from attnkit.data.squad import QAExample, read_squad
 from attnkit.errors import AttnkitError
-from attnkit.metrics import accuracy, classification_report, confusion_matrix, format_confusion, macro_f1
+from attnkit.metrics import accuracy, classification_report, confusion_matrix, format_confusion, macro_f1, squad_scores
 from attnkit.plots import plot_confusion
 
 # read_labelled -----------------------------------------------------------------------------------
@@ -208,10 +208,19 @@ def test_read_squad_good_file(tmp_path):
         {"id": 3, "question": "When?"},
     ])
     assert read_squad(path) == [
-        QAExample("q1", "Where is it?", CONTEXT, "Paris", 23),
+        QAExample("q1", "Where is it?", CONTEXT, "Paris", 23, answers=("Paris", "in Paris")),
         QAExample("q2", "Who painted it?", CONTEXT, None, None),
         QAExample("3", "When?", CONTEXT, None, None),
     ]
+
+
+def test_squad_scores_take_the_best_of_a_questions_gold_answers():
+    """The official evaluation script's max over gold answers (SQuAD v1.1 dev: "Denver Broncos",
+    "Broncos"); a question without answers is unanswerable: only "" matches it."""
+    assert squad_scores(["Broncos"], ["Denver Broncos"]) == {"exact": 0.0, "f1": 2 / 3}
+    assert squad_scores(["Broncos"], [["Denver Broncos", "Broncos"]]) == {"exact": 1.0, "f1": 1.0}
+    assert squad_scores(["the Broncos team", "", "Broncos"], [["Denver Broncos", "Broncos"], [], []]) == \
+        pytest.approx({"exact": 1 / 3, "f1": (2 / 3 + 1.0 + 0.0) / 3})
 
 
 def test_read_squad_errors(tmp_path):

@@ -5,9 +5,10 @@
                                         "answers": [{"text": "...", "answer_start": 0}],
                                         "is_impossible": false}]}]}]}
 
-One `QAExample` per question, in file order. The first answer is the training answer; a
-question with `"is_impossible": true` or with no (or empty) `answers` gets answer None
-(unanswerable, or a file to predict on). Every answer is checked to sit at its `answer_start`.
+One `QAExample` per question, in file order. The first answer is the training answer, checked to
+sit at its `answer_start`; `answers` keeps the texts of all of them, which SQuAD's evaluation
+scores against (the best match counts). A question with `"is_impossible": true` or with no (or
+empty) `answers` gets answer None and no answers (unanswerable, or a file to predict on).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class QAExample:
     context: str
     answer_text: str | None
     answer_start: int | None
+    answers: tuple[str, ...] = ()  # every gold answer's text, the first being answer_text
 
 
 def _get(path: Path, obj, key: str, kind: type, where: str):
@@ -83,6 +85,7 @@ def read_squad(path: str | os.PathLike) -> list[QAExample]:
                 if not question.strip():
                     raise AttnkitError(f"{path}: question {qid!r} is empty; write the question or remove it.")
                 answer_text = answer_start = None
+                texts: tuple[str, ...] = ()
                 impossible = qa.get("is_impossible", False)
                 answers = _get(path, qa, "answers", list, where) if "answers" in qa else []
                 if answers and not impossible:
@@ -97,8 +100,10 @@ def read_squad(path: str | os.PathLike) -> list[QAExample]:
                         raise AttnkitError(f"{path}: question {qid}'s answer {_preview(answer_text)} is not at "
                                            f"offset {answer_start} of its context (the context has "
                                            f"{_preview(found)} there); fix answer_start.")
+                    texts = (answer_text, *(_get(path, a, "text", str, f"{where}.answers[{m}]")
+                                            for m, a in enumerate(answers[1:], 1)))
                 examples.append(QAExample(id=qid, question=question, context=context,
-                                          answer_text=answer_text, answer_start=answer_start))
+                                          answer_text=answer_text, answer_start=answer_start, answers=texts))
     if not examples:
         raise AttnkitError(f"{path} has no questions; add qas to its paragraphs.")
     return examples

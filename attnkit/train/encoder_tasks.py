@@ -303,7 +303,8 @@ class ClassificationTask(EncoderTask):
 
 class SpanQATask(EncoderTask):
     """Start and end cross-entropy over windows of each context ([CLS] when the answer is not in
-    the window); metrics: SQuAD exact match and F1 of the best span over a question's windows."""
+    the window); metrics: SQuAD exact match and F1 of the best span over a question's windows, each
+    against the best-matching of the question's gold answers."""
 
     head = "qa"
 
@@ -377,7 +378,7 @@ class SpanQATask(EncoderTask):
             used += 1
         answered = sorted(best)
         predictions = [self.val_examples[n].context[best[n][1]:best[n][2]] for n in answered]
-        golds = [self.val_examples[n].answer_text or "" for n in answered]
+        golds = [self.val_examples[n].answers for n in answered]
         scores = squad_scores(predictions, golds)
         return {"val_loss": total / count, "val_exact": scores["exact"], "val_f1": scores["f1"], "val_batches": used}
 
