@@ -1055,9 +1055,11 @@ def search(ckpt, corpus, query, top_k, batch_size, device, as_json):
 @click.argument("question")
 @click.option("--stride", default=128, show_default=True, type=click.IntRange(min=0), help="Context tokens shared by neighbouring windows.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: answer, score, start, end.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: answer, score, start, end, no_answer.")
 def answer(ckpt, context, question, stride, device, as_json):
-    """Print the span of the context that answers the question, and its score.
+    """Print the span of the context that answers the question, and its score. A model fine-tuned
+    with unanswerable questions (SQuAD 2.0) may find no answer: it prints "(no answer)" and the
+    null score ([CLS]'s start + end logit).
 
     \b
     Example:
@@ -1082,7 +1084,7 @@ def answer(ckpt, context, question, stride, device, as_json):
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{result['answer']}\t{result['score']:.3f}")
+        click.echo(f"{'(no answer)' if result['no_answer'] else result['answer']}\t{result['score']:.3f}")
 
 
 # --- encoder-decoders: translate, summarize ----------------------------------------------------

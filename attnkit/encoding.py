@@ -7,6 +7,7 @@ are cut to the model's position limit (``truncate=False`` refuses them instead).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -152,6 +153,31 @@ def best_span(start_logits: Tensor, end_logits: Tensor, window: QAWindow, max_an
     return best
 
 
+@dataclass
+class QuestionSpans:
+    """A question's best span over its windows, and its null score: [CLS]'s start + end logit in the
+    window where that is least (the window most sure that it holds the answer), as in
+    transformers' SQuAD 2.0 postprocessing."""
+
+    best: tuple[float, int, int] | None = None  # (score, char start, char end)
+    null: float = math.inf
+
+    def add(self, start_logits: Tensor, end_logits: Tensor, window: QAWindow, max_answer_tokens: int = 30) -> None:
+        """One window's (T,) start and end logits."""
+        span = best_span(start_logits, end_logits, window, max_answer_tokens)
+        if span is not None and (self.best is None or span[0] > self.best[0]):
+            self.best = span
+        self.null = min(self.null, float(start_logits[0] + end_logits[0]))
+
+    def answer(self, no_answer: bool) -> tuple[float, int, int] | None:
+        """The best span, or None for no answer: when the model was trained with unanswerable
+        questions (``no_answer``) and the null score beats the span's (SQuAD 2.0's decision,
+        threshold 0), or when no window had context."""
+        if self.best is None or (no_answer and self.null > self.best[0]):
+            return None
+        return self.best
+
+
 @torch.no_grad()
 def span_logits(model, windows: Sequence[QAWindow], pad_id: int) -> Tensor:
     """(B, T, 2) start/end logits, positions outside [CLS] and the context masked to a large negative."""
@@ -163,25 +189,26 @@ def span_logits(model, windows: Sequence[QAWindow], pad_id: int) -> Tensor:
 
 def answer_question(model, tokenizer, question: str, context: str, *, max_length: int | None = None,
                     stride: int = 128, max_answer_tokens: int = 30, batch_size: int = 16) -> dict:
-    """The best answer span over all windows: {"answer", "score", "start", "end"} (char offsets);
-    the score is the span's start + end logit."""
+    """The best answer span over all windows: {"answer", "score", "start", "end", "no_answer"} (char
+    offsets); the score is the span's start + end logit. A model trained with unanswerable questions
+    (``cfg.extra["no_answer"]``) may find none: "answer" "", start and end 0, the null score, and
+    "no_answer" true."""
     require_encoder(model, "qa")
     if not question.strip() or not context.strip():
         raise AttnkitError("the question and the context must both be non-empty")
     windows = qa_windows(tokenizer, question, context, max_length_of(model, max_length), stride)
     pad = special_ids(tokenizer).pad
-    best = None
+    spans = QuestionSpans()
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         logits = span_logits(model, chunk, pad).cpu()
         for row, window in enumerate(chunk):
-            span = best_span(logits[row, :, 0], logits[row, :, 1], window, max_answer_tokens)
-            if span is not None and (best is None or span[0] > best[0]):
-                best = span
+            spans.add(logits[row, :, 0], logits[row, :, 1], window, max_answer_tokens)
+    best = spans.answer(bool(model.cfg.extra.get("no_answer", False)))
     if best is None:
-        return {"answer": "", "score": float("-inf"), "start": 0, "end": 0}
+        return {"answer": "", "score": spans.null, "start": 0, "end": 0, "no_answer": True}
     score, start, end = best
-    return {"answer": context[start:end], "score": score, "start": start, "end": end}
+    return {"answer": context[start:end], "score": score, "start": start, "end": end, "no_answer": False}
 
 
 def evaluate_classifier(model, tokenizer, examples, *, batch_size: int = 32, truncate: bool = True) -> dict:

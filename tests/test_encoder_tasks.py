@@ -602,7 +602,8 @@ def test_finetune_qa_writes_best_and_answer_prints_a_span_of_the_context(world, 
         result = cli("answer", "--ckpt", out, "--context", given, "where does anna live?", "--json", "--device", "cpu")
         ok(result)
         answer = json.loads(result.stdout)
-        assert set(answer) == {"answer", "score", "start", "end"}
+        assert set(answer) == {"answer", "score", "start", "end", "no_answer"}
+        assert answer["no_answer"] is False
         assert answer["answer"] == span and context[answer["start"]:answer["end"]] == span
         assert abs(answer["score"] - float(score)) < 1e-3
 
@@ -637,11 +638,28 @@ class OracleQA(torch.nn.Module):
         return logits
 
 
-def qa_task(world, tmp_path, squad: dict, name: str):
-    """The qa task of the world's SQuAD file, validated on ``squad`` (written to ``name``)."""
+def qa_task(world, tmp_path, squad: dict, name: str, train: dict | None = None):
+    """The qa task trained on ``train`` (default: the world's SQuAD file) and validated on ``squad``
+    (written to ``name``)."""
     (tmp_path / name).write_text(json.dumps(squad))
-    return make_task(classify_config(world, tmp_path / "run", task="qa", data=str(world["squad"]),
+    data = world["squad"]
+    if train is not None:
+        data = tmp_path / f"train_{name}"
+        data.write_text(json.dumps(train))
+    return make_task(classify_config(world, tmp_path / "run", task="qa", data=str(data),
                                      val_data=str(tmp_path / name), max_length=32))
+
+
+def with_unanswerable(squad: dict) -> dict:
+    """The SQuAD data and three unanswerable questions (SQuAD 2.0): about people of another context,
+    one in a context of several windows."""
+    squad = copy.deepcopy(squad)
+    paragraphs = squad["data"][0]["paragraphs"]
+    for p, name in ((0, "zoe"), (1, "anna"), (3, "ben")):
+        assert name not in paragraphs[p]["context"]
+        paragraphs[p]["qas"].append({"id": f"{p}-{name}-impossible", "question": f"where does {name} live?",
+                                     "answers": [], "is_impossible": True})
+    return squad
 
 
 def test_qa_evaluation_scores_a_prediction_against_every_gold_answer(world, tmp_path):
@@ -658,6 +676,69 @@ def test_qa_evaluation_scores_a_prediction_against_every_gold_answer(world, tmp_
             qa["answers"] = [sentence, city]
     metrics = qa_task(world, tmp_path, squad, "two_answers.json").evaluate(oracle, device=torch.device("cpu"))
     assert (metrics["val_exact"], metrics["val_f1"]) == (1.0, 1.0)  # was 0.0 and 0.4: scored against the first only
+
+
+
+def test_qa_evaluation_of_an_oracle_on_squad2_data_is_perfect_with_no_answer_for_the_unanswerable(world, tmp_path):
+    """Trained with unanswerable questions, a question's answer is "" when the null score ([CLS] start
+    + end, in the window where it is least) beats the best span: the official SQuAD 2.0 decision."""
+    squad2 = with_unanswerable(world["squad_data"])
+    task = qa_task(world, tmp_path, squad2, "val2.json", train=squad2)
+    assert sum(e.answer_text is None for e in task.val_examples) == 3 and len(task.val_examples) == 33
+    oracle = OracleQA([w for _, w in task.val_windows])
+    metrics = task.evaluate(oracle, device=torch.device("cpu"))
+    assert (metrics["val_exact"], metrics["val_f1"]) == (1.0, 1.0)  # was 31/33: a span, right only where it was "the"
+    assert task.no_answer and task.model_config.extra["no_answer"] is True
+
+
+class NullFirstQA(OracleQA):
+    """The oracle with [CLS] scoring 30 in every window: its null score beats every span."""
+
+    def forward(self, input_ids, attention_mask, token_types):
+        logits = super().forward(input_ids, attention_mask, token_types)
+        logits[:, 0, :] = 30.0
+        return logits
+
+
+def test_qa_evaluation_after_squad1_training_always_answers_with_a_span(world, tmp_path):
+    """Trained without unanswerable questions (SQuAD 1.1) the null score is never compared, as in
+    transformers without version_2_with_negative: the best span is the answer however high [CLS] scores."""
+    task = qa_task(world, tmp_path, world["squad_data"], "val1.json")
+    model = NullFirstQA([w for _, w in task.val_windows])
+    metrics = task.evaluate(model, device=torch.device("cpu"))
+    assert (metrics["val_exact"], metrics["val_f1"]) == (1.0, 1.0)
+    squad2 = with_unanswerable(world["squad_data"])
+    task2 = qa_task(world, tmp_path, world["squad_data"], "val1.json", train=squad2)
+    metrics = task2.evaluate(model, device=torch.device("cpu"))
+    assert metrics["val_exact"] == 0.0  # the same logits after SQuAD 2.0 training: "" for every question
+    assert task.model_config.extra["no_answer"] is False and task2.model_config.extra["no_answer"] is True
+
+
+def test_answer_says_no_answer_when_a_model_trained_with_unanswerable_questions_finds_none(world, tmp_path):
+    """A model fine-tuned on questions that all have no answer learns [CLS]: `answer` prints
+    "(no answer)" and its null score; --json and answer_question say "no_answer": true."""
+    from attnkit.encoding import answer_question
+
+    squad = copy.deepcopy(world["squad_data"])
+    for paragraph in squad["data"][0]["paragraphs"]:
+        for qa in paragraph["qas"]:
+            qa.update(answers=[], is_impossible=True)
+    (tmp_path / "none.json").write_text(json.dumps(squad))
+    out = tmp_path / "qa"
+    ok(cli("finetune", "--task", "qa", "--data", tmp_path / "none.json", "--ckpt", world["tiny"], "--out", out,
+           "--max-steps", 8, "--batch-size", 8, "--max-length", 32, "--lr", 1e-3, "--seed", 0, *FAST))
+    context = world["squad_data"]["data"][0]["paragraphs"][0]["context"]  # several windows
+    text = cli("answer", "--ckpt", out, "--context", context, "where does anna live?", "--device", "cpu")
+    ok(text)
+    shown, score = text.stdout.strip().split("\t")
+    assert shown == "(no answer)"
+    as_json = cli("answer", "--ckpt", out, "--context", context, "where does anna live?", "--json", "--device", "cpu")
+    ok(as_json)
+    assert json.loads(as_json.stdout) == {"answer": "", "score": pytest.approx(float(score), abs=1e-3), "start": 0,
+                                          "end": 0, "no_answer": True}
+    model, tokenizer = load_checkpoint(out / "best")
+    assert model.cfg.extra["no_answer"] is True
+    assert answer_question(model, tokenizer, "where does anna live?", context)["no_answer"] is True
 
 
 # --- 7. embed and search with minilm-l6 --------------------------------------------------------------

@@ -14,7 +14,8 @@ qa         start and end logits of an answer span             (B, T, 2)
 =========  =================================================  ===========================
 
 Family fields live in ``ModelConfig.extra``: ``head``, ``labels`` (names, kept in the
-checkpoint), ``pooling`` ("cls" | "mean") and ``pooler`` (BERT's dense + tanh over [CLS]).
+checkpoint), ``pooling`` ("cls" | "mean"), ``pooler`` (BERT's dense + tanh over [CLS]) and, for
+qa, ``no_answer`` (trained with unanswerable questions: [CLS] may win over every span).
 Attention is the shared one, without a causal mask; sliding-window and BigBird attention are
 chosen by the config as for the decoder. Inputs are right-padded; ``attention_mask`` marks
 the real tokens.

@@ -304,7 +304,10 @@ class ClassificationTask(EncoderTask):
 class SpanQATask(EncoderTask):
     """Start and end cross-entropy over windows of each context ([CLS] when the answer is not in
     the window); metrics: SQuAD exact match and F1 of the best span over a question's windows, each
-    against the best-matching of the question's gold answers."""
+    against the best-matching of the question's gold answers. Training data with unanswerable
+    questions (SQuAD 2.0) makes a model that may answer "no answer" (``no_answer`` in its config):
+    its prediction is "" when the null score beats the best span; without them (SQuAD 1.1) it is
+    always the best span, as in transformers' ``version_2_with_negative``."""
 
     head = "qa"
 
@@ -322,6 +325,9 @@ class SpanQATask(EncoderTask):
             raise AttnkitError(f"{cfg.data} has too few questions to hold some out; add questions or give --val")
         task = cls()
         task.setup(cfg, checkpoint, lambda: [t for e in train for t in (e.question, e.context)])
+        task.no_answer = any(e.answer_text is None for e in train)  # trained on [CLS] as their answer
+        extra = {**task.model_config.extra, "no_answer": task.no_answer}
+        task.model_config = task.model_config.replace(extra=extra)
         task.train_windows = [w for e in train for w in task._windows(e, with_answer=True)]
         task.val_examples = val
         task.val_windows = [(n, w) for n, e in enumerate(val) for w in task._windows(e, with_answer=True)]
@@ -360,10 +366,10 @@ class SpanQATask(EncoderTask):
         return self._loss(*self._logits_and_targets(model, batch, device))
 
     def evaluate(self, model, *, device, next_batch_fits=always) -> dict:
-        from attnkit.encoding import best_span
+        from attnkit.encoding import QuestionSpans
         from attnkit.metrics import squad_scores
 
-        total, count, used, best = 0.0, 0, 0, {}
+        total, count, used, spans = 0.0, 0, 0, {}
         for index in self.val_groups:
             if used and not next_batch_fits():
                 break
@@ -372,12 +378,12 @@ class SpanQATask(EncoderTask):
             total += self._loss(logits, targets, reduction="sum").item()
             count += len(chunk)
             for row, (n, window) in enumerate(chunk):
-                span = best_span(logits[row, :, 0].cpu(), logits[row, :, 1].cpu(), window)
-                if span is not None and (n not in best or span[0] > best[n][0]):
-                    best[n] = span
+                spans.setdefault(n, QuestionSpans()).add(logits[row, :, 0].cpu(), logits[row, :, 1].cpu(), window)
             used += 1
-        answered = sorted(best)
-        predictions = [self.val_examples[n].context[best[n][1]:best[n][2]] for n in answered]
+        answered = sorted(spans)
+        picks = [spans[n].answer(self.no_answer) for n in answered]
+        predictions = ["" if pick is None else self.val_examples[n].context[pick[1]:pick[2]]
+                       for n, pick in zip(answered, picks)]
         golds = [self.val_examples[n].answers for n in answered]
         scores = squad_scores(predictions, golds)
         return {"val_loss": total / count, "val_exact": scores["exact"], "val_f1": scores["f1"], "val_batches": used}
