@@ -65,6 +65,9 @@ def test_write_then_read_round_trip(tmp_path):
     ("d.csv", "text,label,h\nhi,1,\n", {"pair_column": "h"}, r"line 2 has an empty pair text"),
     ("d.tsv", "text\tlabel\nhi\t1\nho\t\n", {}, r"d\.tsv line 3 has an empty label"),
     ("d.csv", "text,label\nhi\n", {}, r"line 2 has an empty label"),
+    # an unquoted comma in the text shifted the label (it read label "really", a class of its own)
+    ("d.csv", "text,label\ngreat movie, really,pos\n", {},
+     r"d\.csv line 2 has 3 fields but the header has 2; quote the field that holds a comma"),
     # an unclosed quote swallows the rows after it: name where it opened (was "line 4 has an empty label")
     ("d.tsv", 'text\tlabel\n"great\tpos\nbad\tneg\nok\tpos\n', {},
      r"d\.tsv row of lines 2-4 \(a quoted field opened on line 2 runs on; .*close it.*\) has an empty label"),
@@ -254,3 +257,9 @@ def test_read_squad_errors(tmp_path):
         read_squad(path)
     with pytest.raises(AttnkitError, match=r"missing\.json does not exist"):
         read_squad(tmp_path / "missing.json")
+
+
+def test_read_labelled_takes_empty_trailing_fields(tmp_path):
+    path = tmp_path / "d.csv"  # spreadsheets write them
+    path.write_text("text,label\nhi,pos,\nho,neg, ,\n", encoding="utf-8")
+    assert [(e.text, e.label) for e in read_labelled(path)] == [("hi", "pos"), ("ho", "neg")]

@@ -121,6 +121,10 @@ def _read_table(path: Path, delimiter: str, columns: dict[str, str]) -> list[Exa
         index[role] = header.index(column)
     examples = []
     for where, row in rows:
+        if any(cell.strip() for cell in row[len(header):]):  # the text's own comma split it: the label shifts
+            sep = "comma" if delimiter == "," else "tab"
+            raise AttnkitError(f"{path} {where} has {len(row)} fields but the header has {len(header)}; quote the "
+                               f"field that holds a {sep} (\"like, this\").")
         value = {role: row[i] if i < len(row) else "" for role, i in index.items()}
         examples.append(_example(path, where, value["text"], value["label"], value.get("pair"), "pair" in columns))
     return examples
