@@ -521,6 +521,39 @@ def test_lora_trains_a_new_pooler_when_the_pretrained_body_has_none(world, tmp_p
     assert all(not torch.equal(saved[n], p) for n, p in pooler.items())  # it trained
 
 
+def test_lora_mlm_trains_a_new_prediction_head_but_not_the_tied_embeddings(world, tmp_path):
+    # the pretrained body has no MLM head: its dense, norm and bias start random and were frozen
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(MLM_LINES * 6) + "\n")
+    cfg = classify_config(world, tmp_path / "run", task="mlm", data=str(corpus), lora_rank=4, max_steps=3,
+                          batch_size=8)
+    trainer = Trainer(cfg, quiet=True)
+    model = trainer.raw_model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("head.")} == {
+        "head.transform.weight", "head.transform.bias", "head.norm.weight", "head.norm.bias", "head.decoder.bias"}
+    assert model.head.decoder.weight is model.embed.tok.weight and not model.embed.tok.weight.requires_grad
+    before = model.head.transform.weight.detach().clone()
+    trainer.fit()
+    assert not torch.equal(model.head.transform.weight.detach(), before)  # it trained
+
+
+def test_fine_tuning_a_classifier_whose_labels_are_in_another_order_keeps_its_head(world, tmp_path):
+    # id2label {0: pos, 1: neg} against the data's sorted (neg, pos): the trained head was dropped for a random one
+    body, tokenizer = load_checkpoint(world["tiny"])
+    torch.manual_seed(1)
+    classifier = body.with_head("classify", ["pos", "neg"])
+    save_checkpoint(tmp_path / "pos-neg", classifier, tokenizer)
+    trainer = Trainer(classify_config({**world, "tiny": tmp_path / "pos-neg"}, tmp_path / "run", max_steps=1),
+                      quiet=True)
+    assert trainer.raw_model.labels == ["neg", "pos"]
+    batch = padded_batch(tokenizer)
+    with torch.no_grad():
+        want = classifier.eval()(batch.input_ids, batch.attention_mask)  # (B, 2): pos, neg
+        got = trainer.raw_model.eval()(batch.input_ids, batch.attention_mask)  # (B, 2): neg, pos
+    torch.testing.assert_close(got, want[:, [1, 0]], rtol=0, atol=1e-6)
+
+
 # --- 5. exact resume --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["full", "lora", "scratch"])

@@ -61,8 +61,12 @@ class EncoderTask(Task):
             base, tokenizer = load_base(cfg.init, "encoder", cfg.task, "an encoder (e.g. minilm-l6)")
             self._check_head(base)
             self.model_config = base.cfg.replace(extra={**base.cfg.extra, **extra})
-            same_head = base.head_kind == self.head and list(base.labels) == list(labels or [])
-            self.base_state = {k: v for k, v in base.state_dict().items() if same_head or not k.startswith("head.")}
+            state = base.state_dict()
+            same_head = base.head_kind == self.head and sorted(base.labels) == sorted(labels or [])
+            if same_head and list(base.labels) != list(labels or []):  # the same classes in another order
+                order = [list(base.labels).index(name) for name in labels]  # the head's rows follow the names
+                state = {k: v[order] if k.startswith("head.classifier.") else v for k, v in state.items()}
+            self.base_state = {k: v for k, v in state.items() if same_head or not k.startswith("head.")}
             if bool(base.cfg.extra.get("pooler")) != extra["pooler"]:  # a new pooler, or none for this head
                 self.base_state = {k: v for k, v in self.base_state.items() if not k.startswith("pooler.")}
                 new_pooler = extra["pooler"]
@@ -88,8 +92,18 @@ class EncoderTask(Task):
 
             self.lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=tuple(cfg.lora_targets),
-                                   train_also=(("head",) if self.head in ("classify", "tokens", "qa") else ())
-                                   + (("pooler",) if new_pooler else ()))
+                                   train_also=self._head_to_train() + (("pooler",) if new_pooler else ()))
+
+    def _head_to_train(self) -> tuple[str, ...]:
+        """What of the head trains in full under LoRA: a task head always; an MLM head the pretrained
+        body lacks (it starts random; its output layer, when tied, is the pretrained embedding table)."""
+        if self.head in ("classify", "tokens", "qa"):
+            return ("head",)
+        if self.head != "mlm" or any(k.startswith("head.") for k in self.base_state or {}):
+            return ()
+        if self.model_config.tie_embeddings:
+            return ("head.transform", "head.norm", "head.decoder.bias")
+        return ("head",)
 
     def _check_head(self, base) -> None:
         if self.head == "classify" and base.head_kind == "classify" and sorted(base.labels) != sorted(self.labels):
