@@ -125,7 +125,9 @@ class Embeddings(nn.Module):
             else:
                 x = x + sinusoidal_positions(positions, self.d_model, self.sinusoid_layout).to(x.dtype)
         if self.types is not None:
-            x = x + self.types(token_types if token_types is not None else torch.zeros_like(input_ids))
+            if token_types is None or self.types.num_embeddings == 1:  # one type (RoBERTa's shape): all type 0
+                token_types = torch.zeros_like(input_ids)
+            x = x + self.types(token_types)
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)

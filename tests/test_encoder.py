@@ -518,3 +518,14 @@ def test_with_head_keeps_the_body_and_adds_a_fresh_head():
         assert (model.encode(ids, mask, types)[0] - source.encode(ids, mask, types)[0]).abs().max() == 0
     assert logits.shape == (3, 3) and torch.isfinite(logits).all()
     assert source.head_kind == "none"  # the source is unchanged
+
+
+def test_an_encoder_with_one_token_type_takes_text_pairs_as_type_0():
+    # type_vocab_size 1 (RoBERTa's shape): a pair's second segment (type 1) was an IndexError
+    torch.manual_seed(0)
+    model = build_model(preset("bert-tiny", vocab_size=VOCAB, token_types=1, n_layer=1, d_model=32, n_head=2,
+                               context_length=64)).eval()
+    ids, mask, types = padded_batch()
+    assert int(types.max()) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask, types), model(ids, mask, torch.zeros_like(types)), rtol=0, atol=0)

@@ -817,6 +817,7 @@ def bad(world, classifier):
     write_labelled(root / "xy.csv", [Example(t.text, "x" if t.label == "pos" else "y") for t in sentiment(40, 3)])
     write_labelled(root / "long.csv", sentiment(30, 4) + [Example(LONG_TEXT, "pos")])
     write_labelled(root / "one_class.csv", [Example(e.text, "pos") for e in sentiment(30, 5)])
+    write_labelled(root / "four.csv", sentiment(4, 5))  # 10% of 4 holds out none: was a ZeroDivisionError
     (root / "columns.csv").write_text("review,sentiment\ngood film,pos\nbad film,neg\n")
     (root / "empty_text.csv").write_text("text,label\ngood film,pos\n  ,neg\nbad film,neg\n")
     (root / "blank.txt").write_text("\n\n")
@@ -862,6 +863,8 @@ BAD_CASES = {  # argv, and what the error must say
                                               "--label-column", "sentiment"], "has no column 'text'"),
     "one-class": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "one_class.csv", *FINETUNE],
                   "one class only"),
+    "too-few-to-hold-out": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "four.csv", *FINETUNE],
+                            "has too few examples (4) to hold out 10% for validation; add examples or give --val"),
     "empty-text-row": (lambda w, c, b: ["finetune", "--ckpt", w["tiny"], "--data", b / "empty_text.csv", *FINETUNE],
                        "line 3 has an empty text"),
     "empty-text-classify": (lambda w, c, b: ["classify", "--ckpt", c, "good", "   "], "text 2 is empty"),

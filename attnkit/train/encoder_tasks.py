@@ -248,6 +248,9 @@ def labelled_splits(cfg: TrainConfig):
     if cfg.val_data is not None:
         return train, labelled.read_labelled(cfg.val_data, **columns)
     val, train = labelled.split(train, (cfg.val_fraction, 1 - cfg.val_fraction), seed=cfg.seed)
+    if not train or not val:
+        raise AttnkitError(f"{cfg.data} has too few examples ({len(train) + len(val)}) to hold out "
+                           f"{cfg.val_fraction:.0%} for validation; add examples or give --val")
     return train, val
 
 
