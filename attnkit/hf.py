@@ -341,6 +341,8 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
     cfg = config_from_hf(hf_config, hf_state)
     if hf_config["model_type"] == "bert" and cfg.extra["head"] == "none" and any(k.startswith("bert.") for k in hf_state):
         hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}  # a BertModel saved from a head model
+    if "cls.predictions.decoder.bias" in hf_state:  # the bias the MLM forward adds (transformers 5 unties it
+        hf_state = {**hf_state, "cls.predictions.bias": hf_state["cls.predictions.decoder.bias"]}  # when untied)
     if cfg.family == "seq2seq":  # the shared table may be saved under an embedding's own name
         shared = "shared.weight" if hf_config["model_type"] == "t5" else "model.shared.weight"
         side = shared.replace("shared", "encoder.embed_tokens")
@@ -498,6 +500,8 @@ def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict]
             parts = tensor.split(_split_sizes(cfg, name)) if how == "cat" else \
                 [tensor.t() if how == "T" else tensor[None] if how == "flat" else tensor]
             out.update({n: p.contiguous() for n, p in zip(names, parts)})
+    if "cls.predictions.bias" in out:  # an untied BertForMaskedLM (transformers 5) adds decoder.bias, a tensor of its own
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
     if kind == "marian":
         table = _marian_positions(cfg.context_length, cfg.d_model)
         out.update({f"model.{side}.embed_positions.weight": table.clone() for side in ("encoder", "decoder")})

@@ -529,3 +529,23 @@ def test_an_encoder_with_one_token_type_takes_text_pairs_as_type_0():
     assert int(types.max()) == 1
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask, types), model(ids, mask, torch.zeros_like(types)), rtol=0, atol=0)
+
+
+def test_an_untied_bert_masked_lm_loads_and_exports_the_output_bias_its_forward_adds(tmp_path):
+    # transformers 5 unties cls.predictions.decoder.bias from cls.predictions.bias with the embeddings:
+    # attnkit read the unused one (logits off by 0.12) and exported none for the decoder (off by 0.10)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                     max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False)
+    hf = BertForMaskedLM(cfg).eval()
+    perturb(hf, seed=1)
+    assert not torch.equal(hf.cls.predictions.decoder.bias, hf.cls.predictions.bias)
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _ = load_checkpoint(tmp_path / "hf")
+    ids, mask, types = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        assert (ours(ids, mask, types)[real] - want[real]).abs().max() <= TOL
+        back = BertForMaskedLM.from_pretrained(save_checkpoint(tmp_path / "out", ours, layout="hf")).eval()
+        assert (back(input_ids=ids, attention_mask=mask, token_type_ids=types).logits[real] - want[real]).abs().max() <= TOL
