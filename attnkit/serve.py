@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,6 +49,7 @@ log = logging.getLogger("attnkit.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_CHOICES = 16  # the largest n
+SHUTDOWN_GRACE_S = 2.0  # a stream's time, once the server begins to shut down, to send its error event
 
 
 # --- the scheduler: requests in, pieces of text out ---------------------------------------------------
@@ -688,11 +690,17 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         def chunk(choices: list[dict]) -> str:
             return json.dumps({**head, "choices": choices})
 
+        shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
+
         async def events() -> AsyncIterator[str]:
             try:
                 for choice in first_choices:
                     yield chunk([choice])
                 async for index, piece in _merged(jobs):
+                    if shutdown.is_set():  # an error event, so the client can tell the text was cut short
+                        yield json.dumps(APIError(503, "the server is shutting down; this stream was cut short",
+                                                  type="server_error", code="shutting_down").body())
+                        return
                     if piece is not None:
                         yield chunk([piece_choice(index, piece)])
                     else:
@@ -706,7 +714,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
                 for job in jobs:
                     job.cancel()
 
-        return EventSourceResponse(events(), sep="\n")
+        return EventSourceResponse(events(), sep="\n", shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
     @router.get("/models")
     async def list_models():

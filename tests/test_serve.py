@@ -283,6 +283,27 @@ def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(slow):
         assert len(steps) - stopped_at < 30
 
 
+def test_a_stream_cut_short_by_shutdown_ends_with_an_error_event_not_done(slow):
+    # the stream just stopped: no finish_reason, no error and no [DONE], so a client took it as whole
+    from sse_starlette.sse import AppStatus
+
+    model, tok, steps = slow
+    app = create_app(model, tok, model_name="tiny", max_tokens_cap=60)
+    with running(app) as url:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 60, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as streamed:
+                events = (line.removeprefix("data: ") for line in streamed.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(events))["choices"][0]["finish_reason"] is None
+                AppStatus.should_exit = True  # what uvicorn's SIGINT / SIGTERM handler sets
+                rest = list(events)
+        finally:
+            AppStatus.should_exit = False
+    assert len(steps) < 50 and "[DONE]" not in rest
+    assert json.loads(rest[-1])["error"]["code"] == "shutting_down"
+    assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in rest[:-1])
+
+
 def test_concurrent_requests_share_decoding_steps_and_get_the_text_they_get_alone(slow, reference):
     model, tok, steps = slow
     prompts = [CHAT_PROMPT, "<|im_start|>user\nname a fruit<|im_end|>\n<|im_start|>assistant\n", "what", "count to"]
