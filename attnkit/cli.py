@@ -658,6 +658,8 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
                                            "{\"prompt\": ..., \"response\": ...} per line; seq2seq: pairs "
                                            "TSV/CSV/JSONL (an encoder-decoder checkpoint).")
 @DATA_OPTIONS
+@click.option("--new-head", is_flag=True, help="Encoders: a fresh head for the task instead of the checkpoint's "
+                                                "(e.g. a classifier fine-tuned on other labels).")
 @click.option("--lora-rank", default=None, type=int, help="Train rank-R adapters (and the head) instead of every weight.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA scaling numerator  [default: 16].")
 @click.option("--lora-targets", default=None,
@@ -665,7 +667,7 @@ def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, res
                    "the model has: q,k,v,out,up,down, and gate in a SwiGLU MLP (decoders)].")
 def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device,
              precision, seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column,
-             max_length, no_truncate, pooling, length_buckets, lora_rank, lora_alpha, lora_targets):
+             max_length, no_truncate, pooling, length_buckets, new_head, lora_rank, lora_alpha, lora_targets):
     """Fine-tune a pretrained encoder (classification of your labelled texts, span QA), an
     encoder-decoder on your pairs (--task seq2seq), or a decoder LM on your text (--task lm) or
     your conversations (--task chat: the loss is on the assistant's tokens only, rendered with the
@@ -709,6 +711,7 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
                          init=ckpt, max_steps=max_steps, max_time=max_time, save_every_minutes=save_every_minutes,
                          device=device, precision=precision, seed=seed, batch_size=batch_size, lr=lr,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=targets,
+                         new_head=True if new_head else None,
                          **_data_overrides(val_data, val_fraction, text_column, label_column, pair_column,
                                            max_length, no_truncate, pooling, length_buckets))
     if cfg.init is None:

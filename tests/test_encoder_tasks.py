@@ -898,7 +898,14 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_is_overwritten(case, wor
 def test_refused_label_set_names_both_label_sets(world, classifier, bad, tmp_path):
     result = cli(*BAD_CASES["labels-do-not-match-the-head"][0](world, classifier, bad), "--out", tmp_path / "x")
     assert result.exit_code == 2
-    assert "x, y" in result.output and "neg, pos" in result.output
+    assert "x, y" in result.output and "neg, pos" in result.output and "give --new-head" in result.output
+    # --new-head: a fresh classifier over the data's labels on the checkpoint's body (was: no CLI route)
+    argv = BAD_CASES["labels-do-not-match-the-head"][0](world, classifier, bad)
+    ok(cli(*argv, "--new-head", "--out", tmp_path / "y"))
+    model, _ = load_checkpoint(tmp_path / "y" / "last")
+    old, _ = load_checkpoint(classifier / "best")
+    assert model.labels == ["x", "y"] and old.labels == ["neg", "pos"]
+    assert json.loads((tmp_path / "y" / "last" / "config.json").read_text())["training"]["train_config"]["new_head"] is True
 
 
 def test_a_too_long_text_is_truncated_with_a_warning_by_default(classifier):

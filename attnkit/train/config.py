@@ -28,7 +28,7 @@ TASKS = ("lm", "chat", "mlm", "classify", "qa", "seq2seq", "pixels", "audio")
 LATER_FIELDS = ("task", "init", "val_data", "text_column", "label_column", "pair_column", "max_length", "truncate",
                 "pooling", "length_buckets", "mask_prob", "doc_stride", "lora_rank", "lora_alpha", "lora_dropout",
                 "lora_targets", "label_smoothing", "ema", "eval_sample", "seq2seq_metric", "pixel_levels", "class_conditional",
-                "audio_rate")
+                "audio_rate", "new_head")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     max_length: int | None = None
     truncate: bool = True  # cut longer examples (counted in the log); False refuses them
     pooling: str = "cls"  # classify: the pooled [CLS] (BERT) or the mean of the tokens
+    new_head: bool = False  # fine-tuning an encoder: a fresh head for the task, not the checkpoint's (other labels)
     # classify, seq2seq: draw each batch from one of this many buckets of examples of about the same
     # length (bucket chosen in proportion to its size, so every example is as likely as before): less
     # padding computed, but batches of one length; 1 (default): from all examples. On the sentiment

@@ -59,10 +59,12 @@ class EncoderTask(Task):
         extra = head_fields(self.head, labels, cfg.pooling)
         if cfg.init is not None:
             base, tokenizer = load_base(cfg.init, "encoder", cfg.task, "an encoder (e.g. minilm-l6)")
-            self._check_head(base)
+            if not cfg.new_head:
+                self._check_head(base)
             self.model_config = base.cfg.replace(extra={**base.cfg.extra, **extra})
             state = base.state_dict()
-            same_head = base.head_kind == self.head and sorted(base.labels) == sorted(labels or [])
+            same_head = (not cfg.new_head and base.head_kind == self.head
+                         and sorted(base.labels) == sorted(labels or []))
             if same_head and list(base.labels) != list(labels or []):  # the same classes in another order
                 order = [list(base.labels).index(name) for name in labels]  # the head's rows follow the names
                 state = {k: v[order] if k.startswith("head.classifier.") else v for k, v in state.items()}
@@ -108,8 +110,8 @@ class EncoderTask(Task):
     def _check_head(self, base) -> None:
         if self.head == "classify" and base.head_kind == "classify" and sorted(base.labels) != sorted(self.labels):
             raise AttnkitError(f"the labels in the data ({', '.join(self.labels)}) do not match the checkpoint's head "
-                               f"({', '.join(base.labels)}); fine-tune from the encoder without that head, or fix the "
-                               "label column")
+                               f"({', '.join(base.labels)}); give --new-head for a fresh classifier over the data's labels, or "
+                               "fix the label column")
 
     # -- the model: built (pretrained body, new head, adapters), checkpointed, restored
 
