@@ -356,8 +356,10 @@ class RollingKVCache:
             self.v[layer][:, :, slot] = v[:, :, 0]
             return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         n_old, slots, first_kept = self._step
-        k_all = torch.cat([self.k[layer][:, :, :n_old], k], dim=2)  # (B, Hkv, n_old + T, hd)
-        v_all = torch.cat([self.v[layer][:, :, :n_old], v], dim=2)
+        k_all, v_all = k, v  # (B, Hkv, n_old + T, hd): the ring's keys, then this step's
+        if n_old:
+            k_all = torch.cat([self.k[layer][:, :, :n_old], k], dim=2)
+            v_all = torch.cat([self.v[layer][:, :, :n_old], v], dim=2)
         self.k[layer][:, :, slots] = k[:, :, first_kept:]
         self.v[layer][:, :, slots] = v[:, :, first_kept:]
         return k_all, v_all

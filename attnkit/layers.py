@@ -260,15 +260,21 @@ class PositionScheme(nn.Module):
     ) -> AttentionFrame:
         """positions (B, T) long; valid (B, T) bool or None (all real).
 
-        Sliding-window and BigBird attention without a cache run the sparse kernels (O(T * window));
-        ``explicit`` forces the equivalent O(T^2) mask instead (attention maps, reference checks).
+        Sliding-window and BigBird attention without a cache, or into an empty one (a prompt's
+        prefill), run the sparse kernels (O(T * window)); the cache then only keeps what it keeps
+        (a rolling cache: the last ``capacity`` tokens). ``explicit`` forces the equivalent O(T^2)
+        mask instead (attention maps, reference checks).
         ``claimed``: the cache's slots were already claimed (``KVCache.claim``), as before a compiled step.
         """
         kind, T = self.cfg.attention, positions.shape[1]
         window = self.cfg.window if kind == "sliding" else None
         rope = self.rotary(positions, dtype) if self.rotary is not None else None
-        if cache is None and kind != "dense" and not explicit and _index_aligned(positions, valid):
+        fresh = kind != "dense" and (cache is None or cache.length == 0)  # no earlier keys to attend over
+        if fresh and not explicit and _index_aligned(positions, valid):
             if kind == "bigbird" or T > window:
+                if cache is not None:  # the kernel attends over this step's own keys; the cache just stores them
+                    cache.unpadded = cache.unpadded and valid is None
+                    cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
                 return AttentionFrame(mask=None, causal=self.causal, rope=rope, window=window, kernel=kind,
                                       key_valid=valid, alibi=self.slopes)
             window = None  # a window as long as the sequence masks nothing

@@ -277,6 +277,39 @@ def test_rolling_cache_with_left_padded_prompts_equals_full_forward(positional):
     torch.testing.assert_close(stepped[valid], full[valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("positional", POSITIONAL)
+def test_prefilling_a_prompt_longer_than_the_window_runs_the_sliding_kernel_and_equals_full_forward(
+        positional, monkeypatch):
+    import attnkit.layers as layers
+
+    window, context = 8, 64
+    model = sliding_lm(positional, window=window, context=context)
+    prompts = [torch.randint(0, 53, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 33)]
+    new = torch.randint(0, 53, (2, 6), generator=torch.Generator().manual_seed(5))
+    keys_seen, mask_keys, sliding_queries = [], [], []  # what attention receives, call by call
+    dense_attention, sliding_kernel, mask_of = layers.attention, layers.sliding_window_attention, layers.position_mask
+    monkeypatch.setattr(layers, "attention", lambda q, k, *a, **kw: keys_seen.append(k.shape[2])
+                        or dense_attention(q, k, *a, **kw))
+    monkeypatch.setattr(layers, "sliding_window_attention", lambda q, *a, **kw: sliding_queries.append(q.shape[2])
+                        or sliding_kernel(q, *a, **kw))
+    monkeypatch.setattr(layers, "position_mask", lambda q_pos, k_pos, *a, **kw: mask_keys.append(k_pos.shape[1])
+                        or mask_of(q_pos, k_pos, *a, **kw))
+    with torch.no_grad():
+        state, first = model.start(prompts, max_new_tokens=6)
+        stepped = [first] + [model.advance(state, new[:, i:i + 1])[:, -1] for i in range(6)]
+    # the prompt (40 tokens, 5 windows) went through the sliding kernel, once per layer; no mask or dense
+    # attention ever covered more than the window's keys (before: (40, 40) masks over all 40 keys)
+    assert sliding_queries == [40, 40]
+    assert max(keys_seen) <= window and max(mask_keys) <= window
+    assert isinstance(state.cache, RollingKVCache) and state.cache.k[0].shape[2] == window
+    for row, prompt in enumerate(prompts):  # each row alone, by the full forward under the explicit mask
+        ids = torch.tensor([prompt + new[row].tolist()])
+        with torch.no_grad():
+            full, _ = model(ids, need_weights=True)
+        expected = full[0, len(prompt) - 1:]  # (7, V): the logits after the prompt and after each new token
+        torch.testing.assert_close(torch.stack([s[row] for s in stepped]), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rolling_cache_memory_stays_constant():
     model = sliding_lm("rope", window=4, context=4096)
     cache = model.make_cache(1, 1000)
