@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -104,15 +105,23 @@ def _check_length(what: str, n: int, limit: int) -> None:
 
 def attention_weights(model, tokenizer, text: str, max_tokens: int = 96,
                       what: str = "prompt") -> tuple[list[int], list[Tensor]]:
-    """A decoder's attention over ``text``: (token ids, one (1, H, T, T) map per layer), computed by the
-    model itself (``need_weights``). For `attnkit attend` and the playground of `attnkit serve`."""
-    ids = tokenizer.encode(text)
-    if not ids:
+    """A decoder's or an encoder's attention over ``text``: (token ids, one (1, H, T, T) map per layer),
+    computed by the model itself (``need_weights``) over the ids it sees in use: an encoder's are
+    [CLS] text [SEP], as embed / classify give them. For `attnkit attend` and the playground of `attnkit serve`."""
+    if not tokenizer.encode(text):
         raise AttnkitError(f"the {what} encodes to no tokens; give some text")
-    _check_length(what, len(ids), min(max_tokens, model.cfg.context_length))
     device = next(model.parameters()).device
+    extra = {}
+    if model.cfg.family == "encoder":
+        from attnkit.data.encoder_inputs import EncoderInputs
+
+        ids, types = EncoderInputs(tokenizer, sys.maxsize, truncate=False).ids(text)  # uncut: checked below
+        extra["token_types"] = torch.tensor([types], device=device)
+    else:
+        ids = tokenizer.encode(text)
+    _check_length(what, len(ids), min(max_tokens, model.cfg.context_length))
     with torch.inference_mode():
-        _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True)
+        _, maps = model.eval()(torch.tensor([ids], device=device), need_weights=True, **extra)
     return ids, maps
 
 

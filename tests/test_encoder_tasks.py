@@ -799,6 +799,25 @@ def test_minilm_embeds_unit_vectors_and_search_ranks_the_related_line_first(tmp_
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
 
 
+def test_attend_on_an_encoder_draws_the_ids_it_sees_in_use_with_cls_and_sep(world, tmp_path):
+    from attnkit.plots import attention_weights, token_label
+
+    model, tokenizer = load_checkpoint(world["tiny"])
+    text = "the movie was good"
+    ids, maps = attention_weights(model, tokenizer, text)
+    s = special_ids(tokenizer)
+    assert ids == [s.cls, *tokenizer.encode(text), s.sep] == EncoderInputs(tokenizer, 64).ids(text)[0]
+    assert [token_label(tokenizer.decode([i])) for i in (ids[0], ids[-1])] == ["[CLS]", "[SEP]"]
+    batch = EncoderInputs(tokenizer, 64).batch([text])  # what embed / classify run the model on
+    with torch.no_grad():
+        _, expected = model.eval()(batch.input_ids, batch.attention_mask, batch.token_types, need_weights=True)
+    assert len(maps) == 2 and maps[0].shape == (1, 2, len(ids), len(ids))
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    out = ok(cli("attend", "--ckpt", world["tiny"], "-p", text, "--out", tmp_path / "maps"))
+    assert "layer_1.png" in out and (tmp_path / "maps" / "layer_0.png").stat().st_size > 0
+
+
 def test_classify_input_file_ending_in_blank_lines_classifies_its_texts(classifier, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a good film\na bad film\n\n\n")  # an editor's trailing blank lines
