@@ -846,7 +846,9 @@ def _eval_media(model, data: str, split: str | None, batch_size: int, precision:
     images = load_images(data)
     parts = ("train", "val", "test") if split == "all" else (split,)
     pixels = np.concatenate([getattr(images, p) for p in parts])
-    labels = np.concatenate([getattr(images, f"{p}_labels") for p in parts]) if layout.classes else None
+    labels = None
+    if layout.classes:  # the folder's class names, as the model's classes
+        labels = layout.class_labels(images.classes, np.concatenate([getattr(images, f"{p}_labels") for p in parts]))
     return {"split": split, **image_bits_per_dim(model, pixels, labels, batch_size=batch_size, precision=precision)}
 
 

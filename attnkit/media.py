@@ -70,6 +70,16 @@ class ImageLayout:
             starts = torch.full((N,), self.start_id(), dtype=torch.long)
         return torch.cat([starts[:, None], pixels], dim=1)
 
+    def class_labels(self, names: Sequence[str], labels: np.ndarray) -> np.ndarray:
+        """A data set's labels (indices into its own class ``names``) as this model's class indices,
+        matched by name: a folder's classes are its subfolders, which need not be all of the model's."""
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise AttnkitError(f"the images' class {unknown[0]!r} is not one this model draws "
+                               f"({', '.join(self.classes)}); evaluate on class subfolders named like those")
+        index = np.asarray([self.classes.index(n) for n in names], dtype=np.int64)  # set class -> model class
+        return index[labels]
+
     def class_index(self, name: str | None) -> int | None:
         """A class by its name or its index (None: none given)."""
         if name is None:
@@ -204,7 +214,8 @@ def generate_audio(model, seconds: float, *, prompt: np.ndarray | None = None, c
 def image_bits_per_dim(model, images: np.ndarray, labels: np.ndarray | None = None, *, batch_size: int = 64,
                        precision: str = "fp32") -> dict:
     """Mean negative log2-likelihood per pixel of ``images`` (N, H, W) uint8 under an image model
-    (the model's levels: 256 gives the usual 8-bit bits/dim)."""
+    (the model's levels: 256 gives the usual 8-bit bits/dim); ``labels`` (N,): the model's class
+    indices (``ImageLayout.class_labels``), for a class-conditional model."""
     from attnkit.metrics import bits
     from attnkit.train.config import autocast
     from attnkit.train.tasks import next_token_losses

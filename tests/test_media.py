@@ -260,6 +260,35 @@ def test_a_class_conditional_model_draws_the_class_asked_for(tmp_path):
     assert result.exit_code == 2 and "unknown class 'seven'" in result.output
 
 
+def test_eval_of_a_class_conditional_model_matches_class_folders_by_name(tmp_path):
+    import json
+
+    from attnkit.checkpoints import save_checkpoint
+    from attnkit.data.images import load_images
+
+    model = tiny_image_model(classes=["cat", "dog"])
+    save_checkpoint(tmp_path / "ck", model, None)
+    rng = np.random.default_rng(0)
+    for folder, classes in (("dogs", ["dog"]), ("zoo", ["bird", "cat", "dog", "fish"])):
+        for name in classes:
+            (tmp_path / folder / name).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8)).save(tmp_path / folder / name / f"{i}.png")
+    result = CliRunner().invoke(main, ["eval", "--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "dogs"),
+                                       "--split", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    images = load_images(str(tmp_path / "dogs"))
+    pixels = np.concatenate([images.train, images.val, images.test])
+    as_dog = image_bits_per_dim(model, pixels, np.ones(len(pixels), dtype=np.int64))  # the folder's only class: dog
+    as_cat = image_bits_per_dim(model, pixels, np.zeros(len(pixels), dtype=np.int64))
+    report = json.loads(result.stdout)
+    assert report["images"] == 5 and report["bits_per_dim"] == pytest.approx(as_dog["bits_per_dim"], rel=1e-6)
+    assert as_dog["bits_per_dim"] != pytest.approx(as_cat["bits_per_dim"], rel=1e-6)  # the class token counts
+    result = CliRunner().invoke(main, ["eval", "--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "zoo")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "class 'bird' is not one this model draws (cat, dog)" in result.output
+
+
 def test_the_pixel_val_loss_weighs_a_short_last_batch_by_its_images():
     from attnkit.train.media_tasks import PixelTask
     from attnkit.train.tasks import next_token_losses
