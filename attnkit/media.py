@@ -223,6 +223,8 @@ def image_bits_per_dim(model, images: np.ndarray, labels: np.ndarray | None = No
     layout = media_layout(model.cfg)
     if not isinstance(layout, ImageLayout):
         raise AttnkitError("this checkpoint does not draw images")
+    if not len(images):
+        raise AttnkitError("there are no images to score in this split; choose another --split or add images")
     if images.shape[1:] != (layout.height, layout.width):
         raise AttnkitError(f"the images are {images.shape[2]}x{images.shape[1]} pixels; this model draws "
                            f"{layout.width}x{layout.height} images")

@@ -289,6 +289,28 @@ def test_eval_of_a_class_conditional_model_matches_class_folders_by_name(tmp_pat
     assert "class 'bird' is not one this model draws (cat, dog)" in result.output
 
 
+def test_pixel_training_on_a_folder_of_five_images_evaluates_and_saves(tmp_path):
+    import json
+
+    for i in range(5):
+        (tmp_path / "five" / "x").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 5), 40 * i, dtype=np.uint8)).save(tmp_path / "five" / "x" / f"{i}.png")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--task", "pixels", "--data", str(tmp_path / "five"), "--out", str(out),
+                                       "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--precision",
+                                       "fp32", "--model", "gpt2-char-tiny"])
+    assert result.exit_code == 0, result.output
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in evals if row.get("kind") == "eval"]
+    assert evals and all(0 < row["val_loss"] < 10 for row in evals)  # one val image: a finite loss
+    assert (out / "best" / "model.safetensors").is_file()
+    result = CliRunner().invoke(main, ["eval", "--ckpt", str(out / "best"), "--data", str(tmp_path / "five"),
+                                       "--split", "test", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["images"] == 1, result.output
+    with pytest.raises(AttnkitError, match="no images to score"):
+        image_bits_per_dim(tiny_image_model(), np.zeros((0, 6, 5), dtype=np.uint8))
+
+
 def test_the_pixel_val_loss_weighs_a_short_last_batch_by_its_images():
     from attnkit.train.media_tasks import PixelTask
     from attnkit.train.tasks import next_token_losses

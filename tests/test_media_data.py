@@ -143,6 +143,23 @@ def test_read_image_folder_of_loose_images_is_one_class(tmp_path):
     assert s.train_labels.tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("n, sizes", [(3, (1, 1, 1)), (5, (3, 1, 1)), (6, (4, 1, 1)), (10, (8, 1, 1)), (25, (21, 2, 2))])
+def test_read_image_folder_holds_out_at_least_one_val_and_one_test_image(tmp_path, n, sizes):
+    for i in range(n):
+        _save(tmp_path / "few" / f"{i:02d}.png", i)
+    s = read_image_folder(tmp_path / "few")
+    assert (len(s.train), len(s.val), len(s.test)) == sizes
+    pixels = sorted(int(im[0, 0]) for im in np.concatenate([s.train, s.val, s.test]))
+    assert pixels == list(range(n))  # every image in exactly one split
+
+
+def test_an_image_folder_too_small_to_split_is_one_error(tmp_path):
+    for i in range(2):
+        _save(tmp_path / "two" / f"{i}.png", i)
+    with pytest.raises(AttnkitError, match=r"has 2 images; give it 3 or more, so that training and every held-out"):
+        read_image_folder(tmp_path / "two")
+
+
 def test_read_image_folder_errors(tmp_path):
     _save(tmp_path / "a" / "one.png", 0, size=(28, 28))
     _save(tmp_path / "b" / "two.png", 0, size=(32, 32))

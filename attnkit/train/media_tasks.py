@@ -29,6 +29,8 @@ from attnkit.train.tasks import (LanguageModelingTask, Task, always, drawn_indic
 class PixelTask(Task):
     def __init__(self, layout: ImageLayout, train: Tensor, val: Tensor, model_config, *, batch_size: int,
                  eval_batches: int):
+        if not len(val):
+            raise AttnkitError("there are no validation images to evaluate on; give the folder more images")
         self.tokenizer, self.layout, self.model_config = None, layout, model_config
         self.train_rows, self.val_rows = train, val  # (N, 1 + H*W) tokens
         self.batch_size = batch_size
