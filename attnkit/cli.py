@@ -150,7 +150,8 @@ QUANTIZE_OPTION = click.option(
 @click.option("--prompt-image", default=None, type=click.Path(),
               help="Image models: keep this image's top half and draw the rest (the grid's first cell shows it).")
 @click.option("--prompt-audio", default=None, type=click.Path(), help="Audio models: continue this WAV.")
-@click.option("--seconds", default=2.0, show_default=True, type=float, help="Audio models: seconds of new audio.")
+@click.option("--seconds", default=2.0, show_default=True, type=float,
+              help="Audio models: seconds of new audio, rounded to whole samples; at least one sample (1/rate s).")
 def generate(ckpt, prompt, max_new_tokens, beams, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, seed,
              num_return, length_penalty, early_stopping, stop, draft, draft_tokens, prompt_lookup, device, dtype_name,
              compile_step, quantize, as_chat, system, out, num_samples, class_name, prompt_image, prompt_audio, seconds):

@@ -197,12 +197,16 @@ def generate_audio(model, seconds: float, *, prompt: np.ndarray | None = None, c
     layout = media_layout(model.cfg)
     if not isinstance(layout, AudioLayout):
         raise AttnkitError("this checkpoint does not make audio")
-    if seconds <= 0:
-        raise AttnkitError(f"--seconds must be positive, got {seconds}")
+    if not math.isfinite(seconds):
+        raise AttnkitError(f"--seconds must be a finite number of seconds, got {seconds}")
+    samples = round(seconds * layout.rate)
+    if samples < 1:  # nothing to make: refused rather than silently rounded up
+        raise AttnkitError(f"--seconds {seconds:g} is less than one sample at {layout.rate} Hz; ask for at least "
+                           f"{1 / layout.rate:g} s")
     if count < 1:
         raise AttnkitError(f"the number of clips must be at least 1, got {count}")
     kept = layout.codec.encode(prompt).tolist() if prompt is not None and len(prompt) else [layout.silence_id]
-    new = _tokens(model, [kept] * count, int(round(seconds * layout.rate)),
+    new = _tokens(model, [kept] * count, samples,
                   Sampling(temperature, top_k, top_p, token_limit=layout.levels), seed, "samples")  # (count, n)
     lead = prompt if prompt is not None else np.zeros(0, dtype=np.float32)
     return [np.concatenate([lead, layout.codec.decode(row.numpy())]).astype(np.float32) for row in new]

@@ -93,6 +93,24 @@ def test_generated_audio_follows_the_prompt_at_the_models_rate():
     assert len(two) == 2 and all(len(c) == 40 for c in two)
 
 
+def test_audio_of_less_than_one_sample_is_refused_and_one_sample_is_made(tmp_path):
+    from attnkit.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(with_layout(preset("audio-small", n_layer=1, d_model=32, n_head=2, window=16),
+                                    AudioLayout(8000))).eval()
+    assert [len(c) for c in generate_audio(model, 1 / 8000, count=2, seed=0)] == [1, 1]  # the shortest: one sample
+    for seconds in (0.00001, 0.0, -1.0, float("nan")):
+        with pytest.raises(AttnkitError, match="less than one sample at 8000 Hz|finite"):
+            generate_audio(model, seconds)
+    save_checkpoint(tmp_path / "ck", model, None)
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(tmp_path / "ck"), "--seconds", "0.00001", "--out",
+                                       str(tmp_path / "x.wav")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--seconds 1e-05 is less than one sample at 8000 Hz; ask for at least 0.000125 s" in result.output
+    assert not (tmp_path / "x.wav").exists()
+
+
 # --- through the CLI: train, generate, eval ---------------------------------------------------------
 
 def _digit_folder(root, size=8, per_class=12):
