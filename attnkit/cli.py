@@ -603,7 +603,8 @@ def _data_overrides(val_data, val_fraction, text_column, label_column, pair_colu
 @click.option("--tokenizer", default=None, type=click.Choice(["char", "bpe", "wordpiece", "gpt2"]))
 @click.option("--vocab-size", default=None, type=int, help="BPE / WordPiece vocabulary size.")
 @click.option("--attention", default=None, type=click.Choice(["dense", "sliding", "bigbird"]))
-@click.option("--window", default=None, type=int, help="Sliding-window size in tokens (implies RoPE unless --positional).")
+@click.option("--window", default=None, type=int,
+              help="Sliding-window size in tokens, with --attention sliding (which implies RoPE unless --positional).")
 @click.option("--positional", default=None, type=click.Choice(["learned", "sinusoidal", "rope", "alibi", "none"]))
 def train(recipe, config_file, out, max_steps, max_time, save_every_minutes, resume, batch_size, lr, device, precision,
           seed, threads, task, data, val_data, val_fraction, text_column, label_column, pair_column, max_length,

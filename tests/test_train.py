@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from attnkit.cli import main
+from attnkit.errors import AttnkitError
 import attnkit.train.loop as loop
 from attnkit.train import (TrainConfig, Trainer, TrainingInterrupted, TrainingStopped, load_recipe, lr_at,
                            param_groups, read_train_state, resolve_config, resolve_precision)
@@ -286,12 +287,15 @@ def bad_inputs(folder: Path, corpus: Path, out: Path) -> dict[str, tuple[list[st
                                "no CUDA GPU is available"),
         "eval of a missing checkpoint": (["eval", "--ckpt", str(folder / "nothing"), "--data", str(corpus)],
                                          "does not exist"),
+        "window without sliding attention": (["train", "--data", str(corpus), *tiny, "--window", "4", "--out",
+                                              str(folder / "x")], "add --attention sliding or drop --window"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "invalid yaml", "unknown recipe", "unknown preset",
                                   "unwritable output", "existing run without --resume", "resume with another config",
-                                  "cuda without a GPU", "eval of a missing checkpoint"])
+                                  "cuda without a GPU", "eval of a missing checkpoint",
+                                  "window without sliding attention"])
 def test_bad_input_prints_one_sentence_and_exits_2_leaving_checkpoints_alone(cli_run, case):
     folder, corpus, out, args, result = cli_run
     if case == "cuda without a GPU" and torch.cuda.is_available():
@@ -531,6 +535,16 @@ def test_a_sliding_window_without_a_positional_scheme_trains_with_rope():
     from_recipe = resolve_config(recipe="shakespeare-char-gpu", model_overrides=sliding)  # its model says learned
     assert from_recipe.model_overrides["positional"] == "learned"
     assert "positional" not in resolve_config(data="my_text.txt").model_overrides  # dense keeps the preset's
+
+
+def test_a_window_is_refused_unless_the_attention_is_sliding():
+    for attention in (None, "dense", "bigbird"):
+        with pytest.raises(AttnkitError, match="the model's attention is (dense|bigbird); add --attention sliding"):
+            resolve_config(data="my_text.txt", model_overrides={"attention": attention, "window": 4})
+    cfg = resolve_config(data="my_text.txt", model_overrides={"attention": "sliding", "window": 4})
+    assert cfg.model_overrides == {"attention": "sliding", "window": 4, "positional": "rope"}
+    audio = resolve_config(data="wavs", task="audio", model_overrides={"window": 64})  # audio-small is sliding
+    assert audio.model_overrides == {"window": 64}
 
 
 def test_a_sliding_window_model_trains_under_bf16_autocast(tmp_path):

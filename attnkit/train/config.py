@@ -274,12 +274,14 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
     if recipe and config_file:
         raise AttnkitError("give either --recipe or --config, not both")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    stored = False  # the config of the run being resumed: its model was made already
     if recipe:
         cfg = load_recipe(recipe)
     elif config_file:
         cfg = load_config_file(config_file)
     elif resume and out and (Path(out) / "last" / STATE_FILE).is_file():
         cfg = TrainConfig.from_dict(json.loads(read_train_state(Path(out) / "last")["train_config"]))
+        stored = True
     elif "data" in overrides:
         cfg = TrainConfig(name=Path(overrides["data"]).stem or "train", data=overrides["data"])
         if overrides.get("task") == "seq2seq":  # an encoder-decoder and one BPE for both sides unless given
@@ -313,6 +315,9 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
     if cfg.model not in PRESETS:
         raise AttnkitError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     model = preset(cfg.model, **cfg.model_overrides)  # model settings fail here, before any data is read
+    if cfg.model_overrides.get("window") is not None and model.attention != "sliding" and not stored:
+        raise AttnkitError(f"--window sets the size of a sliding window, but the model's attention is "
+                           f"{model.attention}; add --attention sliding or drop --window")
     if model.attention == "sliding" and model.positional == "learned" and "positional" not in cfg.model_overrides:
         # learned positions stop at the context; a sliding window is for going past it
         cfg = cfg.replace(model_overrides={**cfg.model_overrides, "positional": "rope"})
