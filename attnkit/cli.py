@@ -1202,12 +1202,12 @@ def attend(ckpt, prompt, target, out):
     if tokenizer is None:
         raise AttnkitError(f"{ckpt} has no tokenizer.json; use a checkpoint written by `attnkit train`")
     if model.cfg.family == "seq2seq":
-        from attnkit.generate import Beams, seq2seq_texts
+        from attnkit.generate import Beams, seq2seq_tokens
         from attnkit.plots import plot_seq2seq_attention
 
-        if target is None:  # the model's own output (beam 4)
-            target = seq2seq_texts(model, tokenizer, [prompt], beams=Beams(4))[0][0]
-            click.echo(f"target: {target}")
+        if target is None:  # the model's own output (beam 4), its own ids (its text re-encoded may differ)
+            target = seq2seq_tokens(model, tokenizer, [prompt], beams=Beams(4))[0][0]
+            click.echo(f"target: {tokenizer.decode(target).strip()}")
         paths = plot_seq2seq_attention(model, tokenizer, prompt, target, out)
     elif target is not None:
         raise AttnkitError("--target is for encoder-decoders (cross-attention); this checkpoint has one input")

@@ -843,7 +843,14 @@ def require_seq2seq(model, command: str = "this") -> None:
                            "model; train one with `attnkit train --task seq2seq` (or --recipe de-en)")
 
 
-def seq2seq_texts(
+def seq2seq_texts(model, tokenizer: Tokenizer, sources: Sequence[str], **decoding) -> list[list[str]]:
+    """Each source's output texts (``num_return`` of them, best first) from an encoder-decoder; the
+    decoding as `seq2seq_tokens` takes it."""
+    return [[tokenizer.decode(tokens).strip() for tokens in outputs]
+            for outputs in seq2seq_tokens(model, tokenizer, sources, **decoding)]
+
+
+def seq2seq_tokens(
     model,
     tokenizer: Tokenizer,
     sources: Sequence[str],
@@ -855,12 +862,13 @@ def seq2seq_texts(
     batch_size: int = 32,
     seed: int | None = None,
     on_truncate=None,
-) -> list[list[str]]:
-    """Each source's outputs (``num_return`` of them, best first) from an encoder-decoder: beam
-    search when ``beams`` is given, else sampling (temperature 0: greedy). Sources are sorted by
-    length and run ``batch_size`` at a time; the outputs come back in the order given. An empty
-    source gives empty outputs; a source past the position limit is cut (``on_truncate(index)``
-    is called for it). ``max_new_tokens`` None: 1.5 x the longest source of the batch + 10."""
+) -> list[list[list[int]]]:
+    """Each source's outputs (``num_return`` of them, best first) from an encoder-decoder, as the
+    ids of their text (no start, end, padding or forced first token): beam search when ``beams``
+    is given, else sampling (temperature 0: greedy). Sources are sorted by length and run
+    ``batch_size`` at a time; the outputs come back in the order given. An empty source gives empty
+    outputs; a source past the position limit is cut (``on_truncate(index)`` is called for it).
+    ``max_new_tokens`` None: 1.5 x the longest source of the batch + 10."""
     from attnkit.models.seq2seq import right_pad
 
     require_seq2seq(model)
@@ -869,7 +877,7 @@ def seq2seq_texts(
     cfg = model.cfg
     eos = _end_id(model, tokenizer)
     pad, start = model.pad_id, model.decoder_start_id
-    outputs: list[list[str]] = [[""] * num_return for _ in sources]
+    outputs: list[list[list[int]]] = [[[] for _ in range(num_return)] for _ in sources]
     encoded = {}
     for i, text in enumerate(sources):
         if text.strip():
@@ -901,9 +909,6 @@ def seq2seq_texts(
             token_rows = [got[r * num_return:(r + 1) * num_return] for r in range(len(rows))]
         dropped = {pad, start, *([forced[0]] if 0 in forced else [])}  # not text: the forced first token too
         for i, hyps in zip(rows, token_rows):
-            texts = []
-            for tokens in hyps:
-                end = tokens.index(eos) if eos in tokens else len(tokens)
-                texts.append(tokenizer.decode([t for t in tokens[:end] if t not in dropped]).strip())
-            outputs[i] = texts
+            outputs[i] = [[t for t in tokens[:tokens.index(eos) if eos in tokens else len(tokens)] if t not in dropped]
+                          for tokens in hyps]
     return outputs

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -135,26 +136,31 @@ def plot_attention(model, tokenizer, prompt: str, out_dir, max_tokens: int = 96)
     return _head_grids(maps, labels, labels, out, "layer", prompt)
 
 
-def plot_seq2seq_attention(model, tokenizer, source: str, target: str, out_dir, max_tokens: int = 96) -> list[Path]:
+def plot_seq2seq_attention(model, tokenizer, source: str, target: str | Sequence[int], out_dir,
+                           max_tokens: int = 96) -> list[Path]:
     """An encoder-decoder's maps: ``encoder_<i>.png`` (source x source), ``decoder_<i>.png``
-    (target x target) and ``cross_<i>.png`` (target on the vertical axis, source on the horizontal)."""
+    (target x target) and ``cross_<i>.png`` (target on the vertical axis, source on the horizontal).
+    ``target``: a text, or the ids of one (the model's own output, as `seq2seq_tokens` gives them)."""
     from attnkit.generate import source_ids
 
-    src, _ = source_ids(model, tokenizer, source)
-    tgt = [model.decoder_start_id] + tokenizer.encode(target)
-    if len(src) <= 1:
+    limit = min(max_tokens, model.cfg.context_length)
+    if not tokenizer.encode(source):
         raise AttnkitError("the source encodes to no tokens; give some text with -p")
-    _check_length("source", len(src), max_tokens)
-    _check_length("target", len(tgt), max_tokens)
+    _check_length("source", len(tokenizer.encode(source)) + 1, limit)  # + its end token, uncut
+    src, _ = source_ids(model, tokenizer, source)
+    target_ids = tokenizer.encode(target) if isinstance(target, str) else list(target)
+    tgt = [model.decoder_start_id] + target_ids
+    _check_length("target", len(tgt), limit)
     out = _out_dir(out_dir)
     device = next(model.parameters()).device
     _, maps = model.eval()(torch.tensor([src], device=device), None, torch.tensor([tgt], device=device),
                            need_weights=True)
     src_labels = [token_label(tokenizer.decode([i])) for i in src]
     tgt_labels = [token_label(tokenizer.decode([i])) for i in tgt]
+    target_text = target if isinstance(target, str) else tokenizer.decode(target_ids).strip()
     return (_head_grids(maps["encoder"], src_labels, src_labels, out, "encoder", source)
-            + _head_grids(maps["decoder"], tgt_labels, tgt_labels, out, "decoder", target)
-            + _head_grids(maps["cross"], tgt_labels, src_labels, out, "cross", f"{source} -> {target}",
+            + _head_grids(maps["decoder"], tgt_labels, tgt_labels, out, "decoder", target_text)
+            + _head_grids(maps["cross"], tgt_labels, src_labels, out, "cross", f"{source} -> {target_text}",
                           query_axis="target", key_axis="source"))
 
 

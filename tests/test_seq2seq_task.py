@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from attnkit.checkpoints import load_checkpoint
 from attnkit.cli import main
-from attnkit.generate import Beams, Sampling, seq2seq_texts
+from attnkit.generate import Beams, Sampling, seq2seq_texts, seq2seq_tokens
 from attnkit.tokenizers import SEQ2SEQ_SPECIALS, train_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -119,6 +119,30 @@ def test_eval_and_attend_on_a_seq2seq_checkpoint(trained, tmp_path):
                                      "--out", str(tmp_path / "maps")])
     assert maps.exit_code == 0, maps.output
     assert (tmp_path / "maps" / "cross_0.png").is_file() and (tmp_path / "maps" / "encoder_0.png").is_file()
+
+
+def test_attend_draws_the_models_own_output_ids_and_refuses_a_source_past_the_context(trained, tmp_path,
+                                                                                      monkeypatch):
+    # the beam output was decoded to text and encoded again (other ids, past the context with no
+    # error); a source past the position limit was cut to it without a word (context 32 here)
+    from attnkit.plots import token_label
+
+    run = trained[0] / "run"
+    model, tokenizer = load_checkpoint(run)
+    ids = seq2seq_tokens(model, tokenizer, ["eins zwei"], beams=Beams(4))[0][0]
+    assert ids and seq2seq_texts(model, tokenizer, ["eins zwei"], beams=Beams(4))[0][0] == tokenizer.decode(ids).strip()
+    drawn = {}
+    monkeypatch.setattr("attnkit.plots._head_grids",
+                        lambda maps, down, across, out, stem, title, **kw: drawn.setdefault(stem, (down, across)) and [out])
+    result = CliRunner().invoke(main, ["attend", "--ckpt", str(run), "-p", "eins zwei", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert drawn["cross"][0] == [token_label(tokenizer.decode([i])) for i in [model.decoder_start_id, *ids]]
+    long_source = "eins zwei drei " * 12
+    n = len(tokenizer.encode(long_source)) + 1
+    assert n > model.cfg.context_length == 32
+    result = CliRunner().invoke(main, ["attend", "--ckpt", str(run), "-p", long_source, "--target", "one",
+                                       "--out", str(tmp_path / "m2")])
+    assert result.exit_code == 2 and f"the source is {n} tokens; attention maps are drawn for at most 32" in result.output
 
 
 def test_finetuning_a_seq2seq_checkpoint_keeps_its_tokenizer_and_starts_from_its_weights(trained, tmp_path):
