@@ -671,7 +671,12 @@ def beam_search(
 # --- text ---------------------------------------------------------------------------------------------
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> list[int]:
+    """A prompt's ids: led by the token the tokenizer puts before a text (once: a chat template may
+    write it), and an empty prompt by the model's bos_id."""
     ids = tokenizer.encode(prompt)
+    start = tokenizer.prompt_start_id
+    if start is not None and ids[:1] != [start]:
+        return [start, *ids]
     return ([bos_id] if bos_id is not None and not ids else []) + ids
 
 

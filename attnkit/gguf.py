@@ -149,6 +149,9 @@ def read_gguf(path, keep_quantized: bool = False) -> GGUFModel:
     state = {}
     for t in reader.tensors:
         if t.name not in table:
+            if t.name.startswith("rope_freqs") and not np.allclose(_tensor(t, False).float().numpy(), 1.0):
+                raise AttnkitError(f"{path.name} scales RoPE per frequency (a rope_freqs tensor, as Llama 3.1 / "
+                                   "3.2 have); attnkit does not support that scaling yet")
             if t.name.startswith("rope_freqs") or t.name.endswith("attn_rot_embd"):
                 continue  # RoPE tables llama.cpp can store; attnkit computes its own
             raise AttnkitError(f"{path.name} has a tensor {t.name!r} that a Llama model does not; the file is "
@@ -193,6 +196,12 @@ def _tokenizer(reader, path: Path, tokens: list[str], chat_template: str | None)
     # control tokens (type 3) are special; user-defined ones (4) are matched whole but not special
     tok.add_tokens([tokenizers.AddedToken(t, special=(ty == 3), normalized=False)
                     for t, ty in zip(tokens, types) if ty in (3, 4)])
+    bos = _field(reader, "tokenizer.ggml.bos_token_id", required=False)
+    if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token", False, required=False):
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(  # prompts start with it, as llama.cpp's do
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B:1", special_tokens=[(tokens[bos], int(bos))])
     out = HFTokenizer(tok, kind="gguf")
     eos = _field(reader, "tokenizer.ggml.eos_token_id", required=False)
     if eos is not None:

@@ -39,6 +39,7 @@ class Tokenizer:
     kind: str
     vocab_size: int
     eos_id: int | None = None
+    prompt_start_id: int | None = None  # a token the tokenizer puts before a text (Llama's <s>), for prompts
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -94,6 +95,12 @@ class HFTokenizer(Tokenizer):
         self.chat_template: str | None = None  # Jinja source (attnkit.chat), saved as chat_template.jinja
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((hf.token_to_id(t) for t in EOS_TOKENS if hf.token_to_id(t) is not None), None)
+        # what the tokenizer's post-processor puts before a text (a Llama tokenizer.json's "<s> $A",
+        # a GGUF's add_bos_token): encode leaves it out, a prompt starts with it (as transformers' and
+        # llama.cpp's do)
+        plain, marked = (hf.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        if len(marked) > len(plain) and marked[1:1 + len(plain)] == plain:
+            self.prompt_start_id = marked[0]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

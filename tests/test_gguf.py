@@ -15,6 +15,7 @@ from attnkit.checkpoints import build_model, load_checkpoint, named_checkpoint_d
 from attnkit.chat import render_chat
 from attnkit.cli import main
 from attnkit.config import preset
+from attnkit.errors import AttnkitError
 from attnkit.gguf import _tensor, read_gguf
 from attnkit.tokenizers import load_tokenizer
 
@@ -55,7 +56,7 @@ def _encode(qtype, w: np.ndarray) -> np.ndarray:
     return raw, gguf.quants.dequantize(raw, qtype).reshape(w.shape)
 
 
-def write_gguf(path, arch="llama", override=None, seed=0):
+def write_gguf(path, arch="llama", override=None, seed=0, add_bos=None, rope_freqs=None):
     """A 2-layer Llama GGUF with random weights of the TYPES; -> the attnkit model of its dequantized weights."""
     torch.manual_seed(seed)
     vocab = _vocab()
@@ -83,6 +84,10 @@ def write_gguf(path, arch="llama", override=None, seed=0):
     writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if rope_freqs is not None:  # llama.cpp's Llama 3.1 RoPE scaling: a factor per frequency
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.add_chat_template(TEMPLATE)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for i in range(2):
@@ -266,3 +271,25 @@ def test_quantize_without_the_kernels_is_a_one_line_warning(synthetic, monkeypat
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().count("\n") == 0 and "decoding with dequantized weights instead" in result.stderr
     assert result.stdout.startswith("the")
+
+
+def test_a_gguf_that_adds_bos_starts_prompts_with_it_once(tmp_path):
+    # tokenizer.ggml.add_bos_token was ignored: prompts went in without <s>, unlike llama.cpp's
+    from attnkit.generate import _encode_prompt
+
+    for add_bos, first in ((True, [1]), (False, []), (None, [])):
+        write_gguf(tmp_path / "m.gguf", add_bos=add_bos)
+        _, tokenizer = load_checkpoint(tmp_path / "m.gguf")
+        text = tokenizer.encode("the")
+        assert _encode_prompt(tokenizer, "the", None) == first + text
+        assert _encode_prompt(tokenizer, tokenizer.decode([1]) + "the", None) == [1] + text  # a template's own <s>
+        assert tokenizer.encode("the") == text  # training text stays as it was
+
+
+def test_a_gguf_with_rope_frequency_factors_is_refused(tmp_path):
+    # Llama 3.1 / 3.2 store their RoPE scaling as rope_freqs: it was dropped (logits off by 0.15)
+    write_gguf(tmp_path / "scaled.gguf", rope_freqs=[1.0, 1.7, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0])
+    with pytest.raises(AttnkitError, match="scales RoPE per frequency"):
+        load_checkpoint(tmp_path / "scaled.gguf")
+    write_gguf(tmp_path / "plain.gguf", rope_freqs=[1.0] * 8)  # factors of 1 change nothing
+    load_checkpoint(tmp_path / "plain.gguf")

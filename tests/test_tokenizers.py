@@ -199,3 +199,23 @@ def test_make_tokenizer_kinds():
         make_tokenizer("sentencepiece", "abc")
     with pytest.raises(AttnkitError, match="pass train_text"):
         make_tokenizer("char")
+
+
+def test_a_tokenizer_json_that_puts_bos_before_a_text_starts_prompts_with_it():
+    # a Llama folder's tokenizer.json adds <s> ("<s> $A"); prompts went in without it, so greedy
+    # text differed from transformers' (which encodes prompts with it)
+    import tokenizers
+    from tokenizers import models, processors
+
+    from attnkit.generate import _encode_prompt
+    from attnkit.tokenizers import HFTokenizer
+
+    hf = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<s>"])
+    plain = HFTokenizer(hf)
+    assert plain.prompt_start_id is None and _encode_prompt(plain, "a b", 1) == [2, 3]
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    led = HFTokenizer(hf)
+    assert led.prompt_start_id == 1 and led.encode("a b") == [2, 3]  # training text: as written
+    assert _encode_prompt(led, "a b", None) == [1, 2, 3] == _encode_prompt(led, "<s> a b", None)  # once
