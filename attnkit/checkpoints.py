@@ -64,7 +64,7 @@ def umask_permissions(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." has no name to put a sibling beside
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -453,7 +453,8 @@ def info(ckpt, preset_name, as_json):
 @click.option("--ckpt", required=True, type=click.Path(),
               help="An attnkit checkpoint folder or run folder, a LoRA run's adapters (with --merge), a .gguf file "
                    "or a named checkpoint (smollm2-135m).")
-@click.option("--out", required=True, type=click.Path(), help="Folder to write the Hugging Face layout to.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder to write the Hugging Face layout to: a new or empty one, or an earlier export (replaced).")
 @click.option("--merge", is_flag=True,
               help="A LoRA run of a decoder (adapters alone): merge the adapters into their base and export that.")
 def export(ckpt, out, merge):
@@ -469,8 +470,16 @@ def export(ckpt, out, merge):
       attnkit export --ckpt smollm2-135m --out hf-smollm2                # the GGUF's weights, dequantized
       attnkit export --ckpt runs/my-lora --merge --out hf-my-lora        # base + adapters: LlamaForCausalLM
     """
+    from pathlib import Path
+
     from attnkit.checkpoints import is_adapter_checkpoint, load_checkpoint, save_checkpoint
 
+    destination = Path(out)  # replaced whole: never a file or a folder of other things (it deleted them)
+    if destination.exists() and not destination.is_dir():
+        raise AttnkitError(f"--out {out} is a file; give a folder to write the model into")
+    if destination.is_dir() and any(destination.iterdir()) and not (destination / "config.json").is_file():
+        raise AttnkitError(f"--out {out} holds other files and is no checkpoint; export replaces the folder it "
+                           "writes, so give a new or empty folder")
     adapters = is_adapter_checkpoint(ckpt)
     if adapters and not merge:
         raise AttnkitError(f"{ckpt} holds LoRA adapters alone, which Hugging Face cannot load without their base; "

@@ -203,6 +203,24 @@ def test_export_merge_of_a_checkpoint_without_adapters_exports_it_with_a_note(wo
     assert "note:" in result.stderr and (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+def test_export_replaces_an_earlier_export_but_never_a_file_or_a_folder_of_other_things(world, tmp_path, monkeypatch):
+    # --out was replaced whole: a folder's other files were deleted, a file became a folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    (tmp_path / "report.txt").write_text("precious")
+    assert "holds other files and is no checkpoint" in one_error_line(
+        cli("export", "--ckpt", world["base"], "--out", tmp_path / "mine"))
+    assert "is a file" in one_error_line(cli("export", "--ckpt", world["base"], "--out", tmp_path / "report.txt"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious" == (tmp_path / "report.txt").read_text()
+    for _ in range(2):  # an earlier export is replaced
+        ok(cli("export", "--ckpt", world["base"], "--out", tmp_path / "hf"))
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and not [p for p in tmp_path.iterdir() if p.name[0] == "."]
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    ok(cli("export", "--ckpt", world["base"], "--out", "."))  # was: ValueError "has an empty name"
+    assert (tmp_path / "here" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("other", ["same shape", "other shape"])
 def test_adapters_on_a_base_that_does_not_match_are_one_error(lora, world, tmp_path, other):
     _, _, result = lora
