@@ -291,6 +291,14 @@ def _t5_config(hf: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
     ).validate()
 
 
+def _end_fields(hf: dict) -> dict:
+    """A decoder's end ids: ``eos_token_id`` may be one id or a list (every one ends generation)."""
+    eos = hf.get("eos_token_id")
+    if not isinstance(eos, list):
+        return {"eos_id": eos}
+    return {"eos_id": eos[0] if eos else None, "extra": {"eos_ids": eos} if len(eos) > 1 else {}}
+
+
 def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "bert":
@@ -307,7 +315,7 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
             vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
             n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
-            bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
+            bos_id=hf.get("bos_token_id"), **_end_fields(hf),
         ).validate()
     if kind == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -320,16 +328,13 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise AttnkitError("Llama checkpoints whose head_dim x heads differs from hidden_size are not supported")
-        eos = hf.get("eos_token_id")
         return ModelConfig(
             norm="rmsnorm", mlp="swiglu", positional="rope", bias=False,
             vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads"), d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
-            eos_id=eos[0] if isinstance(eos, list) else eos,
-            extra={"eos_ids": eos} if isinstance(eos, list) and len(eos) > 1 else {},
+            tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"), **_end_fields(hf),
         ).validate()
     raise AttnkitError(
         f"Hugging Face model type {kind!r} is not supported; attnkit reads gpt2, llama, bert, bart, marian and t5 checkpoints"
@@ -376,7 +381,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
         }
     if cfg.family == "encoder":
         return _bert_config_to_hf(cfg)

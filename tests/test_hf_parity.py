@@ -1,5 +1,7 @@
 """Parity with Hugging Face transformers: same logits, same greedy tokens, round trip export."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -129,6 +131,21 @@ def test_every_end_token_of_a_list_stops_generation_as_in_transformers_and_survi
     assert result.output.rstrip("\n") == prompt + tok.decode(theirs[:-1])  # the end token is not printed
     save_checkpoint(tmp_path / "exported", ours, tok, layout="hf")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "exported").eos_token_id == [VOCAB - 1, second]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_end_tokens_that_only_generation_config_names_stop_generation_too(kind, tmp_path):
+    # Llama 3 Instruct: config.json names end of text, generation_config.json adds end of turn; the
+    # second was ignored (transformers stopped at it, attnkit wrote on)
+    hf = hf_model(kind)
+    hf.config.eos_token_id = VOCAB - 1
+    hf.generation_config.eos_token_id = [VOCAB - 1, 66]
+    directory = saved(hf, tmp_path)
+    assert json.loads((directory / "config.json").read_text())["eos_token_id"] == VOCAB - 1
+    ours, _ = load_checkpoint(directory)
+    assert ours.cfg.end_ids == [VOCAB - 1, 66]
+    save_checkpoint(tmp_path / "exported", ours, layout="hf")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "exported").eos_token_id == [VOCAB - 1, 66]
 
 
 def test_a_llama_activation_other_than_silu_is_refused(tmp_path):
