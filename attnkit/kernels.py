@@ -411,9 +411,17 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return x
     if native_dropout(x, p):
-        seed = int(torch.randint(-(2 ** 63), 2 ** 63 - 1, ()).item())
-        return _HashedDropout.apply(x.contiguous(), p, seed)
+        seed = int(torch.randint(-(2 ** 63), 2 ** 63 - 1, ()).item()) + _rank() * 0x9E3779B97F4A7C15
+        return _HashedDropout.apply(x.contiguous(), p, (seed + 2 ** 63) % 2 ** 64 - 2 ** 63)
     return F.dropout(x, p, training)
+
+
+def _rank() -> int:
+    """This process's rank under torch.distributed (0 without it). DDP ranks keep one generator state
+    (a resume restores rank 0's), so the rank is mixed into each seed: their masks differ, as their rows do."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class Dropout(nn.Dropout):

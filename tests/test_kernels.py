@@ -746,6 +746,28 @@ def test_native_dropout_backward_drops_the_same_elements_and_keeps_nans():
 
 
 @needs_native
+def test_native_dropout_masks_differ_between_ddp_ranks_that_share_one_generator_state(monkeypatch):
+    # DDP ranks start from (and resume to) one generator state: every rank drew the same masks
+    # (a dropout 0.1 run's first loss 4.53493 under torchrun, 4.52969 in one process)
+    import torch.distributed as dist
+
+    x = torch.randn(32, 64)
+    masks = {}
+    for rank in (0, 1, 2):
+        monkeypatch.setattr(dist, "is_initialized", lambda: rank > 0)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        torch.manual_seed(0)
+        masks[rank] = kernels.dropout(x, 0.5) != 0
+        torch.manual_seed(0)
+        assert torch.equal(kernels.dropout(x, 0.5) != 0, masks[rank])  # each rank's own masks repeat
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    assert torch.equal(kernels.dropout(x, 0.5) != 0, masks[0])  # one process: rank 0's, as before
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert abs((masks[0] == masks[1]).float().mean().item() - 0.5) < 0.05  # independent, not shifted copies
+
+
+@needs_native
 def test_dropout_modules_and_attention_take_the_native_mask_and_torch_runs_it_elsewhere(monkeypatch):
     calls = []
     op = torch.ops.attnkit.dropout

@@ -319,7 +319,9 @@ class Trainer:
             torch.set_rng_state(self.rng["torch_rng"])
             if cuda and self.rng["cuda_rng"] is None:
                 index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                torch.cuda.default_generators[index].manual_seed(self.cfg.seed)
+                # each DDP rank its own masks (on the CPU the native dropout mixes the rank into its seed;
+                # a resumed GPU run restores rank 0's state on every rank)
+                torch.cuda.default_generators[index].manual_seed(self.cfg.seed + self.rank)
             elif cuda:
                 torch.cuda.set_rng_state(self.rng["cuda_rng"], self.device)
             self._rng_is_live = True
