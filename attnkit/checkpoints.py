@@ -224,9 +224,15 @@ def read_config(directory) -> dict:
             f"({', '.join(NAMED)})"
         )
     try:
-        return json.loads((directory / CONFIG).read_text())
+        config = json.loads((directory / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise AttnkitError(f"{directory / CONFIG} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from e
+    if not isinstance(config, dict):
+        raise AttnkitError(f"{directory / CONFIG} holds a JSON {type(config).__name__}, not a model config (an object)")
+    if config.get("format") == "attnkit" and not isinstance(config.get("model"), dict):
+        raise AttnkitError(f"{directory / CONFIG} is an attnkit config without its \"model\" settings; the "
+                           "checkpoint is incomplete")
+    return config
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
@@ -244,7 +250,11 @@ def read_weights(directory) -> dict[str, torch.Tensor]:
         return read_safetensors(directory / WEIGHTS)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise AttnkitError(f"{index} is not a safetensors index (JSON with a \"weight_map\" of tensor -> file); "
+                               "fix or replace it") from None
         return {k: v for f in files for k, v in read_safetensors(directory / f).items()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise AttnkitError(

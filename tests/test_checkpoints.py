@@ -158,3 +158,18 @@ def test_replacing_a_folder_leaves_the_old_or_the_new_one_even_if_interrupted(tm
             (tmp / "step").write_text("2")
     assert (target / "step").read_text() == ("2" if exchange else "1") and len(calls) == (0 if exchange else 3)  # 3: put back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary or old folder left
+
+
+@pytest.mark.parametrize("files, says", [
+    ({"config.json": "[]"}, r"config\.json holds a JSON list, not a model config"),  # was AttributeError
+    ({"config.json": '{"format": "attnkit", "version": 2}'}, r'an attnkit config without its "model" settings'),
+    ({"config.json": '{"model_type": "gpt2"}', "model.safetensors.index.json": "{oops"},  # was JSONDecodeError
+     r"model\.safetensors\.index\.json is not a safetensors index"),
+    ({"config.json": '{"model_type": "gpt2"}', "model.safetensors.index.json": "[1]"},
+     r"is not a safetensors index"),
+])
+def test_a_malformed_config_or_index_is_one_sentence(tmp_path, files, says):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(AttnkitError, match=says):
+        load_checkpoint(tmp_path)
