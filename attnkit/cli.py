@@ -413,21 +413,34 @@ def serve(ckpt, host, port, api_key, model_name, max_tokens_cap, max_concurrent,
 @click.option("--model", "preset_name", default=None, help="A model preset name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(ckpt, preset_name, as_json):
-    """Print a model's parameters, FLOPs per token and config.
+    """Print a model's parameters, FLOPs per token and config; without --ckpt or --model, the model
+    presets (`train --model`) and the recipes (`train --recipe`).
 
     \b
     Examples:
+      attnkit info
       attnkit info --model smollm2-135m
       attnkit info --ckpt runs/shakespeare-char/best --json
     """
     import json
 
     from attnkit.checkpoints import build_model, load_checkpoint
-    from attnkit.config import preset
+    from attnkit.config import PRESETS, preset
     from attnkit.kernels import native_status
+    from attnkit.train.config import recipe_names
 
-    if (ckpt is None) == (preset_name is None):
-        raise AttnkitError("give exactly one of --ckpt DIR or --model PRESET")
+    if ckpt is not None and preset_name is not None:
+        raise AttnkitError("give one of --ckpt DIR or --model PRESET, not both")
+    if ckpt is None and preset_name is None:
+        shapes = {name: f"{cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}" for name, cfg in PRESETS.items()}
+        if as_json:
+            click.echo(json.dumps({"presets": shapes, "recipes": recipe_names()}, indent=2))
+            return
+        click.echo("model presets (train --model NAME; attnkit info --model NAME for one):")
+        for name, shape in shapes.items():
+            click.echo(f"  {name}: {shape}")
+        click.echo("recipes (train --recipe NAME): " + ", ".join(recipe_names()))
+        return
     model = load_checkpoint(ckpt)[0] if ckpt else build_model(preset(preset_name))
     cfg = model.cfg
     facts = {

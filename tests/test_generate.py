@@ -186,6 +186,13 @@ def test_info_prints_parameters_and_flops():
     assert facts["parameters"] == 124_439_808
     assert facts["forward_flops_per_token_at_full_context"] == 2 * (124_439_808 - 50257 * 768 - 1024 * 768 + 50257 * 768) + 4 * 12 * 1024 * 768
     assert run("info", "--model", "nope").exit_code == 2
+    # no --ckpt or --model: the presets and recipes (train --help points here; it was an error)
+    listing = json.loads(run("info", "--json").output)
+    assert listing["presets"]["gpt2"] == "decoder, 12 layers, d_model 768"
+    assert {"shakespeare-char", "de-en", "sentiment-minilm"} <= set(listing["recipes"])
+    text = run("info").output
+    assert "  gpt2-char-tiny: decoder, 4 layers, d_model 128" in text and "shakespeare-char" in text
+    assert "not both" in run("info", "--model", "gpt2", "--ckpt", "x").output
 
 
 def test_checkpoint_save_is_atomic_and_loads_back(lm, tmp_path):
