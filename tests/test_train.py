@@ -289,13 +289,15 @@ def bad_inputs(folder: Path, corpus: Path, out: Path) -> dict[str, tuple[list[st
                                          "does not exist"),
         "window without sliding attention": (["train", "--data", str(corpus), *tiny, "--window", "4", "--out",
                                               str(folder / "x")], "add --attention sliding or drop --window"),
+        "resume of no run": (["train", "--out", str(folder / "no-run"), "--resume"],  # was "nothing to train on"
+                             "holds no run to resume (no last/train_state.pt); check --out, or drop --resume"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "invalid yaml", "unknown recipe", "unknown preset",
                                   "unwritable output", "existing run without --resume", "resume with another config",
                                   "cuda without a GPU", "eval of a missing checkpoint",
-                                  "window without sliding attention"])
+                                  "window without sliding attention", "resume of no run"])
 def test_bad_input_prints_one_sentence_and_exits_2_leaving_checkpoints_alone(cli_run, case):
     folder, corpus, out, args, result = cli_run
     if case == "cuda without a GPU" and torch.cuda.is_available():

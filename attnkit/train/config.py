@@ -300,6 +300,9 @@ def resolve_config(*, recipe: str | None = None, config_file: str | None = None,
         elif overrides.get("task", "lm") != "lm":  # an encoder task: an encoder preset and WordPiece unless given
             cfg = cfg.replace(model="bert-tiny", tokenizer="wordpiece", lr=1e-4 if "init" in overrides else 5e-4,
                               max_steps=1000, warmup_steps=50, eval_interval=100)
+    elif resume and out:
+        raise AttnkitError(f"{out} holds no run to resume (no last/{STATE_FILE}); check --out, or drop --resume to "
+                           "start one")
     else:
         raise AttnkitError("nothing to train on; give --recipe NAME, --config FILE.yaml or --data PATH")
     cfg = cfg.replace(**overrides)
