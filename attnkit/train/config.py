@@ -167,7 +167,13 @@ class TrainConfig:
             data["model_overrides"] = {**model, **(data.get("model_overrides") or {})}
         tok = data.get("tokenizer")
         if isinstance(tok, dict):
-            data["tokenizer"] = tok.get("kind", "char")
+            unknown = sorted(set(tok) - {"kind", "vocab_size"})
+            if unknown:
+                raise AttnkitError(f"unknown tokenizer settings {unknown}; remove them or check the spelling "
+                                   f"(known: kind, vocab_size)")
+            if "kind" not in tok:
+                raise AttnkitError("the tokenizer section needs `kind: char|bpe|wordpiece|gpt2`")
+            data["tokenizer"] = tok["kind"]
             if "vocab_size" in tok:
                 data["vocab_size"] = tok["vocab_size"]
         known = {f.name for f in dataclasses.fields(cls)}
