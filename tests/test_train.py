@@ -642,3 +642,26 @@ def test_the_final_evaluation_is_kept_half_again_its_measured_time_within_a_fift
     assert budget.final_eval_reserve(10) == 20.0  # 30 s capped at 20% of 100 s
     budget.ends_at = 9.5  # 1 s step + 9 s reserve no longer fit
     assert "final evaluation (~9.0 s)" in budget.step_stop_reason(3)
+
+
+SMALL_SMOLLM2 = {"context_length": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 32, "d_ff": 64}
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_model_trained_from_scratch_takes_its_special_ids_from_its_tokenizer(tmp_path, tokenizer):
+    from attnkit.generate import _stop_ids
+    from attnkit.models.decoder import DecoderLM
+    from attnkit.train.tasks import LanguageModelingTask
+
+    # smollm2-135m's preset names bos 1 / eos 2: in a char vocabulary of this text id 2 is " "
+    cfg = tiny_config(tmp_path, model="smollm2-135m", model_overrides=SMALL_SMOLLM2, tokenizer=tokenizer,
+                      vocab_size=300)
+    train_text, val_text = split()
+    task = LanguageModelingTask.from_config(cfg, train_text=train_text, val_text=val_text)
+    ids = (task.model_config.bos_id, task.model_config.eos_id)
+    if tokenizer == "char":
+        assert task.tokenizer.decode([2]) == " " and ids == (None, None)
+        assert _stop_ids(task.tokenizer, DecoderLM(task.model_config)) == []
+    else:
+        assert ids == (None, task.tokenizer.hf.token_to_id("<|endoftext|>")) == (None, 0)
+        assert _stop_ids(task.tokenizer, DecoderLM(task.model_config)) == [0]

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attnkit.config import preset
 from attnkit.data.encoder_inputs import length_sorted_batches
 from attnkit.data.pairs import Pair
 from attnkit.errors import AttnkitError
 from attnkit.models.seq2seq import right_pad
 from attnkit.train.config import TrainConfig
-from attnkit.train.tasks import Task, always, drawn_indices, length_buckets, load_base, summed_val_loss
+from attnkit.train.tasks import (Task, always, drawn_indices, length_buckets, load_base, model_config_for,
+                                 summed_val_loss)
 
 IGNORE = -100
 
@@ -113,13 +113,12 @@ class Seq2SeqTask(Task):
                                        "use --tokenizer bpe")
                 tokenizer = train_bpe((t for p in train for t in (p.source + "\n", p.target + "\n")), cfg.vocab_size,
                                       special_tokens=SEQ2SEQ_SPECIALS)
-            model_config = preset(cfg.model, **cfg.model_overrides)
+            model_config = model_config_for(cfg, tokenizer)  # eos: </s>
             if model_config.family != "seq2seq":
                 raise AttnkitError(f"--task seq2seq trains an encoder-decoder; {cfg.model} is a {model_config.family} "
                                    "preset (use transformer-small, transformer-small-prenorm or t5-small)")
-            pad, eos, start = (tokenizer.hf.token_to_id(t) for t in SEQ2SEQ_SPECIALS)
+            pad, _, start = (tokenizer.hf.token_to_id(t) for t in SEQ2SEQ_SPECIALS)
             model_config = model_config.replace(
-                vocab_size=tokenizer.vocab_size, eos_id=eos, bos_id=None,
                 extra={**model_config.extra, "pad_id": pad, "decoder_start_id": start}).validate()
         return cls(cfg, tokenizer, model_config, train, val, base_state)
 

@@ -50,6 +50,15 @@ def build_seeded_model(model_config, seed: int):
         return model, torch.get_rng_state()
 
 
+def model_config_for(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    """The preset (with the config's overrides) of a model trained from scratch, sized to ``tokenizer``
+    and taking its special ids from it: no start token, the tokenizer's end token (char: none; BPE:
+    <|endoftext|>; GPT-2: 50256). A preset copied from a pretrained model (smollm2-135m's bos 1 / eos 2)
+    would otherwise name other tokens of the new vocabulary."""
+    ids = {"bos_id": None, "eos_id": tokenizer.eos_id}
+    return preset(cfg.model, **{**ids, **cfg.model_overrides, "vocab_size": tokenizer.vocab_size})
+
+
 def load_base(init: str, family: str, task: str, example: str):
     """The pretrained checkpoint a fine-tuning task starts from -> (model, tokenizer), refusing
     another family or a checkpoint without its tokenizer."""
@@ -205,7 +214,7 @@ class LanguageModelingTask(Task):
     def from_config(cls, cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
                     checkpoint: Path | None = None) -> "LanguageModelingTask":
         """Text from ``cfg.data`` (unless given), a tokenizer trained on it (or the one in
-        ``checkpoint``, for a resumed run), the preset with the tokenizer's vocabulary size."""
+        ``checkpoint``, for a resumed run), the preset with the tokenizer's vocabulary and ids."""
         from attnkit.tokenizers import load_tokenizer, make_tokenizer
 
         if train_text is None or val_text is None:
@@ -217,7 +226,7 @@ class LanguageModelingTask(Task):
         else:
             tokenizer = make_tokenizer(cfg.tokenizer, train_text, vocab_size=cfg.vocab_size)
         encode = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long)  # noqa: E731
-        model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": tokenizer.vocab_size})
+        model_config = model_config_for(cfg, tokenizer)
         return cls(tokenizer, encode(train_text), encode(val_text), model_config, batch_size=cfg.batch_size,
                    eval_batches=cfg.eval_batches, seed=cfg.seed)
 
