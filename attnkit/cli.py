@@ -527,7 +527,8 @@ RUN_OPTIONS = _options(
 )
 DATA_OPTIONS = _options(
     click.option("--val", "val_data", default=None, type=click.Path(),
-                 help="classify / qa: held-out data (default: a seeded --val-fraction of --data)."),
+                 help="held-out data (default: text the last --val-fraction of --data; labelled data, pairs, conversations "
+                      "a seeded --val-fraction)."),
     click.option("--val-fraction", default=None, type=float),
     click.option("--text-column", default=None, help="classify: the text column  [default: text]."),
     click.option("--label-column", default=None, help="classify: the label column  [default: label]."),

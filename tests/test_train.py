@@ -665,3 +665,21 @@ def test_a_model_trained_from_scratch_takes_its_special_ids_from_its_tokenizer(t
     else:
         assert ids == (None, task.tokenizer.hf.token_to_id("<|endoftext|>")) == (None, 0)
         assert _stop_ids(task.tokenizer, DecoderLM(task.model_config)) == [0]
+
+
+@pytest.mark.parametrize("task", ["lm", "mlm"])
+def test_a_val_file_is_the_validation_text_of_a_model_trained_from_scratch(tmp_path, task):
+    from attnkit.train.tasks import make_task
+
+    corpus, held_out = tmp_path / "train.txt", tmp_path / "val.txt"
+    corpus.write_text(TEXT)
+    held_out.write_text("QRS " * 300)  # characters the corpus does not have
+    cfg = tiny_config(tmp_path, data=str(corpus), val_data=str(held_out))
+    if task == "mlm":
+        cfg = cfg.replace(task="mlm", model="bert-tiny", model_overrides=TINY, tokenizer="wordpiece", vocab_size=100)
+    made = make_task(cfg)
+    tokens = lambda text: len(made._tokens(text)) if task == "mlm" else len(made.tokenizer.encode(text))  # noqa: E731
+    assert len(made.train_tokens) == tokens(TEXT)  # all of --data trains
+    assert len(made.val_tokens) == tokens("QRS " * 300)
+    if task == "lm":
+        assert made.tokenizer.decode(made.val_tokens[:4].tolist()) == "\ufffd" * 3 + " "

@@ -111,6 +111,16 @@ def split_train_val(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
 RECIPES = {"shakespeare": shakespeare}
 
 
+def load_train_val(data: str | os.PathLike, val_data: str | os.PathLike | None = None,
+                   val_fraction: float = 0.1) -> tuple[str, str]:
+    """(train, val) of a run on text: all of ``data`` and all of the held-out ``val_data`` when one is
+    given, else ``load_text(data, val_fraction)``."""
+    if val_data is None:
+        return load_text(data, val_fraction)
+    train = "\n\n".join(load_text(data)) if str(data) in RECIPES else read_corpus(data)
+    return train, read_corpus(val_data)
+
+
 def load_text(name_or_path: str | os.PathLike, val_fraction: float = 0.1) -> tuple[str, str]:
     """(train, val) for a named recipe (see RECIPES) or for the user's file or folder."""
     if str(name_or_path) in RECIPES:

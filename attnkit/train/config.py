@@ -39,7 +39,7 @@ class TrainConfig:
     init: str | None = None  # fine-tune this checkpoint (a folder, or a named one such as minilm-l6, smollm2-135m)
     # data and tokenizer
     data: str = "shakespeare"  # a text recipe name (attnkit.data.text.RECIPES) or a path to your text
-    val_data: str | None = None  # classify / qa: a held-out file; None: a seeded val_fraction of data
+    val_data: str | None = None  # a held-out file; None: val_fraction of data (text: its last part; else seeded)
     val_fraction: float = 0.1
     tokenizer: str = "char"  # char | bpe | wordpiece | gpt2
     vocab_size: int = 8192  # bpe / wordpiece only; char and gpt2 set their own

@@ -107,13 +107,10 @@ class TextFineTuneTask(PretrainedDecoder, LanguageModelingTask):
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
                     checkpoint: Path | None = None) -> "TextFineTuneTask":
-        from attnkit.data.text import load_text, read_corpus
+        from attnkit.data.text import load_train_val
 
         if train_text is None or val_text is None:
-            if cfg.val_data is not None:
-                train_text, val_text = read_corpus(cfg.data), read_corpus(cfg.val_data)
-            else:
-                train_text, val_text = load_text(cfg.data, cfg.val_fraction)
+            train_text, val_text = load_train_val(cfg.data, cfg.val_data, cfg.val_fraction)
         base = DecoderBase.load(cfg)
         encode = lambda text: torch.tensor(base.tokenizer.encode(text), dtype=torch.long)  # noqa: E731
         window = min(cfg.max_length or TEXT_WINDOW, base.model.cfg.context_length)

@@ -167,9 +167,9 @@ class MaskedLMTask(EncoderTask):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, checkpoint: Path | None = None) -> "MaskedLMTask":
-        from attnkit.data.text import load_text
+        from attnkit.data.text import load_train_val
 
-        train_text, val_text = load_text(cfg.data, cfg.val_fraction)
+        train_text, val_text = load_train_val(cfg.data, cfg.val_data, cfg.val_fraction)
         task = cls()
         task.setup(cfg, checkpoint, lambda: train_text.splitlines())
         task.train_tokens, task.val_tokens = task._tokens(train_text), task._tokens(val_text)

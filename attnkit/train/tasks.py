@@ -213,14 +213,15 @@ class LanguageModelingTask(Task):
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
                     checkpoint: Path | None = None) -> "LanguageModelingTask":
-        """Text from ``cfg.data`` (unless given), a tokenizer trained on it (or the one in
-        ``checkpoint``, for a resumed run), the preset with the tokenizer's vocabulary and ids."""
+        """Text from ``cfg.data`` and ``cfg.val_data`` (unless given; load_train_val), a tokenizer trained
+        on it (or the one in ``checkpoint``, for a resumed run), the preset with the tokenizer's
+        vocabulary and ids."""
         from attnkit.tokenizers import load_tokenizer, make_tokenizer
 
         if train_text is None or val_text is None:
-            from attnkit.data.text import load_text
+            from attnkit.data.text import load_train_val
 
-            train_text, val_text = load_text(cfg.data, cfg.val_fraction)
+            train_text, val_text = load_train_val(cfg.data, cfg.val_data, cfg.val_fraction)
         if checkpoint is not None:
             tokenizer = load_tokenizer(checkpoint)
         else:
