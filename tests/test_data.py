@@ -1,5 +1,6 @@
 import hashlib
 import io
+import json
 import subprocess
 import tarfile
 import zipfile
@@ -181,6 +182,26 @@ def test_read_corpus_jsonl(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two\\nlines", "id": 2}\n', encoding="utf-8")
     assert read_corpus(path) == "one\n\ntwo\nlines"
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_strings_may_hold_raw_unicode_line_separators(tmp_path, separator):
+    from attnkit.data.conversations import read_conversations
+    from attnkit.data.labelled import read_labelled
+    from attnkit.data.pairs import read_pairs
+
+    # json.dumps(ensure_ascii=False) writes these raw; a JSONL line ends at "\n" (or "\r\n") only
+    texts = [f"one{separator}two", "three"]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes("".join(json.dumps({"text": t, "label": "a", "source": t, "target": "x"}, ensure_ascii=False)
+                             + "\r\n" for t in texts).encode("utf-8"))
+    assert read_corpus(path) == f"one{separator}two\n\nthree"
+    assert [e.text for e in read_labelled(path)] == texts
+    assert [p.source for p in read_pairs(path)] == texts
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": t, "response": "ok"}, ensure_ascii=False) + "\n" for t in texts),
+                     encoding="utf-8")
+    assert [m[0]["content"] for _, m in read_conversations(chats)] == texts
 
 
 @pytest.mark.parametrize(

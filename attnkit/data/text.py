@@ -55,8 +55,11 @@ def _read_text_file(path: Path) -> str:
 
 def jsonl_objects(path: Path, text: str, example: str):
     """(line number, object) for every non-empty line of a JSONL file's ``text``; a line that is not
-    a JSON object is a clear error (``example`` shows what a line should look like)."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    a JSON object is a clear error (``example`` shows what a line should look like). Lines end at "\n"
+    (a "\r" before it is dropped) only: str.splitlines also splits at U+2028, U+2029 and U+0085, which
+    json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
