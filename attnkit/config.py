@@ -13,6 +13,49 @@ from attnkit.attention import BACKENDS
 from attnkit.errors import AttnkitError
 
 NORMS = ("layernorm", "rmsnorm")
+
+
+def _given(value) -> str:
+    kind = {bool: "true/false", str: "text", list: "a list", dict: "a mapping"}.get(type(value))
+    return f"{value!r} ({kind})" if kind else repr(value)
+
+
+def typed_settings(cls, data: dict, what: str) -> dict:
+    """``data`` with each value that names a field of the dataclass ``cls`` checked against the field's
+    annotation, for settings read from YAML / JSON (``what`` names them in errors: "training setting").
+    A whole-number field takes an int, or a number that is whole (4.0; the text YAML 1.1 makes of 1e3),
+    as an int; a float field takes a number, or text that reads as one (3e-3); true/false is neither.
+    Other values must have the annotated type; None only where the annotation allows it. A value of the
+    wrong type is one error naming the setting and what was given."""
+    types = {f.name: {t.strip() for t in str(f.type).split("|")} for f in dataclasses.fields(cls)}
+    checked = dict(data)
+    for name, value in data.items():
+        if name not in types or (value is None and "None" in types[name]):
+            continue
+        kinds = types[name] - {"None"}
+        if kinds & {"int", "float"}:
+            number = value
+            if isinstance(value, str):  # YAML 1.1 reads 1e3 and 3e-3 (no dot) as text
+                try:
+                    number = float(value)
+                except ValueError:
+                    pass
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                raise AttnkitError(f"{what} {name} must be a {'whole ' if 'int' in kinds else ''}number, "
+                                   f"got {_given(value)}")
+            if "int" in kinds:
+                if number != number or number in (float("inf"), float("-inf")) or number != int(number):
+                    raise AttnkitError(f"{what} {name} must be a whole number, got {_given(value)}")
+                checked[name] = int(number)
+            elif isinstance(value, str):
+                checked[name] = number
+        else:
+            wanted = {"str": str, "bool": bool, "dict": dict, "list": list}[next(iter(kinds))]
+            if not isinstance(value, wanted):
+                names = {str: "text", bool: "true or false", dict: "a mapping", list: "a list"}
+                raise AttnkitError(f"{what} {name} must be {names[wanted]}, got {_given(value)}"
+                                   + ("; quote it" if wanted is str and not isinstance(value, (list, dict)) else ""))
+    return checked
 MLPS = ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")  # GPT-2, BERT, Transformer/T5, Marian, Llama, T5 v1.1
 POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")  # relative: T5's bucketed score bias
 ATTENTION_KINDS = ("dense", "sliding", "bigbird")
@@ -114,7 +157,7 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise AttnkitError(f"unknown model config fields {unknown}; remove them or check the spelling")
-        return cls(**data)
+        return cls(**typed_settings(cls, data, "model setting"))
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -205,4 +248,4 @@ def preset(name: str, **overrides) -> ModelConfig:
         if key not in extra:  # a family field the preset has (encoder_layers, ...) is set by its name too
             raise AttnkitError(f"unknown model setting {key!r} for {name}; known: {', '.join(sorted(fields | set(extra)))}")
         extra[key] = overrides.pop(key)
-    return base.replace(**{"extra": extra, **overrides}).validate()
+    return base.replace(**{"extra": extra, **typed_settings(ModelConfig, overrides, "model setting")}).validate()

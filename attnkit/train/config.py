@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from attnkit.config import preset
+from attnkit.config import ModelConfig, preset, typed_settings
 from attnkit.errors import AttnkitError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -181,13 +181,9 @@ class TrainConfig:
         if unknown:
             raise AttnkitError(f"unknown training settings {unknown}; remove them or check the spelling "
                                f"(known: {', '.join(sorted(known))})")
-        floats = {f.name for f in dataclasses.fields(cls) if f.type in ("float", "float | None")}
-        for name in floats & set(data):
-            if isinstance(data[name], str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-                try:
-                    data[name] = float(data[name])
-                except ValueError:
-                    raise AttnkitError(f"training setting {name} must be a number, got {data[name]!r}") from None
+        data = typed_settings(cls, data, "training setting")
+        if isinstance(data.get("model_overrides"), dict):
+            data["model_overrides"] = typed_settings(ModelConfig, data["model_overrides"], "model setting")
         try:
             return cls(**data).validate()
         except TypeError as e:
