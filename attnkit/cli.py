@@ -748,7 +748,8 @@ def finetune(ckpt, recipe, config_file, out, max_steps, max_time, save_every_min
 @click.option("--ckpt", required=True, type=click.Path(), help="A checkpoint folder (e.g. runs/x/best).")
 @click.option("--data", required=True, help="Your text file/folder, or a text recipe name (scores its val split).")
 @click.option("--split", default=None, type=click.Choice(["all", "train", "val", "test"]),
-              help="Which part to score (default: all of a file; a text recipe's val, a pairs recipe's test).")
+              help="Which part to score (default: all of a file; a text recipe's val, a pairs recipe's test). "
+                   "A text's val is the last val_fraction of the checkpoint's run; a text has no test split.")
 @click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Score only the first N tokens.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
@@ -782,7 +783,7 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
     import torch
 
     from attnkit.checkpoints import load_checkpoint
-    from attnkit.data.text import RECIPES, load_text, read_corpus
+    from attnkit.data.text import RECIPES, corpus_text, load_text
     from attnkit.media import media_layout
     from attnkit.train import evaluate_tokens
 
@@ -836,10 +837,13 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
             click.echo(f"wrote {plot}")
         return
     split = split or ("val" if data in RECIPES else "all")
+    if split == "test":
+        raise AttnkitError("a text has no test split (its last val_fraction is val, the rest train); "
+                           "use --split val, train or all")
     if split == "all":
-        text = read_corpus(data) if data not in RECIPES else "\n\n".join(load_text(data))
+        text = corpus_text(data)
     else:
-        text = load_text(data)[0 if split == "train" else 1]
+        text = load_text(data, _trained_val_fraction(ckpt))[0 if split == "train" else 1]
     tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     result = evaluate_tokens(model, tokens, batch_size=batch_size, precision=precision, max_tokens=max_tokens)
     result = {"ckpt": str(ckpt), "data": str(data), "split": split, **result}
@@ -847,6 +851,19 @@ def eval_(ckpt, data, split, max_tokens, batch_size, precision, device, as_json,
         click.echo(json.dumps(result))
     else:
         click.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens)")
+
+
+def _trained_val_fraction(ckpt) -> float:
+    """The val_fraction the checkpoint's training run held out of its text (the default for a checkpoint
+    not written by `attnkit train`), so that eval --split val / train scores that run's split."""
+    from attnkit.checkpoints import read_config, resolve_checkpoint_dir
+    from attnkit.train import TrainConfig
+
+    try:
+        training = read_config(resolve_checkpoint_dir(ckpt, announce=False)).get("training") or {}
+    except AttnkitError:  # a .gguf file
+        return TrainConfig.val_fraction
+    return float((training.get("train_config") or {}).get("val_fraction", TrainConfig.val_fraction))
 
 
 def _eval_media(model, data: str, split: str | None, batch_size: int, precision: str) -> dict:

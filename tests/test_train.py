@@ -683,3 +683,47 @@ def test_a_val_file_is_the_validation_text_of_a_model_trained_from_scratch(tmp_p
     assert len(made.val_tokens) == tokens("QRS " * 300)
     if task == "lm":
         assert made.tokenizer.decode(made.val_tokens[:4].tolist()) == "\ufffd" * 3 + " "
+
+
+@pytest.fixture
+def run_with_val_fraction(tmp_path):
+    """A checkpoint as `attnkit train` writes it, of a run that held out 25% of its text."""
+    from attnkit.checkpoints import save_checkpoint
+    from attnkit.config import preset
+    from attnkit.models.decoder import DecoderLM
+    from attnkit.tokenizers import CharTokenizer
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("gpt2-char-tiny", **TINY, vocab_size=CharTokenizer.train(TEXT).vocab_size))
+    training = {"step": 1, "train_config": tiny_config(tmp_path, val_fraction=0.25).to_dict()}
+    save_checkpoint(tmp_path / "run" / "best", model, CharTokenizer.train(TEXT), extra_json={"training": training})
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    return tmp_path / "run", corpus
+
+
+def eval_json(*argv) -> dict:
+    res = CliRunner().invoke(main, ["eval", *argv, "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_eval_scores_the_split_its_run_held_out(run_with_val_fraction):
+    run, corpus = run_with_val_fraction
+    val, train = TEXT[-round(len(TEXT) * 0.25):], TEXT[:-round(len(TEXT) * 0.25)]
+    assert eval_json("--ckpt", str(run), "--data", str(corpus), "--split", "val")["tokens"] == len(val) - 1
+    assert eval_json("--ckpt", str(run), "--data", str(corpus), "--split", "train")["tokens"] == len(train) - 1
+    assert eval_json("--ckpt", str(run), "--data", str(corpus))["tokens"] == len(TEXT) - 1  # all of a file
+
+
+def test_eval_of_a_text_recipe_scores_its_text_as_it_is_and_refuses_a_test_split(run_with_val_fraction,
+                                                                                   monkeypatch):
+    from attnkit.data import text
+
+    run, _ = run_with_val_fraction
+    monkeypatch.setitem(text.RECIPES, "tiny-recipe", lambda: TEXT)
+    assert eval_json("--ckpt", str(run), "--data", "tiny-recipe", "--split", "all")["tokens"] == len(TEXT) - 1
+    assert eval_json("--ckpt", str(run), "--data", "tiny-recipe")["tokens"] == round(len(TEXT) * 0.25) - 1  # val
+    res = CliRunner().invoke(main, ["eval", "--ckpt", str(run), "--data", "tiny-recipe", "--split", "test"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "a text has no test split" in res.output

@@ -111,7 +111,7 @@ def split_train_val(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:-n_val], text[-n_val:]
 
 
-RECIPES = {"shakespeare": shakespeare}
+RECIPES = {"shakespeare": _shakespeare_text}  # name -> its whole text
 
 
 def load_train_val(data: str | os.PathLike, val_data: str | os.PathLike | None = None,
@@ -120,15 +120,20 @@ def load_train_val(data: str | os.PathLike, val_data: str | os.PathLike | None =
     given, else ``load_text(data, val_fraction)``."""
     if val_data is None:
         return load_text(data, val_fraction)
-    train = "\n\n".join(load_text(data)) if str(data) in RECIPES else read_corpus(data)
-    return train, read_corpus(val_data)
+    return corpus_text(data), read_corpus(val_data)
 
 
-def load_text(name_or_path: str | os.PathLike, val_fraction: float = 0.1) -> tuple[str, str]:
-    """(train, val) for a named recipe (see RECIPES) or for the user's file or folder."""
+def corpus_text(name_or_path: str | os.PathLike) -> str:
+    """The whole text of a named recipe (see RECIPES) or of the user's file or folder."""
     if str(name_or_path) in RECIPES:
         return RECIPES[str(name_or_path)]()
     if not Path(name_or_path).expanduser().exists():
         raise AttnkitError(f"{str(name_or_path)!r} is neither a known text recipe ({', '.join(sorted(RECIPES))}) "
                            f"nor an existing file or folder; pass one of those recipes or a path to your text.")
-    return split_train_val(read_corpus(name_or_path), val_fraction)
+    return read_corpus(name_or_path)
+
+
+def load_text(name_or_path: str | os.PathLike, val_fraction: float = 0.1) -> tuple[str, str]:
+    """(train, val) for a named recipe or for the user's file or folder: the last ``val_fraction`` of
+    its text is val (Shakespeare at 0.1: ``shakespeare()``)."""
+    return split_train_val(corpus_text(name_or_path), val_fraction)
