@@ -91,3 +91,25 @@ def test_a_wrongly_typed_config_file_exits_2_with_one_error_line(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert [line for line in res.output.splitlines() if line.startswith("error:")] == [
         "error: training setting batch_size must be a whole number, got 8.5"]
+
+
+def test_an_empty_sample_prompt_is_refused_when_the_config_is_read():
+    message = "invalid training config: sample_prompt is empty; give it some text to continue, or sample_tokens: 0"
+    assert refusal({"sample_prompt": ""}).startswith(message)
+    assert TrainConfig.from_dict({"sample_prompt": "", "sample_tokens": 0}).sample_tokens == 0  # no sample: no prompt
+    assert TrainConfig.from_dict({"sample_prompt": "", "task": "pixels"}).sample_prompt == ""  # images need none
+
+
+def test_an_empty_sample_prompt_exits_2_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from attnkit.cli import main
+
+    corpus, path = tmp_path / "corpus.txt", tmp_path / "run.yaml"
+    corpus.write_text("to be or not to be " * 50)
+    path.write_text(f"data: {corpus}\nmodel: {{preset: gpt2-char-tiny, context_length: 16}}\n"
+                    "train: {sample_prompt: '', max_steps: 1, batch_size: 2}\n")
+    res = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "run"), "--threads", "1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "sample_prompt is empty" in res.output
+    assert not (tmp_path / "run").exists()  # nothing trained

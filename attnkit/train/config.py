@@ -145,6 +145,8 @@ class TrainConfig:
              "eval_interval, eval_batches and log_interval must be at least 1")
         need(0.0 < self.val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         need(isinstance(self.model_overrides, dict), "model overrides must be a mapping of config fields")
+        need(self.sample_prompt != "" or self.task != "lm" or self.sample_tokens == 0,  # the sample continues it
+             "sample_prompt is empty; give it some text to continue, or sample_tokens: 0 for no sample")
         return self
 
     def to_dict(self) -> dict:
