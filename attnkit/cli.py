@@ -600,9 +600,10 @@ def _print_samples(cfg, trainer) -> None:
             path = codecs.write_wav(Path(cfg.out_dir) / "sample.wav", clip, rate)
         click.echo(f"sample: {path}")
     if cfg.task == "lm" and cfg.sample_tokens > 0:
-        text = sample_text(trainer.raw_model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+        prompt = trainer.task.sample_prompt(cfg.sample_prompt)
+        text = sample_text(trainer.raw_model, trainer.tokenizer, prompt, cfg.sample_tokens, cfg.seed)
         click.echo("--- sample ---")
-        click.echo(cfg.sample_prompt + text)
+        click.echo(prompt + text)
 
 
 def _data_overrides(val_data, val_fraction, text_column, label_column, pair_column, max_length, no_truncate,

@@ -15,6 +15,7 @@ re-run a prefix, never reallocate a cache, and know nothing of attention kinds o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Generator, Iterator, Mapping, Sequence
@@ -31,7 +32,8 @@ from attnkit.tokenizers import StreamDecoder, Tokenizer
 class Sampling:
     """temperature 0 is greedy; top_k / top_p None are off; repetition_penalty 1 is off;
     no_repeat_ngram_size 0 is off (n > 0: no n-gram occurs twice in a row's tokens); token_limit
-    n: only ids below n are ever chosen (a pixel or audio model's sample tokens, not its start tokens)."""
+    n: only ids below n are ever chosen (a pixel or audio model's sample tokens, not its start tokens);
+    excluded_ids are never chosen (a char tokenizer's unknown id: ``text_sampling``)."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -39,6 +41,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     token_limit: int | None = None
+    excluded_ids: tuple[int, ...] = ()
 
     def validate(self) -> "Sampling":
         if not self.temperature >= 0:  # NaN too
@@ -85,9 +88,11 @@ def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = Non
     """logits (B, V) -> fp32 logits with the penalties, temperature, top-k and top-p applied
     (order as in Hugging Face); -inf marks removed tokens. Greedy skips the temperature and filters."""
     logits = logits.float()
-    if sampling.token_limit is not None and sampling.token_limit < logits.shape[-1]:
+    limited = sampling.token_limit is not None and sampling.token_limit < logits.shape[-1]
+    if limited or sampling.excluded_ids:
         logits = logits.clone()  # .float() of fp32 logits is the caller's tensor
-        logits[:, sampling.token_limit:] = float("-inf")
+        logits[:, sampling.token_limit if limited else logits.shape[-1]:] = float("-inf")
+        logits[:, list(sampling.excluded_ids)] = float("-inf")
     if seen is not None and sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
@@ -290,7 +295,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
             proposal, q = [], []
             for i in range(k):
                 if greedy:
-                    d = draft_next.argmax(-1)
+                    d = process_logits(draft_next, sampling).argmax(-1)
                 else:
                     q.append(distribution(draft_next))
                     d = torch.multinomial(q[-1], 1, generator=generator).squeeze(-1)
@@ -314,7 +319,7 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
             p = target_next[:, None]
         # 3. accept the longest prefix; then one token from the target
         if greedy:
-            choice = p.argmax(-1)  # (B, k + 1)
+            choice = process_logits(p.flatten(0, 1), sampling).view(p.shape).argmax(-1)  # (B, k + 1)
             agree = (choice[:, :k] == proposal).long()
             kept = int(agree.cumprod(1).sum(1).min()) if k else 0
             last = choice[:, kept]
@@ -680,6 +685,15 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str, bos_id: int | None) -> lis
     return ([bos_id] if bos_id is not None and not ids else []) + ids
 
 
+def text_sampling(sampling: Sampling | None, tokenizer: Tokenizer) -> Sampling:
+    """``sampling`` for text of ``tokenizer``: its unknown id (a char tokenizer's 0, never a training
+    target) is never chosen."""
+    sampling = sampling or Sampling()
+    if tokenizer.unknown_id is None or tokenizer.unknown_id in sampling.excluded_ids:
+        return sampling
+    return dataclasses.replace(sampling, excluded_ids=(*sampling.excluded_ids, tokenizer.unknown_id))
+
+
 def _stop_ids(tokenizer: Tokenizer, model) -> list[int]:
     """The tokenizer's end token and the model's (a Hugging Face config names its own, or several)."""
     return sorted({t for t in (tokenizer.eos_id, *model.cfg.end_ids) if t is not None and t < tokenizer.vocab_size})
@@ -700,8 +714,8 @@ def generate_text(
     """The continuations (without the prompts) of one prompt or a batch (see ``generate_tokens``)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, compile=compile,
-                   speculation=speculation)
+    options = dict(max_new_tokens=max_new_tokens, sampling=text_sampling(sampling, tokenizer), seed=seed,
+                   compile=compile, speculation=speculation)
     if stop:
         outputs = ["".join(stream_text(model, tokenizer, p, stop=stop, **options)) for p in batch]
     else:
@@ -766,8 +780,8 @@ def stream_text(
     text = TextStream(tokenizer, stop)
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     reason, tokens = "length", 0
-    for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile,
+    for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens,
+                                    sampling=text_sampling(sampling, tokenizer), stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile,
                                     speculation=speculation):
         t, tokens = int(token[0]), tokens + 1
         if t in stop_ids:

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from attnkit.errors import AttnkitError, a_family
 from attnkit.generate import (ContinuousBatch, Request as BatchedRequest, Sampling, StreamEnd, TextStream, _encode_prompt, _stop_ids,
-                              stream_text)
+                              stream_text, text_sampling)
 
 log = logging.getLogger("attnkit.serve")
 
@@ -250,7 +250,8 @@ class Scheduler:
         r: GenerationRequest = job.work
         ids = _encode_prompt(self.tokenizer, r.prompt, self.model.cfg.bos_id)
         stop_ids = sorted({*_stop_ids(self.tokenizer, self.model), *r.stop_ids})
-        request = batch.submit(BatchedRequest(ids, r.max_tokens, r.sampling, stop_ids, r.seed))
+        request = batch.submit(BatchedRequest(ids, r.max_tokens, text_sampling(r.sampling, self.tokenizer), stop_ids,
+                                              r.seed))
         return _Generation(job, request, TextStream(self.tokenizer, r.stop))
 
     def _step(self, batch: ContinuousBatch, running: list[_Generation]) -> None:

@@ -40,6 +40,7 @@ class Tokenizer:
     vocab_size: int
     eos_id: int | None = None
     prompt_start_id: int | None = None  # a token the tokenizer puts before a text (Llama's <s>), for prompts
+    unknown_id: int | None = None  # what text it does not know encodes to (char: 0): never generated
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -56,6 +57,7 @@ class CharTokenizer(Tokenizer):
     """Characters as tokens. Ids 1.. are the sorted training characters; id 0 is unknown."""
 
     kind = "char"
+    unknown_id = 0
 
     def __init__(self, chars: Iterable[str]):
         self.chars = list(chars)

@@ -293,3 +293,25 @@ def test_a_tiny_temperature_samples_the_largest_logit_and_nan_is_refused():
         assert sample_next(logits, sampling, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
     with pytest.raises(AttnkitError, match="temperature must be >= 0"):
         Sampling(temperature=float("nan")).validate()
+
+
+def test_a_char_model_never_samples_the_unknown_id_and_excluded_ids_are_masked_like_the_token_limit():
+    from attnkit.generate import process_logits, text_sampling
+
+    logits = torch.tensor([[9.0, 1.0, 5.0, 0.0]])
+    kept = process_logits(logits, Sampling(temperature=0.0, token_limit=3, excluded_ids=(0,)))
+    assert kept.tolist() == [[float("-inf"), 1.0, 5.0, float("-inf")]] and logits[0, 0] == 9.0
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(list(ALPHABET))
+    model = DecoderLM(ModelConfig(vocab_size=len(ALPHABET) + 1, context_length=48, n_layer=1, n_head=2, d_model=32))
+    with torch.no_grad():  # every position's output is 100 * e_0, which only the unknown id's embedding meets
+        model.stack.norm.weight.zero_()
+        model.stack.norm.bias.copy_(100 * torch.nn.functional.one_hot(torch.tensor(0), 32))
+        model.embed.tok.weight[:, 0] = 0.0
+        model.embed.tok.weight[0, 0] = 1.0
+    assert int(model(torch.tensor([tokenizer.encode("ab")]))[0, -1].argmax()) == 0
+    for sampling in (Sampling(temperature=0.0), Sampling(temperature=1.0)):
+        text = generate_text(model, tokenizer, "ab", max_new_tokens=20, sampling=sampling, seed=1)
+        assert len(text) == 20 and "\ufffd" not in text
+        assert "".join(stream_text(model, tokenizer, "ab", max_new_tokens=20, sampling=sampling, seed=1)) == text
+    assert text_sampling(None, tokenizer).excluded_ids == (0,)

@@ -727,3 +727,16 @@ def test_eval_of_a_text_recipe_scores_its_text_as_it_is_and_refuses_a_test_split
     res = CliRunner().invoke(main, ["eval", "--ckpt", str(run), "--data", "tiny-recipe", "--split", "test"])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "a text has no test split" in res.output
+
+
+def test_the_default_sample_prompt_is_a_token_the_char_tokenizer_knows(tmp_path):
+    from attnkit.train.tasks import LanguageModelingTask
+
+    flat = TEXT.replace("\n", " ")  # no newline: "\n" would be the unknown id 0
+    train_text, val_text = flat[:18000], flat[18000:]
+    task = LanguageModelingTask.from_config(tiny_config(tmp_path), train_text=train_text, val_text=val_text)
+    assert task.tokenizer.encode("\n") == [0]
+    assert task.sample_prompt("\n") == "T" == train_text[0]
+    assert task.sample_prompt("To be") == "To be"
+    with_newlines = LanguageModelingTask.from_config(tiny_config(tmp_path), train_text=split()[0], val_text=split()[1])
+    assert with_newlines.sample_prompt("\n") == "\n"

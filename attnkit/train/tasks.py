@@ -248,6 +248,15 @@ class LanguageModelingTask(Task):
     def describe(self, metrics: dict) -> str:
         return f"val loss {metrics['val_loss']:.4f} (perplexity {metrics['val_ppl']:.2f})"
 
+    def sample_prompt(self, prompt: str) -> str:
+        """The end-of-training sample's prompt: ``prompt``, unless it is the default ("\n") and the
+        tokenizer does not know it (a char tokenizer of a text without newlines encodes it to the
+        unknown id 0): then the training text's first token."""
+        unknown = self.tokenizer.unknown_id
+        if prompt != TrainConfig.sample_prompt or unknown is None or unknown not in self.tokenizer.encode(prompt):
+            return prompt
+        return self.tokenizer.decode(self.train_tokens[:1].tolist())
+
 
 def make_task(cfg: TrainConfig, *, train_text: str | None = None, val_text: str | None = None,
               checkpoint: Path | None = None) -> Task:
