@@ -346,6 +346,9 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
     cfg = config_from_hf(hf_config, hf_state)
     if hf_config["model_type"] == "bert" and cfg.extra["head"] == "none" and any(k.startswith("bert.") for k in hf_state):
         hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}  # a BertModel saved from a head model
+    if hf_config["model_type"] == "gpt2" and "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:
+        hf_state = {("" if k.startswith("lm_head.") else "transformer.") + k: v  # a GPT2Model's names (the hub's gpt2)
+                    for k, v in hf_state.items()}
     if "cls.predictions.decoder.bias" in hf_state:  # the bias the MLM forward adds (transformers 5 unties it
         hf_state = {**hf_state, "cls.predictions.bias": hf_state["cls.predictions.decoder.bias"]}  # when untied)
     if cfg.family == "seq2seq":  # the shared table may be saved under an embedding's own name

@@ -153,3 +153,23 @@ def test_a_llama_activation_other_than_silu_is_refused(tmp_path):
     hf.config.hidden_act = "gelu_pytorch_tanh"
     with pytest.raises(AttnkitError, match="activation 'gelu_pytorch_tanh' is not supported"):
         load_checkpoint(saved(hf, tmp_path))
+
+
+def test_a_gpt2_model_saved_without_the_transformer_prefix_loads_as_transformers_loads_it(tmp_path):
+    """GPT2Model (the hub's gpt2 weights) names its body wte.weight, h.0.attn.c_attn.bias, ... and has no lm_head."""
+    body = transformers.GPT2Model(hf_model("gpt2").config).eval()
+    with torch.no_grad():  # random norms, so a wrong mapping of norm weights cannot hide
+        for name, p in body.named_parameters():
+            if "ln_" in name:
+                p.uniform_(0.5, 1.5)
+    directory = saved(body, tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(directory).eval()
+    ours, _ = load_checkpoint(directory)
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
+        mine = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+    assert torch.equal(hf.lm_head.weight, body.wte.weight)  # transformers' head is the token table, as attnkit's
