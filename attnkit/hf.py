@@ -310,8 +310,13 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise AttnkitError(f"GPT-2 activation {hf['activation_function']!r} is not supported; only gelu_new is")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise AttnkitError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx (scores / layer number) are not "
+                               "supported; only scores scaled alike in every layer are")
         return ModelConfig(
             norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True,
+            # reorder_and_upcast_attn only changes where half-precision rounds: nothing to read
+            scale_scores=hf.get("scale_attn_weights", True) is not False,
             vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
             n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),

@@ -173,3 +173,28 @@ def test_a_gpt2_model_saved_without_the_transformer_prefix_loads_as_transformers
     real = mask.bool()
     assert (mine[real] - theirs[real]).abs().max() <= 1e-4
     assert torch.equal(hf.lm_head.weight, body.wte.weight)  # transformers' head is the token table, as attnkit's
+
+
+@pytest.mark.parametrize("setting", [{"scale_attn_weights": False}, {"reorder_and_upcast_attn": True}])
+def test_gpt2_attention_settings_give_the_same_logits_as_transformers(setting, tmp_path):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=96, n_layer=2, n_head=4, n_embd=32, bos_token_id=0,
+                     eos_token_id=None, pad_token_id=0, **setting)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.config._attn_implementation = "eager"  # the only path that reads reorder_and_upcast_attn
+    ours, _ = load_checkpoint(saved(hf, tmp_path))
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
+        mine = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+
+
+def test_gpt2_scores_scaled_by_inverse_layer_number_are_refused(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=96, n_layer=2, n_head=4, n_embd=32,
+                     scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(AttnkitError, match="^GPT-2 checkpoints with scale_attn_by_inverse_layer_idx .* are not supported"):
+        load_checkpoint(saved(GPT2LMHeadModel(cfg), tmp_path))
