@@ -380,34 +380,47 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    gpt2 = dict(norm="layernorm", mlp="gelu_tanh", positional="learned", bias=True, norm_position="pre")
-    llama = dict(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, norm_position="pre")
-    fields = cfg.to_dict()
-    if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in gpt2.items()):
-        return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
-            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
-        }
     if cfg.family == "encoder":
         return _bert_config_to_hf(cfg)
     if cfg.family == "seq2seq":
         return _seq2seq_config_to_hf(cfg)
-    if cfg.family == "decoder" and cfg.attention == "dense" and all(fields[k] == v for k, v in llama.items()):
+    if cfg.family != "decoder":
+        raise AttnkitError(
+            "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders and BERT-shaped "
+            "encoders export); keep the attnkit checkpoint"
+        )
+    # the values each field may take in a family: transformers has no setting for any other
+    plain = dict(norm_position=("pre",), attention=("dense",), token_types=(0,), embedding_norm=(False,),
+                 scale_embeddings=(False,), position_offset=(0,))
+    needs = {"GPT-2": dict(norm=("layernorm",), mlp=("gelu_tanh",), positional=("learned",), bias=(True,),
+                           n_kv_head=(None, cfg.n_head), **plain),
+             "Llama": dict(norm=("rmsnorm",), mlp=("swiglu",), positional=("rope",), bias=(False,),
+                           scale_scores=(True,), **plain)}
+    fields = cfg.to_dict()
+    unlike = {kind: [k for k, allowed in need.items() if fields[k] not in allowed] for kind, need in needs.items()}
+    kind = min(unlike, key=lambda k: len(unlike[k]))  # the nearer family (GPT-2 on a tie)
+    if unlike[kind]:
+        field = unlike[kind][0]
+        allowed = " or ".join(repr(v) for v in needs[kind][field])
+        raise AttnkitError(f"this model has no Hugging Face equivalent: {kind} has no setting for {field}="
+                           f"{fields[field]!r} (export needs {field}={allowed}); keep the attnkit checkpoint")
+    if kind == "GPT-2":
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.context_length, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.ff_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.ff_dim, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": cfg.scale_scores,
+            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id,
+            "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
         }
-    raise AttnkitError(
-        "this model has no Hugging Face equivalent (only dense GPT-2-shaped or Llama-shaped decoders and BERT-shaped "
-        "encoders export); keep the attnkit checkpoint"
-    )
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ff_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "mlp_bias": False, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.extra.get("eos_ids") or cfg.eos_id,
+    }
 
 
 def _bert_config_to_hf(cfg: ModelConfig) -> dict:

@@ -114,6 +114,35 @@ def test_hf_layout_refuses_a_model_without_a_hugging_face_shape_and_writes_nothi
     assert list(tmp_path.iterdir()) == []
 
 
+GPT2_CFG = ModelConfig(vocab_size=len(ALPHABET) + 1, context_length=48, n_layer=1, n_head=4, d_model=32)
+LLAMA_CFG = GPT2_CFG.replace(norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, n_kv_head=2)
+
+
+@pytest.mark.parametrize("cfg, named", [
+    (GPT2_CFG.replace(n_kv_head=1), "GPT-2 has no setting for n_kv_head=1"),
+    (GPT2_CFG.replace(embedding_norm=True), "GPT-2 has no setting for embedding_norm=True"),
+    (GPT2_CFG.replace(position_offset=2), "GPT-2 has no setting for position_offset=2"),
+    (GPT2_CFG.replace(scale_embeddings=True), "GPT-2 has no setting for scale_embeddings=True"),
+    (GPT2_CFG.replace(token_types=2), "GPT-2 has no setting for token_types=2"),
+    (GPT2_CFG.replace(norm_position="post"), "GPT-2 has no setting for norm_position='post'"),
+    (GPT2_CFG.replace(attention="sliding", window=8), "GPT-2 has no setting for attention='sliding'"),
+    (GPT2_CFG.replace(positional="alibi"), "GPT-2 has no setting for positional='alibi'"),
+    (GPT2_CFG.replace(mlp="relu"), "GPT-2 has no setting for mlp='relu'"),
+    (LLAMA_CFG.replace(scale_embeddings=True), "Llama has no setting for scale_embeddings=True"),
+    (LLAMA_CFG.replace(scale_scores=False), "Llama has no setting for scale_scores=False"),
+    (LLAMA_CFG.replace(embedding_norm=True), "Llama has no setting for embedding_norm=True"),
+    (LLAMA_CFG.replace(token_types=2), "Llama has no setting for token_types=2"),
+    (LLAMA_CFG.replace(attention="sliding", window=8), "Llama has no setting for attention='sliding'"),
+    (LLAMA_CFG.replace(positional="alibi"), "Llama has no setting for positional='alibi'"),
+    (LLAMA_CFG.replace(norm="layernorm"), "Llama has no setting for norm='layernorm'"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_hf_layout_names_the_setting_a_hugging_face_decoder_lacks_and_writes_nothing(cfg, named, tmp_path, tok):
+    model = DecoderLM(cfg.validate()).eval()
+    with pytest.raises(AttnkitError, match=rf"^this model has no Hugging Face equivalent: {named} \(export needs "):
+        save_checkpoint(tmp_path / "hf", model, tok, layout="hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_translation_does_not_import_checkpoint_io():
     tree = ast.parse(Path(attnkit.hf.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}

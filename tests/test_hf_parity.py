@@ -198,3 +198,16 @@ def test_gpt2_scores_scaled_by_inverse_layer_number_are_refused(tmp_path):
                      scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(AttnkitError, match="^GPT-2 checkpoints with scale_attn_by_inverse_layer_idx .* are not supported"):
         load_checkpoint(saved(GPT2LMHeadModel(cfg), tmp_path))
+
+
+def test_gpt2_unscaled_scores_survive_export(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=96, n_layer=2, n_head=4, n_embd=32, scale_attn_weights=False)
+    ours, tok = load_checkpoint(saved(GPT2LMHeadModel(cfg).eval(), tmp_path))
+    assert ours.cfg.scale_scores is False
+    save_checkpoint(tmp_path / "exported", ours, tok, layout="hf")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    assert back.config.scale_attn_weights is False
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back(ids).logits - ours(ids)).abs().max() <= 1e-5
