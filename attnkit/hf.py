@@ -399,11 +399,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     fields = cfg.to_dict()
     unlike = {kind: [k for k, allowed in need.items() if fields[k] not in allowed] for kind, need in needs.items()}
     kind = min(unlike, key=lambda k: len(unlike[k]))  # the nearer family (GPT-2 on a tie)
-    if unlike[kind]:
-        field = unlike[kind][0]
-        allowed = " or ".join(repr(v) for v in needs[kind][field])
-        raise AttnkitError(f"this model has no Hugging Face equivalent: {kind} has no setting for {field}="
-                           f"{fields[field]!r} (export needs {field}={allowed}); keep the attnkit checkpoint")
+    _refuse_unlike(cfg, "this model", kind, needs[kind])
     if kind == "GPT-2":
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
@@ -423,6 +419,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+def _refuse_unlike(cfg: ModelConfig, what: str, kind: str, needs: dict[str, tuple]) -> None:
+    """One sentence naming the first field of ``cfg`` outside the values ``needs`` allows it in ``kind``."""
+    fields = cfg.to_dict()
+    field = next((k for k, allowed in needs.items() if fields[k] not in allowed), None)
+    if field is not None:
+        allowed = " or ".join(repr(v) for v in needs[field])
+        raise AttnkitError(f"{what} has no Hugging Face equivalent: {kind} has no setting for {field}="
+                           f"{fields[field]!r} (export needs {field}={allowed}); keep the attnkit checkpoint")
+
+
 def _bert_config_to_hf(cfg: ModelConfig) -> dict:
     bert = dict(norm="layernorm", norm_position="post", positional="learned", bias=True, embedding_norm=True,
                 attention="dense")
@@ -433,6 +439,7 @@ def _bert_config_to_hf(cfg: ModelConfig) -> dict:
     if not shape_ok or (head == "classify" and (extra.get("pooling", "cls") != "cls" or not extra.get("pooler"))):
         raise AttnkitError("this encoder has no Hugging Face BERT equivalent (BERT is post-norm with learned positions, "
                            "token types, dense attention, and classifies the pooled [CLS]); keep the attnkit checkpoint")
+    _refuse_unlike(cfg, "this encoder", "BERT", dict(scale_embeddings=(False,), position_offset=(0,), scale_scores=(True,)))
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.mlp]
     out = {
         "architectures": [BERT_HEADS[head][0]], "model_type": "bert", "vocab_size": cfg.vocab_size,
@@ -449,6 +456,7 @@ def _bert_config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _seq2seq_config_to_hf(cfg: ModelConfig) -> dict:
+    _refuse_unlike(cfg, "this encoder-decoder", "BART, Marian or T5", dict(token_types=(0,)))
     fields, extra = cfg.to_dict(), cfg.extra
     common = dict(attention="dense", n_kv_head=None)
     bart = dict(norm="layernorm", norm_position="post", positional="learned", position_offset=2, embedding_norm=True,

@@ -143,6 +143,32 @@ def test_hf_layout_names_the_setting_a_hugging_face_decoder_lacks_and_writes_not
     assert list(tmp_path.iterdir()) == []
 
 
+def tiny(name, **changes):
+    from attnkit.config import preset
+
+    size = dict(vocab_size=40, context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32)
+    seq2seq = dict(encoder_layers=1) if preset(name).family == "seq2seq" else {}
+    return preset(name, **size, **seq2seq).replace(**changes)
+
+
+@pytest.mark.parametrize("cfg, named", [
+    (tiny("bert-tiny", scale_scores=False), "this encoder has no Hugging Face equivalent: BERT has no setting for "
+                                            "scale_scores=False"),
+    (tiny("bert-tiny", scale_embeddings=True), "this encoder has no Hugging Face equivalent: BERT has no setting for "
+                                               "scale_embeddings=True"),
+    (tiny("bert-tiny", position_offset=2), "this encoder has no Hugging Face equivalent: BERT has no setting for "
+                                           "position_offset=2"),
+    *[(tiny(name, token_types=2), "this encoder-decoder has no Hugging Face equivalent: BART, Marian or T5 has no "
+                                  "setting for token_types=2") for name in ("bart-base", "marian-base", "t5-small")],
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_hf_layout_names_the_setting_an_encoder_or_encoder_decoder_lacks_and_writes_nothing(cfg, named, tmp_path):
+    from attnkit.checkpoints import build_model
+
+    with pytest.raises(AttnkitError, match=rf"^{named} \(export needs "):
+        save_checkpoint(tmp_path / "hf", build_model(cfg.validate()).eval(), layout="hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_translation_does_not_import_checkpoint_io():
     tree = ast.parse(Path(attnkit.hf.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
