@@ -299,7 +299,21 @@ def _end_fields(hf: dict) -> dict:
     return {"eos_id": eos[0] if eos else None, "extra": {"eos_ids": eos} if len(eos) > 1 else {}}
 
 
-def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
+class _HFConfig(dict):
+    """A config.json's fields, where a missing required one is a user's error naming the key and the file."""
+
+    def __init__(self, fields: dict, source):
+        super().__init__(fields)
+        self.source = source
+
+    def __missing__(self, key):
+        where = "the Hugging Face config" if self.source is None else f"the config.json in {self.source}"
+        raise AttnkitError(f"{where} has no {key!r}, which a {self.get('model_type')} config needs; "
+                           "the file is incomplete")
+
+
+def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None, source=None) -> ModelConfig:
+    hf = _HFConfig(hf, source)
     kind = hf.get("model_type")
     if kind == "bert":
         return _bert_config(hf, state or {})
@@ -325,7 +339,8 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
     if kind == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise AttnkitError(f"Llama rope scaling {rope.get('rope_type')!r} is not supported yet; only default RoPE is")
+            raise AttnkitError(f"Llama rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet; "
+                               "only default RoPE is")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise AttnkitError("Llama checkpoints with attention or MLP biases are not supported")
         if hf.get("hidden_act", "silu") != "silu":
@@ -348,7 +363,7 @@ def config_from_hf(hf: dict, state: dict[str, torch.Tensor] | None = None) -> Mo
 
 def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor], source) -> tuple[ModelConfig, dict]:
     """HF config.json + weights -> attnkit config + state dict (names mapped, tensors fused)."""
-    cfg = config_from_hf(hf_config, hf_state)
+    cfg = config_from_hf(hf_config, hf_state, source)
     if hf_config["model_type"] == "bert" and cfg.extra["head"] == "none" and any(k.startswith("bert.") for k in hf_state):
         hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}  # a BertModel saved from a head model
     if hf_config["model_type"] == "gpt2" and "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:

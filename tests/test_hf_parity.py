@@ -1,6 +1,7 @@
 """Parity with Hugging Face transformers: same logits, same greedy tokens, round trip export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -211,3 +212,25 @@ def test_gpt2_unscaled_scores_survive_export(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (back(ids).logits - ours(ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind, key", [("gpt2", "n_embd"), ("llama", "hidden_size"), ("llama", "vocab_size")])
+def test_a_config_without_a_required_key_names_the_key_and_the_file(kind, key, tmp_path):
+    directory = saved(hf_model(kind), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config[key]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AttnkitError, match=rf"^the config.json in {re.escape(str(directory))} has no '{key}', which a {kind} config needs"):
+        load_checkpoint(directory)
+    result = CliRunner().invoke(main, ["generate", "--ckpt", str(directory), "-p", "a", "--max-new-tokens", "1"])
+    assert result.exit_code == 2 and f"has no '{key}'" in result.output and "Traceback" not in result.output
+
+
+def test_old_style_llama_rope_scaling_is_refused_by_its_type(tmp_path):
+    directory = saved(hf_model("llama"), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"type": "linear", "factor": 2.0}  # as pre-4.4x configs write it
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AttnkitError, match="^Llama rope scaling 'linear' is not supported yet; only default RoPE is$"):
+        load_checkpoint(directory)
