@@ -369,7 +369,8 @@ def _speculative_steps(model, prompts, spec: Speculation, max_new_tokens, sampli
 @dataclass
 class Request:
     """One generation in a ``ContinuousBatch``: its prompt and settings; the batch fills in ``tokens``
-    (the new ones, without a stop id) and ``finish_reason`` ("stop", "length" or "cancelled")."""
+    (the new ones, without a stop id) and ``finish_reason`` ("stop", "length", "cancelled", or
+    "error" when choosing its token failed: ``error`` holds why, and the other rows go on)."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 100
@@ -380,6 +381,7 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    error: Exception | None = None
 
 
 class ContinuousBatch:
@@ -421,7 +423,11 @@ class ContinuousBatch:
 
     def _accept(self, request: Request, logits: Tensor, emitted: list) -> int:
         """Sample the request's next token from its logits (1, V); note it, or finish the request."""
-        token = int(sample_next(logits, request.sampling, generator=request.generator)[0])
+        try:
+            token = int(sample_next(logits, request.sampling, generator=request.generator)[0])
+        except Exception as e:  # this request's settings or logits: it alone ends (its row leaves this step)
+            request.finish_reason, request.error = "error", e
+            return 0
         if request.cancelled:
             request.finish_reason = "cancelled"
         elif token in request.stop_ids:

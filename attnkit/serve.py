@@ -276,6 +276,8 @@ class Scheduler:
                 self._done(g.job, "end", StreamEnd("stop", len(g.request.tokens)))
             elif g.request.finish_reason == "cancelled":
                 self._stopped(g.job)
+            elif g.request.finish_reason == "error":  # this request's failure; the others in the batch go on
+                self._failed(g.job, g.request.error)
             else:
                 piece = g.text.flush()
                 if piece:

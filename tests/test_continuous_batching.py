@@ -133,3 +133,22 @@ def test_only_decoder_states_join():
     batch.submit(Request([3], 3))  # prefilled together they would be one state; joining a running one fails
     with pytest.raises(AttnkitError, match="cannot take new rows"):
         batch.step()
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_others_get_their_tokens(monkeypatch):
+    # any failure in one request's sampling lost the whole batch (serve answered 500 to every request in it)
+    import attnkit.generate as generate
+
+    model = MODELS["llama"]()
+    broken = Sampling(temperature=0.5)
+    real = generate.sample_next
+    monkeypatch.setattr(generate, "sample_next", lambda logits, sampling, *a, **k: (
+        (_ for _ in ()).throw(RuntimeError("bad row")) if sampling is broken else real(logits, sampling, *a, **k)))
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    requests = [Request(prompts[0], 8, Sampling(0)), Request(prompts[1], 8, broken), Request(prompts[2], 6, Sampling(0))]
+    batch = ContinuousBatch(model, max_rows=3)
+    run(batch, {0: requests[:2], 3: [requests[2]]})
+    assert requests[1].finish_reason == "error" and str(requests[1].error) == "bad row" and requests[1].tokens == []
+    for request, prompt, n in ((requests[0], prompts[0], 8), (requests[2], prompts[2], 6)):
+        assert request.finish_reason == "length" and request.tokens == alone(model, prompt, n)
+    assert batch.state is None and batch.running == []

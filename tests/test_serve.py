@@ -304,6 +304,25 @@ def test_a_stream_cut_short_by_shutdown_ends_with_an_error_event_not_done(slow):
     assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in rest[:-1])
 
 
+def test_a_request_that_fails_in_the_batch_fails_alone(slow, reference, monkeypatch):
+    # one request's sampling error lost the batch: every request decoding beside it got a 500 too
+    import attnkit.generate as generate
+
+    model, tok, steps = slow
+    real = generate.sample_next
+    monkeypatch.setattr(generate, "sample_next", lambda logits, sampling, *a, **k: (
+        (_ for _ in ()).throw(RuntimeError("bad row")) if sampling.temperature == 0.25 and len(steps) > 3
+        else real(logits, sampling, *a, **k)))
+    expected = generate_text(reference[0], tok, "hi", max_new_tokens=20, sampling=Sampling(temperature=0))
+    app = create_app(model, tok, model_name="tiny", max_tokens_cap=60)
+    with running(app) as url, ThreadPoolExecutor(2) as pool:
+        fine = pool.submit(_post, url, "/v1/completions", {**GOOD, "max_tokens": 20, "temperature": 0}, None)
+        failing = pool.submit(_post, url, "/v1/completions", {**GOOD, "max_tokens": 20, "temperature": 0.25}, None)
+        fine, failing = fine.result(), failing.result()
+    assert failing.status_code == 500 and failing.json()["error"]["type"] == "server_error"
+    assert fine.status_code == 200 and fine.json()["choices"][0]["text"] == expected
+
+
 def test_concurrent_requests_share_decoding_steps_and_get_the_text_they_get_alone(slow, reference):
     model, tok, steps = slow
     prompts = [CHAT_PROMPT, "<|im_start|>user\nname a fruit<|im_end|>\n<|im_start|>assistant\n", "what", "count to"]
