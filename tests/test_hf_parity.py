@@ -54,6 +54,18 @@ def padded_batch():
     return ids, mask
 
 
+def padded_logits_difference(hf, ours) -> float:
+    """The largest |logit| difference over the real tokens of the left-padded batch (transformers
+    given the positions counted from the mask, as attnkit counts them)."""
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
+        mine = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    return float((mine[real] - theirs[real]).abs().max())
+
+
 KINDS = ["gpt2", "llama", "llama-tied", "llama-mqa"]
 
 
@@ -61,13 +73,7 @@ KINDS = ["gpt2", "llama", "llama-tied", "llama-mqa"]
 def test_hf_checkpoint_gives_the_same_logits_on_a_padded_batch(kind, tmp_path):
     hf = hf_model(kind)
     ours, _ = load_checkpoint(saved(hf, tmp_path))
-    ids, mask = padded_batch()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
-        mine = ours(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+    assert padded_logits_difference(hf, ours) <= 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -166,13 +172,7 @@ def test_a_gpt2_model_saved_without_the_transformer_prefix_loads_as_transformers
     directory = saved(body, tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(directory).eval()
     ours, _ = load_checkpoint(directory)
-    ids, mask = padded_batch()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
-        mine = ours(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+    assert padded_logits_difference(hf, ours) <= 1e-4
     assert torch.equal(hf.lm_head.weight, body.wte.weight)  # transformers' head is the token table, as attnkit's
 
 
@@ -184,13 +184,7 @@ def test_gpt2_attention_settings_give_the_same_logits_as_transformers(setting, t
     hf = GPT2LMHeadModel(cfg).eval()
     hf.config._attn_implementation = "eager"  # the only path that reads reorder_and_upcast_attn
     ours, _ = load_checkpoint(saved(hf, tmp_path))
-    ids, mask = padded_batch()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
-        mine = ours(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+    assert padded_logits_difference(hf, ours) <= 1e-4
 
 
 def test_gpt2_scores_scaled_by_inverse_layer_number_are_refused(tmp_path):
