@@ -103,7 +103,8 @@ class Conversation:
         even the newest message does not fit, an error, and the history is left as it was."""
         kept = self.messages
         while True:
-            ids = self.tokenizer.encode(render_chat(self.tokenizer, self._with_system(kept), add_generation_prompt=True))
+            text = render_chat(self.tokenizer, self._with_system(kept), add_generation_prompt=True)
+            ids = self.tokenizer.encode(text)
             if len(ids) + reply_room <= self.context_length or len(kept) <= 1:
                 break
             kept = kept[2:] if len(kept) > 2 else kept[1:]

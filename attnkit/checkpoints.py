@@ -319,8 +319,9 @@ def load_checkpoint(directory, device="cpu", dtype: torch.dtype | None = None, q
             decoding = json.loads(generation.read_text(encoding="utf-8"))
             config = {**config, **{k: decoding[k] for k in ("forced_bos_token_id", "forced_eos_token_id")
                                    if k in decoding}}
-            ends = [i for key in (config, decoding) for i in _ids(key.get("eos_token_id"))]
-            if len(set(ends)) > 1 and config.get("model_type") in ("gpt2", "llama"):  # Llama 3 Instruct: end of text in config.json, end of turn here too
+            # Llama 3 Instruct: end of text in config.json, end of turn here too; both end generation
+            ends = [i for source in (config, decoding) for i in _ids(source.get("eos_token_id"))]
+            if len(set(ends)) > 1 and config.get("model_type") in ("gpt2", "llama"):
                 config["eos_token_id"] = list(dict.fromkeys(ends))
         cfg, state = hf.from_hf(config, read_weights(directory), directory)
     model = build_model(cfg)

@@ -13,6 +13,9 @@ from attnkit.attention import BACKENDS
 from attnkit.errors import AttnkitError
 
 NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")  # GPT-2, BERT, Transformer/T5, Marian, Llama, T5 v1.1
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")  # relative: T5's bucketed score bias
+ATTENTION_KINDS = ("dense", "sliding", "bigbird")
 
 
 def _given(value) -> str:
@@ -50,15 +53,12 @@ def typed_settings(cls, data: dict, what: str) -> dict:
             elif isinstance(value, str):
                 checked[name] = number
         else:
-            wanted = {"str": str, "bool": bool, "dict": dict, "list": list}[next(iter(kinds))]
-            if not isinstance(value, wanted):
+            wanted = {"str": str, "bool": bool, "dict": dict, "list": list}.get(next(iter(kinds)))
+            if wanted is not None and not isinstance(value, wanted):  # (another annotation: not checked here)
                 names = {str: "text", bool: "true or false", dict: "a mapping", list: "a list"}
                 raise AttnkitError(f"{what} {name} must be {names[wanted]}, got {_given(value)}"
                                    + ("; quote it" if wanted is str and not isinstance(value, (list, dict)) else ""))
     return checked
-MLPS = ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")  # GPT-2, BERT, Transformer/T5, Marian, Llama, T5 v1.1
-POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")  # relative: T5's bucketed score bias
-ATTENTION_KINDS = ("dense", "sliding", "bigbird")
 
 
 @dataclass

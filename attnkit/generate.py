@@ -91,7 +91,8 @@ def process_logits(logits: Tensor, sampling: Sampling, seen: Tensor | None = Non
     limited = sampling.token_limit is not None and sampling.token_limit < logits.shape[-1]
     if limited or sampling.excluded_ids:
         logits = logits.clone()  # .float() of fp32 logits is the caller's tensor
-        logits[:, sampling.token_limit if limited else logits.shape[-1]:] = float("-inf")
+        if limited:
+            logits[:, sampling.token_limit:] = float("-inf")
         logits[:, list(sampling.excluded_ids)] = float("-inf")
     if seen is not None and sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty
@@ -787,8 +788,8 @@ def stream_text(
     ids = _encode_prompt(tokenizer, prompt, model.cfg.bos_id)
     reason, tokens = "length", 0
     for token, _ in generate_tokens(model, [ids], max_new_tokens=max_new_tokens,
-                                    sampling=text_sampling(sampling, tokenizer), stop_ids=stop_ids, seed=seed, pad_id=tokenizer.eos_id or 0, compile=compile,
-                                    speculation=speculation):
+                                    sampling=text_sampling(sampling, tokenizer), stop_ids=stop_ids, seed=seed,
+                                    pad_id=tokenizer.eos_id or 0, compile=compile, speculation=speculation):
         t, tokens = int(token[0]), tokens + 1
         if t in stop_ids:
             reason = "stop"
